@@ -1,0 +1,43 @@
+"""The virtual clock: simulated time per worker, advanced by compute and by exchanges, never by sleeping."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Synchronisation:
+    start_s: float  # when the slowest participant arrived
+    end_s: float
+    idle_s: tuple[float, ...]  # per participant: how long it waited for the slowest
+
+
+class VirtualClock:
+    def __init__(self, n_workers: int):
+        self.now_s = [0.0] * n_workers
+        self.compute_s = [0.0] * n_workers
+        self.comm_s = [0.0] * n_workers
+        self.idle_s = [0.0] * n_workers
+
+    def compute(self, worker: int, seconds: float) -> float:
+        assert seconds >= 0.0
+        self.now_s[worker] += seconds
+        self.compute_s[worker] += seconds
+        return self.now_s[worker]
+
+    def synchronise(self, participants: Sequence[int], duration_s: float) -> Synchronisation:
+        """A blocking exchange: it starts when the last participant arrives and ends for all at once."""
+        assert duration_s >= 0.0
+        start = max(self.now_s[w] for w in participants)
+        idle = tuple(start - self.now_s[w] for w in participants)
+        end = start + duration_s
+        for w, waited in zip(participants, idle):
+            self.idle_s[w] += waited
+            self.comm_s[w] += duration_s
+            self.now_s[w] = end
+        return Synchronisation(start, end, idle)
+
+    @property
+    def elapsed_s(self) -> float:
+        return max(self.now_s)

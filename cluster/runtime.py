@@ -1,0 +1,119 @@
+"""Where replicas live: in this process, or one per Ray actor (a local Ray or a cluster at RAY_ADDRESS).
+
+Both runtimes expose the same call: run one method on every worker with per-worker arguments and
+return the results in worker order. Ray is started only if it is not already running, and is
+shut down again by whoever started it, on success, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from trainer.replica import Replica, ReplicaSpec
+
+
+class LocalRuntime:
+    """All replicas in this process, called one after another. Exact, simple, and what tests use."""
+
+    name = "local"
+
+    def __init__(self, specs: Sequence[ReplicaSpec]):
+        self.replicas = [Replica(spec) for spec in specs]
+
+    def call(self, method: str, args: Sequence[tuple] | None = None, workers: Sequence[int] | None = None) -> list[Any]:
+        workers = range(len(self.replicas)) if workers is None else workers
+        args = args or [()] * len(workers)
+        return [getattr(self.replicas[w], method)(*a) for w, a in zip(workers, args)]
+
+    def close(self) -> None:
+        self.replicas = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def start_ray() -> bool:
+    """Connect to RAY_ADDRESS or start a local Ray; returns True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+    if address:
+        import cluster
+        import trainer
+
+        # A remote cluster's nodes may not have farflung installed: ship the two packages the actors import.
+        kwargs["runtime_env"] = {"py_modules": [trainer, cluster]}
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(**kwargs)
+    return True
+
+
+class RayRuntime:
+    """One Ray actor per worker, each holding its replica and optimizer in its own process."""
+
+    name = "ray"
+
+    def __init__(self, specs: Sequence[ReplicaSpec]):
+        import ray
+
+        self._started_ray = start_ray()
+        self.actors: list = []
+        try:
+            cpus = float(ray.cluster_resources().get("CPU", 1.0))
+            # Fractional CPUs let N workers share a small machine; on a big cluster each gets one.
+            per_actor = min(1.0, cpus / len(specs))
+            actor_cls = ray.remote(Replica)
+            self.actors = [actor_cls.options(num_cpus=per_actor).remote(spec) for spec in specs]
+            ray.get([a.num_params.remote() for a in self.actors])  # surface construction errors now
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, method: str, args: Sequence[tuple] | None = None, workers: Sequence[int] | None = None) -> list[Any]:
+        import ray
+
+        workers = range(len(self.actors)) if workers is None else workers
+        args = args or [()] * len(workers)
+        # The same large array sent to every worker (an averaged tensor) goes into the object store once.
+        refs: dict[int, Any] = {}
+
+        def shared(value: Any) -> Any:
+            if getattr(value, "nbytes", 0) < 1 << 16:
+                return value
+            if id(value) not in refs:
+                refs[id(value)] = ray.put(value)
+            return refs[id(value)]
+
+        futures = [getattr(self.actors[w], method).remote(*map(shared, a)) for w, a in zip(workers, args)]
+        return ray.get(futures)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # an actor that already died has nothing left to stop
+                pass
+        self.actors = []
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+RUNTIMES = {"local": LocalRuntime, "ray": RayRuntime}

@@ -1,0 +1,63 @@
+"""`farflung run FILE`, `farflung demo`: the command line over `experiments.run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiments.fields import ConfigError
+
+DEMO = Path(__file__).resolve().parent / "demo.toml"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="farflung", description="Far-flung training testbed.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run every arm of an experiment file")
+    run.add_argument("file", help="experiment file (.toml)")
+    demo = sub.add_parser("demo", help="run experiments/demo.toml")
+    for s in (run, demo):
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a setting, e.g. run.tokens=200000 or arm.diloco-home.device=h100 (repeatable)")
+        s.add_argument("--out", help="run folder to create (default results/<experiment>/<timestamp>)")
+        s.add_argument("--runtime", choices=["ray", "local"], help="where workers run (default: the file's run.runtime)")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from experiments.runner import run
+
+    path = DEMO if args.command == "demo" else args.file
+    try:
+        result = run(path, args.overrides, out=args.out, progress=not args.quiet, runtime=args.runtime)
+    except ConfigError as e:
+        print(f"farflung: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("farflung: interrupted; no run folder was completed", file=sys.stderr)
+        return 130
+    print_summary(result.summary)
+    print(result.run_dir)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    from experiments.report import human_bytes, human_seconds
+
+    rows = [("arm", "final loss", "x loss", "sim time", "x time", "bytes sent", "x bytes")]
+    for name, a in summary["arms"].items():
+        def ratio(v):
+            return "-" if v is None else f"{v:.3g}"
+
+        rows.append((name, f"{a['final_loss']:.4f}", ratio(a["loss_ratio"]), human_seconds(a["time_s"]),
+                     ratio(a["time_ratio"]), human_bytes(a["bytes_sent"]), ratio(a["bytes_ratio"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

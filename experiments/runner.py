@@ -1,0 +1,160 @@
+"""Runs every arm of an experiment and leaves a complete run folder, or none that claims to be.
+
+The folder is written under a hidden `.NAME.incomplete` name and renamed only when everything in
+it is written, so a crash or Ctrl-C never leaves something that looks like a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import tomli_w
+
+from cluster.devices import get_device
+from cluster.runtime import RUNTIMES, start_ray
+from cluster.sim import ArmPlan, ArmSimulation
+from experiments.fields import ConfigError
+from experiments.manifest import build_manifest
+from experiments.report import write_report
+from experiments.spec import ArmConfig, ExperimentSpec, load_spec, resolved_config
+from experiments.summary import summarize
+from trainer.data import load_corpus
+from trainer.replica import ReplicaSpec
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RunResult(NamedTuple):
+    run_dir: Path
+    summary: dict
+
+
+def run(
+    experiment: str | Path | ExperimentSpec,
+    overrides: list[str] | tuple[str, ...] = (),
+    out: str | Path | None = None,
+    progress: bool = False,
+    runtime: str | None = None,
+) -> RunResult:
+    """Run an experiment file (or a parsed spec) and return its run folder and summary."""
+    if isinstance(experiment, ExperimentSpec):
+        if overrides:
+            raise ConfigError("overrides: apply --set values to a file, or build the spec with them already set")
+        spec = experiment
+    else:
+        spec = load_spec(experiment, overrides)
+    runtime_name = runtime or spec.run.runtime
+    if runtime_name not in RUNTIMES:
+        raise ConfigError(f"runtime: must be one of {', '.join(RUNTIMES)}, got {runtime_name!r}")
+    run_dir = choose_run_dir(spec, out)
+    corpus = load_corpus(spec.data, spec.run.seed)  # fails early, before any worker starts, on bad data
+    work_dir = run_dir.parent / f".{run_dir.name}.incomplete"
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+
+    config_text = tomli_w.dumps(resolved_config(spec))
+    (work_dir / "config.toml").write_text(config_text)
+    manifest = build_manifest(spec, corpus, runtime_name, PROJECT_ROOT)
+    records: list[dict] = []
+    bar = _progress_bar(spec, progress)
+    wall: dict[str, float] = {}
+    started_ray = runtime_name == "ray" and start_ray()
+    try:
+        with open(work_dir / "metrics.jsonl", "w") as metrics:
+
+            def emit(record: dict) -> None:
+                records.append(record)
+                metrics.write(json.dumps(record) + "\n")
+
+            for arm in spec.arms:
+                bar.set_description(arm.name)
+                t0 = time.perf_counter()
+                with RUNTIMES[runtime_name](replica_specs(spec, arm)) as workers:
+                    ArmSimulation(workers, arm_plan(spec, arm), emit, on_step=lambda: bar.update(1)).run()
+                wall[arm.name] = round(time.perf_counter() - t0, 3)
+    finally:
+        bar.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    manifest["wall_s_per_arm"] = wall
+    arms = [
+        {"name": a.name, "workers": spec.run.workers, "algorithm": a.algorithm, "network": a.network_label,
+         "device": a.device, "codec": a.codec}
+        for a in spec.arms
+    ]
+    summary = summarize(records, arms, spec.baseline.name, spec.run.target_loss)
+    summary = {"experiment": spec.name, "seed": spec.run.seed, **summary}
+    (work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (work_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_report(work_dir, records, summary, config_text, manifest, title=f"farflung: {spec.name}")
+    work_dir.rename(run_dir)
+    return RunResult(run_dir, summary)
+
+
+def choose_run_dir(spec: ExperimentSpec, out: str | Path | None) -> Path:
+    if out is not None:
+        run_dir = Path(out)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"--out: {run_dir} already holds files; give a new or empty folder")
+        if run_dir.exists():
+            run_dir.rmdir()  # replaced by the finished folder at the end
+        return run_dir.resolve()
+    base = PROJECT_ROOT / "results" / spec.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = base / stamp, 1
+    while run_dir.exists() or (base / f".{run_dir.name}.incomplete").exists():
+        n += 1
+        run_dir = base / f"{stamp}-{n}"
+    return run_dir
+
+
+def replica_specs(spec: ExperimentSpec, arm: ArmConfig) -> list[ReplicaSpec]:
+    n = spec.run.workers
+    return [
+        ReplicaSpec(
+            worker=w, n_workers=n, seed=spec.run.seed, model=spec.model, data=spec.data, optim=spec.optim,
+            batch_size=spec.run.batch_size, total_steps=spec.total_steps, algorithm=arm.algorithm,
+            settings=arm.settings, codec=arm.codec, eval_batches=spec.run.eval_batches,
+            # One thread per worker keeps results independent of how many cores the machine has.
+            torch_threads=1,
+        )
+        for w in range(n)
+    ]
+
+
+def arm_plan(spec: ExperimentSpec, arm: ArmConfig) -> ArmPlan:
+    device = get_device(arm.device)
+    return ArmPlan(
+        name=arm.name, n_workers=spec.run.workers, network=arm.network,
+        devices=(device,) * spec.run.workers, speed_factors=arm.speed_factors, codec=arm.codec,
+        total_steps=spec.total_steps, tokens_per_step=spec.tokens_per_step,
+        eval_every_steps=spec.eval_every_steps, seed=spec.run.seed,
+    )
+
+
+class _NoProgress:
+    """Stands in for a progress bar when none is wanted, so the loop never asks."""
+
+    def update(self, n: int = 1) -> None: ...
+
+    def set_description(self, text: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress_bar(spec: ExperimentSpec, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=spec.total_steps * len(spec.arms), unit="step", file=sys.stderr, dynamic_ncols=True)
+

@@ -1,0 +1,208 @@
+import json
+import math
+
+import pytest
+
+from experiments.report import human_bytes, human_seconds, write_report
+from experiments.summary import read_metrics, summarize
+
+ARMS = [
+    {"name": "ddp-dc", "workers": 2, "algorithm": "ddp", "network": "datacenter", "device": "h100", "codec": "none"},
+    {"name": "ddp-home", "workers": 2, "algorithm": "ddp", "network": "home", "device": "h100", "codec": "none"},
+    {"name": "diloco-home", "workers": 2, "algorithm": "diloco", "network": "home", "device": "h100", "codec": "fp16"},
+]
+
+
+def step(arm, worker, n, tokens, time_s, compute_s, loss=3.0):
+    return {"kind": "step", "arm": arm, "worker": worker, "step": n, "tokens": tokens, "loss": loss,
+            "time_s": time_s, "compute_s": compute_s}
+
+
+def comm(arm, n, sent, received, comm_s, idle, time_s):
+    return {"kind": "comm", "arm": arm, "round": n, "step": n, "collective": "ring_all_reduce", "payload": "gradient",
+            "participants": [0, 1], "bytes_sent": sent, "bytes_received": received, "comm_s": comm_s,
+            "idle_s": idle, "time_s": time_s, "staleness": 0}
+
+
+def evaluation(arm, n, tokens, time_s, loss):
+    return {"kind": "eval", "arm": arm, "step": n, "tokens": tokens, "time_s": time_s, "loss": loss}
+
+
+def records():
+    dc = [evaluation("ddp-dc", 0, 0, 0.0, 4.0)]
+    for n in (1, 2):
+        dc += [step("ddp-dc", w, n, 200 * n, 1.1 * n, 1.0) for w in (0, 1)]
+        dc.append(comm("ddp-dc", n, [100, 100], [100, 100], 0.1, [0.0, 0.0], 1.1 * n))
+    dc.append(evaluation("ddp-dc", 2, 400, 2.2, 2.0))
+
+    # Worker 1 computes 1.5 s per step, so worker 0 idles 0.5 s before each 10 s exchange.
+    home = [evaluation("ddp-home", 0, 0, 0.0, 4.0),
+            step("ddp-home", 0, 1, 200, 1.0, 1.0), step("ddp-home", 1, 1, 200, 1.5, 1.5),
+            comm("ddp-home", 1, [100, 100], [100, 100], 10.0, [0.5, 0.0], 11.5),
+            evaluation("ddp-home", 1, 200, 11.5, 2.5),
+            step("ddp-home", 0, 2, 400, 12.5, 1.0), step("ddp-home", 1, 2, 400, 13.0, 1.5),
+            comm("ddp-home", 2, [100, 100], [100, 100], 10.0, [0.5, 0.0], 23.0),
+            evaluation("ddp-home", 2, 400, 23.0, 2.0)]
+
+    diloco = [evaluation("diloco-home", 0, 0, 0.0, 4.0)]
+    for n in (1, 2, 3, 4):
+        diloco += [step("diloco-home", w, n, 200 * n, float(n), 1.0) for w in (0, 1)]
+    diloco += [evaluation("diloco-home", 2, 400, 2.0, 2.6), evaluation("diloco-home", 3, 600, 3.0, 2.1),
+               comm("diloco-home", 4, [50, 70], [60, 60], 10.0, [0.2, 0.0], 14.0),
+               evaluation("diloco-home", 4, 800, 14.0, 2.2)]
+
+    # Interleave arms, as a parallel run would write them.
+    merged = []
+    for i in range(max(len(dc), len(home), len(diloco))):
+        merged += [part[i] for part in (dc, home, diloco) if i < len(part)]
+    return merged
+
+
+def test_summary_matches_hand_computation():
+    s = summarize(records(), ARMS, baseline="ddp-dc", target_loss=2.5)
+    assert list(s["arms"]) == ["ddp-dc", "ddp-home", "diloco-home"]
+    assert s["baseline"] == "ddp-dc" and s["target_loss"] == 2.5
+
+    dc = s["arms"]["ddp-dc"]
+    assert dc["bytes_sent"] == 400 and dc["bytes_received"] == 400 and dc["bytes_sent_per_worker"] == [200, 200]
+    assert dc["rounds"] == 2 and dc["tokens"] == 400
+    assert dc["comm_s"] == pytest.approx(0.2) and dc["compute_s"] == pytest.approx(4.0)
+    assert dc["time_s"] == pytest.approx(2.2)
+    assert dc["compute_utilisation"] == pytest.approx(4.0 / (2 * 2.2))
+    assert (dc["time_to_target_s"], dc["tokens_to_target"]) == (pytest.approx(2.2), 400)
+    assert dc["loss_ratio"] == dc["time_ratio"] == dc["bytes_ratio"] == dc["time_to_target_ratio"] == 1.0
+
+    home = s["arms"]["ddp-home"]
+    assert home["idle_s"] == pytest.approx(1.0) and home["compute_s"] == pytest.approx(5.0)
+    assert home["time_s"] == pytest.approx(23.0)
+    assert home["compute_utilisation"] == pytest.approx(5.0 / (2 * 23.0))
+    # Loss exactly at the target counts as reached.
+    assert (home["time_to_target_s"], home["tokens_to_target"]) == (pytest.approx(11.5), 200)
+    assert home["time_ratio"] == pytest.approx(23.0 / 2.2)
+    assert home["time_to_target_ratio"] == pytest.approx(11.5 / 2.2)
+    assert home["bytes_ratio"] == pytest.approx(1.0)
+
+    diloco = s["arms"]["diloco-home"]
+    assert diloco["algorithm"] == "diloco" and diloco["codec"] == "fp16" and diloco["workers"] == 2
+    assert diloco["bytes_sent"] == 120 and diloco["bytes_received"] == 120
+    assert diloco["bytes_sent_per_worker"] == [50, 70]
+    assert diloco["rounds"] == 1 and diloco["tokens"] == 800
+    # The exchange at 14 s ends after every step's clock, so it sets the arm's time.
+    assert diloco["time_s"] == pytest.approx(14.0)
+    assert diloco["compute_utilisation"] == pytest.approx(8.0 / (2 * 14.0))
+    assert diloco["final_loss"] == 2.2 and diloco["best_loss"] == 2.1
+    # First eval at or under 2.5 is step 3 (2.1), not the better-timed step 2 (2.6) nor the final one.
+    assert (diloco["time_to_target_s"], diloco["tokens_to_target"]) == (pytest.approx(3.0), 600)
+    assert diloco["loss_ratio"] == pytest.approx(1.1)
+    assert diloco["time_ratio"] == pytest.approx(14.0 / 2.2)
+    assert diloco["bytes_ratio"] == pytest.approx(0.3)
+    assert diloco["time_to_target_ratio"] == pytest.approx(3.0 / 2.2)
+
+
+def test_summary_is_strict_json_and_deterministic():
+    first = json.dumps(summarize(records(), ARMS, "ddp-dc", 2.5), allow_nan=False)
+    assert first == json.dumps(summarize(records(), ARMS, "ddp-dc", 2.5), allow_nan=False)
+
+
+def test_null_cases():
+    no_target = summarize(records(), ARMS, "ddp-dc", None)["arms"]["diloco-home"]
+    assert no_target["time_to_target_s"] is None and no_target["tokens_to_target"] is None
+    assert no_target["time_to_target_ratio"] is None
+
+    # diloco-home's best loss is 2.1, so it misses 2.05 while the other arms reach it.
+    unreached = summarize(records(), ARMS, "ddp-dc", 2.05)["arms"]
+    assert unreached["diloco-home"]["time_to_target_s"] is None
+    assert unreached["diloco-home"]["tokens_to_target"] is None
+    assert unreached["diloco-home"]["time_to_target_ratio"] is None
+    missed_baseline = summarize(records(), ARMS, "diloco-home", 2.05)["arms"]
+    assert missed_baseline["ddp-dc"]["time_to_target_s"] == pytest.approx(2.2)
+    assert missed_baseline["ddp-dc"]["time_to_target_ratio"] is None
+
+    # A baseline that sent nothing gives no bytes ratio rather than a division by zero.
+    silent = [r for r in records() if not (r["arm"] == "ddp-dc" and r["kind"] == "comm")]
+    arms = summarize(silent, ARMS, "ddp-dc", 2.5)["arms"]
+    assert arms["ddp-dc"]["bytes_sent"] == 0 and arms["ddp-dc"]["bytes_sent_per_worker"] == [0, 0]
+    assert arms["diloco-home"]["bytes_ratio"] is None
+
+
+def test_arm_without_records_and_diverged_arm():
+    arms = ARMS + [{"name": "idle", "workers": 2, "algorithm": "ddp", "network": "home", "device": "cpu",
+                    "codec": "none"}]
+    extra = [evaluation("ddp-home", 3, 600, 30.0, math.nan)]
+    s = summarize(records() + extra, arms, "ddp-dc", 2.5)
+    idle = s["arms"]["idle"]
+    assert idle["final_loss"] is None and idle["time_s"] == 0.0 and idle["compute_utilisation"] is None
+    assert idle["loss_ratio"] is None and idle["bytes_ratio"] == 0.0
+    home = s["arms"]["ddp-home"]
+    assert home["diverged"] and home["final_loss"] is None and home["best_loss"] == 2.0
+    assert not s["arms"]["ddp-dc"]["diverged"]
+    json.dumps(s, allow_nan=False)
+
+
+def test_unknown_baseline_names_the_arms():
+    with pytest.raises(ValueError, match="ddp-home"):
+        summarize(records(), ARMS, "ddp-nowhere", None)
+
+
+def test_read_metrics_round_trip(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records()) + "\n\n")
+    assert read_metrics(path) == records()
+    path.write_text(json.dumps(records()[0]) + "\n{\"kind\": \"st")
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        read_metrics(path)
+
+
+def test_write_report(tmp_path):
+    s = summarize(records(), ARMS, "ddp-dc", 2.5)
+    manifest = {"seed": 7, "git_commit": "abc123", "packages": {"torch": "2.13.0"}}
+    paths = write_report(tmp_path, records(), s, "[run]\nname = \"a<b>\"\n", manifest, "Home vs <datacenter>")
+    names = {p.name for p in paths}
+    assert names == {"loss_vs_tokens.png", "loss_vs_time.png", "bytes.png", "report.html"}
+    for path in paths:
+        assert path.parent == tmp_path and path.exists()
+        if path.suffix == ".png":
+            assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    page = (tmp_path / "report.html").read_text()
+    assert 'src="http' not in page and "<script" not in page and "<link" not in page
+    assert page.count("data:image/png;base64,") == 3
+    for arm in ARMS:
+        assert arm["name"] in page
+    assert "Home vs &lt;datacenter&gt;" in page and 'name = &quot;a&lt;b&gt;&quot;' in page
+    assert "abc123" in page and "&quot;torch&quot;: &quot;2.13.0&quot;" in page
+    assert ("diloco-home reached loss 2.200 (1.10x the baseline) in 14.0 s of simulated time "
+            "(6.4x ddp-dc&#x27;s, 0.61x ddp-home&#x27;s), sending 120 B (3.3x fewer than ddp-dc, "
+            "3.3x fewer than ddp-home)") in page
+    assert "23.0 s" in page and "not reached" not in page
+
+
+def test_write_report_is_reproducible(tmp_path):
+    s = summarize(records(), ARMS, "ddp-dc", None)
+    first = [p.read_bytes() for p in write_report(tmp_path / "a", records(), s, "", {}, "t")]
+    second = [p.read_bytes() for p in write_report(tmp_path / "b", records(), s, "", {}, "t")]
+    assert first == second
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (48_000_000, "48.0 MB"),
+                                     (3_200_000_000, "3.2 GB"), (320e9, "320 GB"), (999_600, "1.0 MB"),
+                                     (2.5e15, "2.5 PB")])
+def test_human_bytes(n, text):
+    assert human_bytes(n) == text
+
+
+@pytest.mark.parametrize("s, text", [(0, "0 s"), (0.85, "850 ms"), (12.34, "12.3 s"), (252, "4.2 min"),
+                                     (3.1 * 3600, "3.1 h"), (2 * 86400, "2.0 d"), (59.97, "1.0 min"),
+                                     (0.0005, "500 µs")])
+def test_human_seconds(s, text):
+    assert human_seconds(s) == text
+
+
+def test_report_survives_missing_numbers(tmp_path):
+    arms = ARMS + [{"name": "idle", "workers": 2, "algorithm": "ddp", "network": "home", "device": "cpu",
+                    "codec": "none"}]
+    s = summarize([], arms, "ddp-dc", 2.5)
+    paths = write_report(tmp_path, [], s, "", {}, "empty")
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "not reached" in page and "sending nothing" in page
+    assert all(p.exists() for p in paths)

@@ -1,0 +1,203 @@
+"""One worker's replica: its model, inner optimizer, data shard and strategy.
+
+The same class runs in-process (tests, small runs) and inside a Ray actor (the simulator). The
+cluster drives it with `advance`, which trains until the strategy asks for an exchange or a step
+limit is reached, and reports the FLOPs it spent so the virtual clock can charge compute time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from trainer.compression import transmit
+from trainer.data import DataConfig, ShardSampler, heldout_batches, load_corpus
+from trainer.model import GPT, GPTConfig, training_flops_per_token
+from trainer.strategies import STRATEGIES
+from trainer.strategies.base import Settings
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The inner (per-worker) AdamW and its schedule, shared by every arm of an experiment."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps)
+        min_lr = self.lr * self.min_lr_ratio
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (self.lr - min_lr)
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything a worker needs to build itself; small and picklable so it can travel to an actor."""
+
+    worker: int
+    n_workers: int
+    seed: int
+    model: GPTConfig
+    data: DataConfig
+    optim: OptimConfig
+    batch_size: int
+    total_steps: int
+    algorithm: str
+    settings: Settings
+    codec: str = "none"
+    eval_batches: int = 8
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class StepDone:
+    step: int
+    loss: float
+    flops: float  # spent since the previous event
+
+
+@dataclass(frozen=True)
+class ExchangeRequest:
+    payload: str
+    collective: str
+    group: tuple[int, ...] | None
+    tensor: np.ndarray  # float32, as the peers decode it after the codec
+    nbytes: int  # serialized size of this worker's message
+    flops: float  # spent since the previous event
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    finished: bool = False
+    flops: float = 0.0
+    pending: object = None  # the strategy generator waiting for an exchange's result
+    pending_step: int = -1
+
+
+class Replica:
+    def __init__(self, spec: ReplicaSpec):
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        corpus = load_corpus(spec.data, spec.seed)
+        seq_len = spec.model.block_size
+        self.sampler = ShardSampler(corpus.train, spec.worker, spec.n_workers, spec.batch_size, seq_len, spec.seed)
+        self._heldout = heldout_batches(corpus.heldout, spec.batch_size, seq_len, spec.eval_batches)
+        # Every worker starts from the same initialisation, as if worker 0 had broadcast it.
+        torch.manual_seed(spec.seed)
+        self.model = GPT(spec.model)
+        self._eval_model = GPT(spec.model)  # holds parameters handed in for evaluation
+        o = spec.optim
+        self.optimizer = self.model.configure_optimizers(o.weight_decay, o.lr, (o.beta1, o.beta2))
+        self.flops_per_batch = training_flops_per_token(spec.model, seq_len) * spec.batch_size * seq_len
+        self.strategy = STRATEGIES[spec.algorithm](spec.settings, self)
+        self._progress = _Progress()
+
+    # --- what strategies call -------------------------------------------------------------
+    def forward_backward(self) -> float:
+        x, y = self.sampler.next_batch()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        _, loss = self.model(x, y)
+        loss.backward()
+        self._progress.flops += self.flops_per_batch
+        return loss.item()
+
+    def optimizer_step(self, step: int) -> None:
+        lr = self.spec.optim.lr_at(step, self.spec.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.spec.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optim.grad_clip)
+        self.optimizer.step()
+
+    def flat_params(self) -> torch.Tensor:
+        return parameters_to_vector(self.model.parameters()).detach()
+
+    def set_flat_params(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            vector_to_parameters(flat, self.model.parameters())
+
+    def flat_grads(self) -> torch.Tensor:
+        return torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])
+
+    def set_flat_grads(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self.model.parameters():
+            n = p.numel()
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
+            offset += n
+        assert offset == flat.numel()
+
+    # --- what the cluster calls -----------------------------------------------------------
+    def advance(self, until_step: int, reply: np.ndarray | None = None, finish: bool = False) -> list:
+        """Train up to `until_step` (then run the strategy's `finish` if asked), stopping early at an exchange.
+
+        `reply` is the combined tensor answering the exchange this replica last asked for.
+        Returns the events in order; an `ExchangeRequest`, if any, is last.
+        """
+        p = self._progress
+        events: list = []
+        send = None if reply is None else torch.from_numpy(np.array(reply, dtype=np.float32))
+        assert (send is None) == (p.pending is None), "a reply must answer exactly one pending exchange"
+        while True:
+            if p.pending is None:
+                if p.step < until_step:
+                    p.pending, p.pending_step = self.strategy.train_step(p.step), p.step
+                elif finish and not p.finished:
+                    p.pending, p.pending_step = self.strategy.finish(), -1
+                else:
+                    return events
+            try:
+                exchange = p.pending.send(send)
+            except StopIteration as done:
+                if p.pending_step >= 0:
+                    events.append(StepDone(p.pending_step, float(done.value), self._take_flops()))
+                    p.step += 1
+                else:
+                    p.finished = True
+                p.pending, send = None, None
+                continue
+            sent = transmit(exchange.tensor.to(torch.float32), self.spec.codec)
+            events.append(
+                ExchangeRequest(
+                    exchange.payload, exchange.collective, exchange.group,
+                    sent.tensor.numpy(), sent.nbytes, self._take_flops(),
+                )
+            )
+            return events
+
+    def _take_flops(self) -> float:
+        flops, self._progress.flops = self._progress.flops, 0.0
+        return flops
+
+    def params(self) -> np.ndarray:
+        return self.flat_params().numpy().copy()
+
+    def num_params(self) -> int:
+        return self.model.num_params()
+
+    @torch.no_grad()
+    def evaluate(self, flat_params: np.ndarray | None = None) -> float:
+        """Mean held-out loss of these parameters (this replica's own when None); training state is untouched."""
+        model = self.model
+        if flat_params is not None:
+            model = self._eval_model
+            vector_to_parameters(torch.from_numpy(np.asarray(flat_params, dtype=np.float32).copy()), model.parameters())
+        model.eval()
+        losses = [model(x, y)[1].item() for x, y in self._heldout]
+        return float(np.mean(losses))

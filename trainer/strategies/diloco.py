@@ -1,0 +1,61 @@
+"""DiLoCo (Douillard et al., 2023): H inner AdamW steps, then an outer Nesterov step.
+
+Each worker trains alone for `inner_steps`; the pseudo-gradient (the shared parameters at the last
+synchronisation minus the worker's parameters now) is averaged across workers and applied to the
+shared parameters by an outer SGD with Nesterov momentum. Communication drops by a factor of H.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainer.strategies.base import Exchange, Settings, StepGenerator, Strategy, number_in, positive_int
+
+
+@dataclass(frozen=True)
+class DiLoCoSettings(Settings):
+    inner_steps: int = 50
+    outer_lr: float = 0.7  # the paper's value
+    outer_momentum: float = 0.9  # Nesterov
+
+    def check(self) -> None:
+        positive_int("inner_steps", self.inner_steps)
+        number_in("outer_lr", self.outer_lr, 0.0, 10.0, low_open=True)
+        number_in("outer_momentum", self.outer_momentum, 0.0, 0.999)
+
+
+class DiLoCo(Strategy):
+    name = "diloco"
+    Settings = DiLoCoSettings
+
+    def __init__(self, settings: DiLoCoSettings, replica):
+        super().__init__(settings, replica)
+        momentum = settings.outer_momentum
+        self.outer_optimizer = torch.optim.SGD(
+            replica.model.parameters(), lr=settings.outer_lr, momentum=momentum, nesterov=momentum > 0
+        )
+        self.shared = replica.flat_params().clone()
+        self.steps_since_sync = 0
+
+    def train_step(self, step: int) -> StepGenerator:
+        loss = self.replica.forward_backward()
+        self.replica.optimizer_step(step)
+        self.steps_since_sync += 1
+        if self.steps_since_sync == self.settings.inner_steps:
+            yield from self.outer_step()
+        return loss
+
+    def finish(self) -> StepGenerator:
+        if self.steps_since_sync:
+            yield from self.outer_step()
+
+    def outer_step(self) -> StepGenerator:
+        replica = self.replica
+        pseudo_gradient = yield Exchange("pseudo_gradient", self.shared - replica.flat_params())
+        replica.set_flat_params(self.shared)
+        replica.set_flat_grads(pseudo_gradient)
+        self.outer_optimizer.step()
+        self.shared = replica.flat_params().clone()
+        self.steps_since_sync = 0
