@@ -55,6 +55,7 @@ class ArmSimulation:
         self.clock = VirtualClock(plan.n_workers)
         self.round = 0
         self.steps_completed = 0
+        self.step_compute_s = [0.0] * plan.n_workers  # compute of the step in progress, per worker
         self.jitter_rng = np.random.default_rng([plan.seed, 0x7177])
 
     def run(self) -> None:
@@ -83,12 +84,15 @@ class ArmSimulation:
         assert len({len(s) for s in steps}) == 1, "workers left lockstep"
         for done in zip(*steps):
             for w, d in enumerate(done):
+                # A step that paused for an exchange was charged its forward/backward before it.
                 compute_s = d.flops / plan.flops_per_second(w)
+                time_s = self.clock.compute(w, compute_s)
+                compute_s, self.step_compute_s[w] = compute_s + self.step_compute_s[w], 0.0
                 self.emit(
                     {
                         "kind": "step", "arm": plan.name, "worker": w, "step": d.step,
                         "tokens": (d.step + 1) * plan.tokens_per_step, "loss": d.loss,
-                        "time_s": self.clock.compute(w, compute_s), "compute_s": compute_s,
+                        "time_s": time_s, "compute_s": compute_s,
                     }
                 )
             self.on_step()
@@ -98,7 +102,9 @@ class ArmSimulation:
             return None
         assert all(t is not None for t in tails), "only some workers asked for an exchange"
         for w, t in enumerate(tails):
-            self.clock.compute(w, t.flops / plan.flops_per_second(w))
+            compute_s = t.flops / plan.flops_per_second(w)
+            self.clock.compute(w, compute_s)
+            self.step_compute_s[w] += compute_s
         return tails
 
     def exchange(self, requests: list[ExchangeRequest]) -> np.ndarray:

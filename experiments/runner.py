@@ -96,6 +96,8 @@ def run(
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (work_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     write_report(work_dir, records, summary, config_text, manifest, title=f"farflung: {spec.name}")
+    if run_dir.is_dir():
+        run_dir.rmdir()  # an empty --out folder, checked at the start
     work_dir.rename(run_dir)
     return RunResult(run_dir, summary)
 
@@ -103,10 +105,8 @@ def run(
 def choose_run_dir(spec: ExperimentSpec, out: str | Path | None) -> Path:
     if out is not None:
         run_dir = Path(out)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"--out: {run_dir} already holds files; give a new or empty folder")
-        if run_dir.exists():
-            run_dir.rmdir()  # replaced by the finished folder at the end
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise ConfigError(f"--out: {run_dir} already exists and is not an empty folder; give a new or empty folder")
         return run_dir.resolve()
     base = PROJECT_ROOT / "results" / spec.name
     stamp = time.strftime("%Y%m%d-%H%M%S")

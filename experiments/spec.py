@@ -122,10 +122,13 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         else:
             targets, keys = [raw], parts
         for table in targets:
-            for k in keys[:-1]:
+            for depth, k in enumerate(keys[:-1]):
                 if isinstance(table.get(k), str) and k in ("algorithm", "network"):
                     table[k] = {"name" if k == "algorithm" else "preset": table[k]}
                 table = table.setdefault(k, {})
+                if not isinstance(table, dict):
+                    where = ".".join(parts[: len(parts) - len(keys) + depth + 1])
+                    raise ConfigError(f"--set {item!r}: {where} is a value, not a table; set {where}=value instead")
             table[keys[-1]] = value
     return raw
 
@@ -257,7 +260,7 @@ def parse_arm(path: str, table: Any, n_workers: int) -> ArmConfig:
     try:
         network = build_network(network_raw, n_workers)
     except ValueError as e:
-        sep = ": " if isinstance(network_raw, str) else "."
+        sep = "." if isinstance(network_raw, dict) else ": "
         raise ConfigError(f"{path}.network{sep}{e}") from None
     label = network_raw if isinstance(network_raw, str) else str(network_raw.get("preset", "custom"))
     device = table.get("device", "laptop-cpu")
@@ -269,7 +272,7 @@ def parse_arm(path: str, table: Any, n_workers: int) -> ArmConfig:
     if not isinstance(speed, list) or len(speed) != n_workers:
         raise ConfigError(f"{path}.speed_factors: must be a list of {n_workers} numbers (one per worker), got {speed!r}")
     speed = tuple(number(f"{path}.speed_factors[{i}]", s, 0.0, 1000.0, low_open=True) for i, s in enumerate(speed))
-    codec = table.get("codec", "none")
+    codec = string(f"{path}.codec", table.get("codec", "none"))
     try:
         check_codec(codec)
     except ValueError as e:
@@ -315,7 +318,7 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
                 "name": a.name,
                 "baseline": a.baseline,
                 "algorithm": {"name": a.algorithm, **asdict(a.settings)},
-                "network": network_table(a.network),
+                "network": network_table(a.network, a.network_label),
                 "device": a.device,
                 "speed_factors": list(a.speed_factors),
                 "codec": a.codec,
@@ -325,7 +328,7 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
     }
 
 
-def network_table(network: Network) -> dict[str, Any]:
+def network_table(network: Network, label: str = "custom") -> dict[str, Any]:
     def link_table(link) -> dict[str, Any]:
         return {
             "uplink": link.uplink_bps, "downlink": link.downlink_bps, "latency": link.one_way_latency_s,
@@ -333,7 +336,8 @@ def network_table(network: Network) -> dict[str, Any]:
         }
 
     first = network.links[0]
-    table = link_table(first)
+    # The preset is kept only so the run keeps its label; the explicit figures below override all of it.
+    table = ({} if label == "custom" else {"preset": label}) | link_table(first)
     workers = {str(i): link_table(link) for i, link in enumerate(network.links) if link != first}
     if workers:
         table["workers"] = workers

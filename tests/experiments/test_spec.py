@@ -136,7 +136,7 @@ def test_malformed_file_exits_2_from_the_console_script(tmp_path, case):
 # --set overrides
 
 
-def test_set_overrides_a_section_key_and_every_arm(tmp_path):
+def test_set_overrides_a_section_key_and_every_arm():
     spec = load_spec(TINY, ["run.tokens=2560", "arm.*.device=h100"])
     assert spec.run.tokens == 2560
     assert spec.total_steps == 10  # 2560 / (2 workers x 4 sequences x 32 tokens)
@@ -155,7 +155,7 @@ def test_set_turns_a_string_algorithm_into_a_table(tmp_path):
     assert spec.arms[0].algorithm == "ddp"  # the other arm is untouched
 
 
-def test_set_bare_word_is_a_string(tmp_path):
+def test_set_bare_word_is_a_string():
     spec = load_spec(TINY, ["arm.*.network=satellite"])
     assert [a.network_label for a in spec.arms] == ["satellite", "satellite"]
     assert spec.arms[0].network.links[0].uplink_bps == 15e6
@@ -247,7 +247,7 @@ def test_resolved_config_with_worker_overrides_and_latency_matrix_reads_back_equ
 # Defaults and the step arithmetic
 
 
-def test_first_arm_is_the_baseline_when_none_is_flagged(tmp_path):
+def test_first_arm_is_the_baseline_when_none_is_flagged():
     spec = load_spec(TINY)
     assert [a.baseline for a in spec.arms] == [True, False]
     assert spec.baseline.name == "ddp-datacenter"
