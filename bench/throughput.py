@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs ({len(os.sched_getaffinity(0))} usable), "
           f"Ray sees {ray_cpus:g} CPUs; torch {torch.__version__}, Python {platform.python_version()}, Ray {ray.__version__}")
     print(f"load average (1/5/15 min): {'/'.join(f'{x:.2f}' for x in load_before)} at start, "
-          f"{'/'.join(f'{x:.2f}' for x in load_after)} at end; other processes on the cores distort every figure")
+          f"{'/'.join(f'{x:.2f}' for x in load_after)} at end (counts this benchmark's own processes too; load from anything else distorts every figure)")
     print(f"threads: plain PyTorch {plain_threads} (torch default); sim 1 per worker actor (runner's setting), "
           f"actors get num_cpus = min(1, CPUs/N)")
     print(f"model: {args.model} ({GPT(cfg).num_params():,} params, block {cfg.block_size}), stdlib corpus, "
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n:>3}  {arm['name']:<16} {s['tokens']:>9,}  {p_tps:>11,.0f}  {run_tps:>9,.0f}  "
                   f"{run_tps / p_tps:>6.3f}  {loop_tps:>10,.0f}  {loop_tps / p_tps:>6.3f}  {p['loop_s']:>7.1f}  "
                   f"{s['run_s']:>6.1f}  {s['construct_s']:>8.1f}  {s['loop_s']:>6.1f}  "
-                  f"{p['final_loss']:>6.3f}/{s['final_loss']:<7.3f}")
+                  f"{p['final_loss']:>6.3f}/{s['final_loss']:.3f}")
     print()
     print("plain tok/s: tokens / time of the plain training loop (model built and corpus loaded beforehand).")
     print("sim tok/s:   tokens / wall time of the whole experiments.run call (Ray already up): corpus load, actor")
