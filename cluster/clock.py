@@ -26,10 +26,11 @@ class VirtualClock:
         self.compute_s[worker] += seconds
         return self.now_s[worker]
 
-    def synchronise(self, participants: Sequence[int], duration_s: float) -> Synchronisation:
-        """A blocking exchange: it starts when the last participant arrives and ends for all at once."""
+    def synchronise(self, participants: Sequence[int], duration_s: float, not_before_s: float = 0.0) -> Synchronisation:
+        """A blocking exchange: it starts when the last participant arrives (and its links are free)
+        and ends for all at once."""
         assert duration_s >= 0.0
-        start = max(self.now_s[w] for w in participants)
+        start = max(not_before_s, *(self.now_s[w] for w in participants))
         idle = tuple(start - self.now_s[w] for w in participants)
         end = start + duration_s
         for w, waited in zip(participants, idle):
@@ -41,3 +42,15 @@ class VirtualClock:
     @property
     def elapsed_s(self) -> float:
         return max(self.now_s)
+
+    def wait_until(self, worker: int, time_s: float) -> float:
+        """Idle until `time_s` (the end of an exchange running in the background); returns the wait."""
+        waited = max(0.0, time_s - self.now_s[worker])
+        self.idle_s[worker] += waited
+        self.now_s[worker] += waited
+        return waited
+
+    def overlap(self, participants: Sequence[int], duration_s: float) -> None:
+        """Book communication that runs in the background, off the workers' critical path."""
+        for w in participants:
+            self.comm_s[w] += duration_s

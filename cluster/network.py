@@ -7,6 +7,11 @@ pairwise `latency_matrix_s`, which then gives the one-way latency from worker i 
 latencies no longer enter any pair (measured city-to-city delays are not a sum of two halves). Jitter of a pair is likewise the sum of the
 two access jitters, a deliberately pessimistic choice (it assumes the two links' delays vary together).
 
+Regions (islands) put each worker in a region; a pair in different regions gets `inter_region_latency_s` on top of its
+one-way latency, and any transfer between them is capped at `inter_region_bps` (a per-transfer cap, like a per-flow
+limit on a long-haul path, not a trunk shared by all flows). The bandwidth of one transfer from worker i to worker j is
+`pair_bandwidth_bps(i, j) = min(i's uplink, j's downlink, inter-region cap if the pair crosses regions)`.
+
 Presets (figures per worker; "pair" is the resulting worker-to-worker one-way latency):
 
 | preset         | uplink     | downlink   | access latency | pair latency | jitter | source                     |
@@ -124,16 +129,22 @@ PRESETS: dict[str, Link] = {
 
 @dataclass(frozen=True)
 class Network:
-    """One access link per worker, optionally with a measured worker-to-worker one-way latency matrix."""
+    """One access link per worker, optionally a measured one-way latency matrix, optionally regions."""
 
     links: tuple[Link, ...]
     latency_matrix_s: tuple[tuple[float, ...], ...] | None = None
+    region_of: tuple[int, ...] | None = None  # region index per worker; None: one region
+    inter_region_latency_s: float = 0.0  # one-way, added to pairs in different regions
+    inter_region_bps: float | None = None  # cap on any transfer between regions; None: no cap
 
     def __post_init__(self) -> None:
         assert len(self.links) >= 1, "a network needs at least one worker"
+        n = len(self.links)
         if self.latency_matrix_s is not None:
-            n = len(self.links)
             assert len(self.latency_matrix_s) == n and all(len(row) == n for row in self.latency_matrix_s)
+        if self.region_of is not None:
+            assert len(self.region_of) == n and all(r >= 0 for r in self.region_of), self.region_of
+        assert self.inter_region_latency_s >= 0 and (self.inter_region_bps is None or self.inter_region_bps > 0)
 
     @property
     def n_workers(self) -> int:
@@ -143,15 +154,28 @@ class Network:
         if i == j:
             return 0.0
         if self.latency_matrix_s is not None:
-            return self.latency_matrix_s[i][j]
-        return self.links[i].one_way_latency_s + self.links[j].one_way_latency_s
+            base = self.latency_matrix_s[i][j]
+        else:
+            base = self.links[i].one_way_latency_s + self.links[j].one_way_latency_s
+        return base + self.inter_region_latency_s if self.crosses_regions(i, j) else base
+
+    def crosses_regions(self, i: int, j: int) -> bool:
+        return self.region_of is not None and self.region_of[i] != self.region_of[j]
+
+    def pair_bandwidth_bps(self, i: int, j: int) -> float:
+        """Bandwidth of one transfer from worker i to worker j: i's uplink, j's downlink, the inter-region cap."""
+        bps = min(self.links[i].uplink_bps, self.links[j].downlink_bps)
+        if self.inter_region_bps is not None and self.crosses_regions(i, j):
+            bps = min(bps, self.inter_region_bps)
+        return bps
 
     def pair_jitter_s(self, i: int, j: int) -> float:
         return self.links[i].jitter_s + self.links[j].jitter_s
 
 
 _LINK_KEYS = ("bandwidth", "downlink", "jitter", "latency", "loss", "preset", "uplink")
-_NETWORK_KEYS = tuple(sorted(_LINK_KEYS + ("latency_matrix", "workers")))
+_NETWORK_KEYS = tuple(sorted(_LINK_KEYS + ("latency_matrix", "regions", "workers")))
+_REGION_KEYS = ("assignment", "inter_bandwidth", "inter_latency")
 
 
 def _at(path: str, parse, value: Any):
@@ -229,15 +253,57 @@ def _latency_matrix(rows: Any, n_workers: int) -> tuple[tuple[float, ...], ...]:
     return tuple(matrix)
 
 
+def _regions(table: Any, n_workers: int, has_matrix: bool) -> dict[str, Any]:
+    """The region fields of `Network` from a `regions` table."""
+    if not isinstance(table, dict):
+        raise ValueError(f"regions: expected a table with assignment (a region index per worker), inter_latency "
+                         f"and/or inter_bandwidth, got {table!r}")
+    for key in table:
+        if key not in _REGION_KEYS:
+            raise ValueError(f"regions.{key}: unknown key; allowed: {', '.join(_REGION_KEYS)}")
+    assignment = table.get("assignment")
+    if not isinstance(assignment, (list, tuple)) or len(assignment) != n_workers:
+        got = f"a list of {len(assignment)}" if isinstance(assignment, (list, tuple)) else repr(assignment)
+        raise ValueError(f"regions.assignment: must list a region index for each of the {n_workers} workers "
+                         f"(e.g. [0, 0, 1, 1]), got {got}")
+    for i, region in enumerate(assignment):
+        if isinstance(region, bool) or not isinstance(region, int) or region < 0:
+            raise ValueError(f"regions.assignment[{i}]: expected a region index (an integer >= 0), got {region!r}")
+    if "inter_latency" not in table and "inter_bandwidth" not in table:
+        raise ValueError("regions: set inter_latency (e.g. '40ms') and/or inter_bandwidth (e.g. '1Gbit'); "
+                         "without either, regions change nothing")
+    latency_s = _at("regions.inter_latency", parse_duration, table.get("inter_latency", 0.0))
+    if has_matrix and latency_s > 0:
+        # A measured matrix already holds every pair's delay; adding a region latency would count the distance twice.
+        raise ValueError("regions.inter_latency: conflicts with latency_matrix, which already gives every pair's "
+                         "latency; drop inter_latency (inter_bandwidth still applies) or drop latency_matrix")
+    bps = None
+    if "inter_bandwidth" in table:
+        bps = _at("regions.inter_bandwidth", parse_bandwidth, table["inter_bandwidth"])
+    return {"region_of": tuple(assignment), "inter_region_latency_s": latency_s, "inter_region_bps": bps}
+
+
+def regions_table(network: Network) -> dict[str, Any] | None:
+    """The `regions` table that rebuilds the network's regions (for a resolved config), or None without regions."""
+    if network.region_of is None:
+        return None
+    table: dict[str, Any] = {"assignment": list(network.region_of), "inter_latency": network.inter_region_latency_s}
+    if network.inter_region_bps is not None:
+        table["inter_bandwidth"] = network.inter_region_bps
+    return table
+
+
 def build_network(spec: str | dict, n_workers: int) -> Network:
     """A `Network` from a preset name or a `[network]` table.
 
     Table keys: `preset`, `bandwidth` (both directions) or `uplink`/`downlink`, `latency` (one-way access latency),
     `jitter`, `loss` (0..1), `latency_matrix` (N x N one-way latencies, diagonal ignored) and `workers`, a table from
     worker index ("0", "3") to per-link keys that override that worker's link; a worker `preset` replaces the base link
-    before the worker's other keys apply. Without a top-level preset, uplink (or bandwidth) and latency are required and
-    downlink defaults to uplink. Errors are `ValueError`s whose message starts with the key path inside the table;
-    a bare preset name is treated as `{preset = name}`.
+    before the worker's other keys apply. `regions = {assignment = [0, 0, 1, 1], inter_latency = "40ms",
+    inter_bandwidth = "1Gbit"}` puts workers in regions (see the module docstring); give inter_latency (default 0; not
+    allowed with a latency_matrix), inter_bandwidth (default: no cap) or both. Without a top-level preset, uplink (or
+    bandwidth) and latency are required and downlink defaults to uplink. Errors are `ValueError`s whose message starts
+    with the key path inside the table; a bare preset name is treated as `{preset = name}`.
     """
     if n_workers < 1:
         raise ValueError(f"a network needs at least 1 worker, got n_workers={n_workers}")
@@ -267,4 +333,5 @@ def build_network(spec: str | dict, n_workers: int) -> Network:
         links[index] = _resolve_link(table, default, f"workers.{key}.", _LINK_KEYS)
 
     matrix = _latency_matrix(spec["latency_matrix"], n_workers) if "latency_matrix" in spec else None
-    return Network(links=tuple(links), latency_matrix_s=matrix)
+    regions = _regions(spec["regions"], n_workers, matrix is not None) if "regions" in spec else {}
+    return Network(links=tuple(links), latency_matrix_s=matrix, **regions)

@@ -17,7 +17,7 @@ import tomli_w
 
 from cluster.devices import get_device
 from cluster.runtime import RUNTIMES, start_ray
-from cluster.sim import ArmPlan, ArmSimulation
+from cluster.sim import ArmPlan, simulation_for
 from experiments.fields import ConfigError
 from experiments.manifest import build_manifest
 from experiments.report import write_report
@@ -25,6 +25,7 @@ from experiments.spec import ArmConfig, ExperimentSpec, load_spec, resolved_conf
 from experiments.summary import summarize
 from trainer.data import load_corpus
 from trainer.replica import ReplicaSpec
+from trainer.strategies import STRATEGIES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +77,8 @@ def run(
                 bar.set_description(arm.name)
                 t0 = time.perf_counter()
                 with RUNTIMES[runtime_name](replica_specs(spec, arm)) as workers:
-                    ArmSimulation(workers, arm_plan(spec, arm), emit, on_step=lambda: bar.update(1)).run()
+                    simulation = simulation_for(STRATEGIES[arm.algorithm].schedule)
+                    simulation(workers, arm_plan(spec, arm), emit, on_step=lambda: bar.update(1)).run()
                 wall[arm.name] = round(time.perf_counter() - t0, 3)
     finally:
         bar.close()

@@ -33,10 +33,27 @@ class Transmitted:
     nbytes: int  # size of the serialized message on the wire
 
 
+def topk_fraction(name: str) -> float | None:
+    """The kept fraction of a top-k codec name such as 'topk:0.01', or None for a dense codec."""
+    if not name.startswith("topk:"):
+        return None
+    try:
+        fraction = float(name.split(":", 1)[1])
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"codec {name!r}: top-k takes the kept fraction in (0, 1], e.g. 'topk:0.01'")
+    return fraction
+
+
 def check_codec(name: str) -> None:
     """Raise ValueError naming the allowed codecs, or the missing package, before a run starts."""
+    if not isinstance(name, str):
+        raise ValueError(f"must be a codec name, got {name!r}")
+    if topk_fraction(name) is not None:
+        return
     if name not in CODECS:
-        raise ValueError(f"unknown codec {name!r}; known: {', '.join(CODECS)}")
+        raise ValueError(f"unknown codec {name!r}; known: {', '.join(CODECS)}, topk:FRACTION (e.g. topk:0.01)")
     if name == "blockwise8":
         try:
             import bitsandbytes  # noqa: F401
@@ -53,3 +70,22 @@ def transmit(tensor: torch.Tensor, codec: str) -> Transmitted:
         message = serialize_torch_tensor(tensor.detach(), compression_type)
         decoded = deserialize_torch_tensor(message)
     return Transmitted(decoded.to(tensor.dtype), message.ByteSize())
+
+
+def transmit_topk(tensor: torch.Tensor, fraction: float) -> Transmitted:
+    """Send the largest-magnitude `fraction` of entries as (int32 index, float32 value) pairs.
+
+    The receiver rebuilds a dense tensor with zeros elsewhere. Sparse messages cannot be summed on
+    the way, so they travel by all-gather; the byte count is both serialized tensors.
+    """
+    flat = tensor.detach().reshape(-1)
+    k = max(1, int(round(fraction * flat.numel())))
+    indices = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+    values = flat[indices]
+    nbytes = (
+        serialize_torch_tensor(indices.to(torch.int32), _CT.NONE).ByteSize()
+        + serialize_torch_tensor(values, _CT.NONE).ByteSize()
+    )
+    dense = torch.zeros_like(flat)
+    dense[indices] = values
+    return Transmitted(dense.view_as(tensor), nbytes)

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from trainer.compression import transmit
+from trainer.compression import topk_fraction, transmit, transmit_topk
 from trainer.data import DataConfig, ShardSampler, heldout_batches, load_corpus
 from trainer.model import GPT, GPTConfig, training_flops_per_token
 from trainer.strategies import STRATEGIES
-from trainer.strategies.base import Settings
+from trainer.strategies.base import Await, Exchange, Report, Settings
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,21 @@ class ExchangeRequest:
     tensor: np.ndarray  # float32, as the peers decode it after the codec
     nbytes: int  # serialized size of this worker's message
     flops: float  # spent since the previous event
+    weight: float = 1.0
+    blocking: bool = True
+    sparse: bool = False  # a top-k message: travels by all-gather, cannot be reduced on the way
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    samples: int
+    flops: float  # spent since the previous event
+
+
+@dataclass(frozen=True)
+class AwaitRequest:
+    payload: str
+    flops: float  # spent since the previous event
 
 
 @dataclass
@@ -104,6 +119,8 @@ class Replica:
         self.flops_per_batch = training_flops_per_token(spec.model, seq_len) * spec.batch_size * seq_len
         self.strategy = STRATEGIES[spec.algorithm](spec.settings, self)
         self._progress = _Progress()
+        self._topk = topk_fraction(spec.codec)
+        self._residuals: dict[str, torch.Tensor] = {}  # top-k error feedback, per payload
 
     # --- what strategies call -------------------------------------------------------------
     def forward_backward(self) -> float:
@@ -145,15 +162,18 @@ class Replica:
 
     # --- what the cluster calls -----------------------------------------------------------
     def advance(self, until_step: int, reply: np.ndarray | None = None, finish: bool = False) -> list:
-        """Train up to `until_step` (then run the strategy's `finish` if asked), stopping early at an exchange.
+        """Train up to `until_step` (then run the strategy's `finish` if asked), stopping at an exchange or await.
 
-        `reply` is the combined tensor answering the exchange this replica last asked for.
-        Returns the events in order; an `ExchangeRequest`, if any, is last.
+        `reply` answers the request this replica last returned: the average for a blocking exchange
+        or an await, None for a non-blocking exchange. Returns the events in order; a request, if
+        any, is last.
         """
         p = self._progress
         events: list = []
-        send = None if reply is None else torch.from_numpy(np.array(reply, dtype=np.float32))
-        assert (send is None) == (p.pending is None), "a reply must answer exactly one pending exchange"
+        if reply is None or isinstance(reply, (bool, np.bool_)):
+            send = None if reply is None else bool(reply)
+        else:
+            send = torch.from_numpy(np.array(reply, dtype=np.float32))
         while True:
             if p.pending is None:
                 if p.step < until_step:
@@ -163,7 +183,7 @@ class Replica:
                 else:
                     return events
             try:
-                exchange = p.pending.send(send)
+                request = p.pending.send(send)
             except StopIteration as done:
                 if p.pending_step >= 0:
                     events.append(StepDone(p.pending_step, float(done.value), self._take_flops()))
@@ -172,18 +192,46 @@ class Replica:
                     p.finished = True
                 p.pending, send = None, None
                 continue
-            sent = transmit(exchange.tensor.to(torch.float32), self.spec.codec)
-            events.append(
-                ExchangeRequest(
-                    exchange.payload, exchange.collective, exchange.group,
-                    sent.tensor.numpy(), sent.nbytes, self._take_flops(),
-                )
-            )
+            if isinstance(request, Await):
+                events.append(AwaitRequest(request.payload, self._take_flops()))
+            elif isinstance(request, Report):
+                events.append(ReportRequest(request.samples, self._take_flops()))
+            else:
+                assert isinstance(request, Exchange), f"a strategy yielded {request!r}"
+                events.append(self._encode(request))
             return events
+
+    def _encode(self, exchange: Exchange) -> ExchangeRequest:
+        """Pass the tensor through the arm's codec, as the other peers will decode it."""
+        tensor = exchange.tensor.to(torch.float32)
+        if exchange.nbytes is not None:
+            return ExchangeRequest(
+                exchange.payload, exchange.collective, exchange.group, tensor.numpy(), exchange.nbytes,
+                self._take_flops(), exchange.weight, exchange.blocking, sparse=exchange.sparse,
+            )
+        if self._topk is None:
+            sent = transmit(tensor, self.spec.codec)
+        else:
+            # Error feedback: what top-k leaves out now is added to the next message of this payload.
+            residual = self._residuals.get(exchange.payload)
+            residual = tensor if residual is None else residual + tensor
+            sent = transmit_topk(residual, self._topk)
+            self._residuals[exchange.payload] = residual - sent.tensor
+        return ExchangeRequest(
+            exchange.payload, exchange.collective, exchange.group, sent.tensor.numpy(), sent.nbytes,
+            self._take_flops(), exchange.weight, exchange.blocking, sparse=self._topk is not None,
+        )
 
     def _take_flops(self) -> float:
         flops, self._progress.flops = self._progress.flops, 0.0
         return flops
+
+    def describe(self) -> dict:
+        """What a driver needs to plan this worker's time: its settings and the cost of one microbatch."""
+        return {
+            "settings": self.spec.settings, "flops_per_batch": self.flops_per_batch,
+            "batch_size": self.spec.batch_size, "schedule": self.strategy.schedule,
+        }
 
     def params(self) -> np.ndarray:
         return self.flat_params().numpy().copy()

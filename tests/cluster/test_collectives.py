@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from cluster.collectives import broadcast, ring_allreduce
+from cluster.collectives import allgather, broadcast, butterfly_allreduce, ring_allreduce
 from cluster.network import Link, Network, build_network
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # scipy, via hivemind's load balancer
 
 NBYTES = 4_000_003  # not divisible by 4: chunks are 1_000_001, 1_000_001, 1_000_001, 1_000_000
 
@@ -141,3 +143,90 @@ def test_broadcast_jitter_and_single_participant():
     assert broadcast(network, [0, 1, 2], root=1, nbytes=500_000).time_s == pytest.approx(0.10, rel=1e-12)
     alone = broadcast(network, [2], root=2, nbytes=500_000)
     assert alone.time_s == 0.0 and alone.bytes_sent == (0,) and alone.bytes_received == (0,)
+
+
+def reference_allgather(network, participants, messages):
+    """The ring all-gather played step by step: in step t participant k forwards message (k - t) mod N to k+1."""
+    n = len(participants)
+    sent, received, transfer_s = [0] * n, [0] * n, 0.0
+    for t in range(n - 1):
+        step_s = 0.0
+        for k in range(n):
+            m = messages[(k - t) % n]
+            sent[k] += m
+            received[(k + 1) % n] += m
+            step_s = max(step_s, m * 8 / network.pair_bandwidth_bps(participants[k], participants[(k + 1) % n]))
+        transfer_s += step_s
+    return tuple(sent), tuple(received), transfer_s
+
+
+def test_allgather_by_hand():
+    network = build_network({"bandwidth": "100Mbit", "latency": "10ms", "workers": {"1": {"downlink": "50Mbit"}}}, 3)
+    cost = allgather(network, [0, 1, 2], [1_000_000, 3_000_000, 500_000])
+    # Hops 0->1 at 50 Mbit/s (1's downlink), 1->2 and 2->0 at 100 Mbit/s.
+    # Step 0 (own messages): 8e6/5e7 = 0.16, 24e6/1e8 = 0.24, 4e6/1e8 = 0.04 -> 0.24 s.
+    # Step 1 (predecessor's): 0->1 carries 2's 4e6 bits: 0.08; 1->2 carries 0's: 0.08; 2->0 carries 1's: 0.24 -> 0.24 s.
+    # Two latency terms of 20 ms.
+    assert cost.time_s == pytest.approx(0.52, rel=1e-12)
+    # Sent: all but the successor's message; received: all but one's own. Total 4.5 MB.
+    assert cost.bytes_sent == (1_500_000, 4_000_000, 3_500_000)
+    assert cost.bytes_received == (3_500_000, 1_500_000, 4_000_000)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_allgather_follows_the_schedule(n):
+    slow = {"1": {"uplink": "30Mbit"}, str(n - 1): {"downlink": "70Mbit"}}
+    spec = {"bandwidth": "1Gbit", "latency": "2ms", "workers": slow}
+    network = build_network(spec, n)
+    messages = [int(x) for x in np.random.default_rng(n).integers(0, 5_000_000, size=n)]
+    participants = list(range(n))[::-1]
+    cost = allgather(network, participants, messages)
+    sent, received, transfer_s = reference_allgather(network, participants, messages)
+    assert (cost.bytes_sent, cost.bytes_received) == (sent, received)
+    assert cost.time_s == pytest.approx(transfer_s + (n - 1) * 0.004, rel=1e-12)
+    alone = allgather(network, [1], [123])
+    assert alone.time_s == 0.0 and alone.bytes_sent == (0,) and alone.bytes_received == (0,)
+
+
+def eight_workers(regions=None):
+    spec = {"bandwidth": "1Gbit", "latency": "5ms",
+            "workers": {"6": {"uplink": "100Mbit", "latency": "20ms"}, "1": {"downlink": "200Mbit"},
+                        "3": {"bandwidth": "1Mbit", "latency": "900ms"}}}
+    if regions:
+        spec["regions"] = regions
+    return build_network(spec, 8)
+
+
+def test_every_collective_prices_a_two_worker_group_out_of_eight():
+    network = eight_workers()
+    group, nbytes = [6, 1], 10_000_000
+    # Route 6 -> 1: min(6's 100 Mbit/s up, 1's 200 Mbit/s down) = 100 Mbit/s; 1 -> 6: 1 Gbit/s. Pair latency 25 ms.
+    # Worker 3's 1 Mbit/s, 900 ms link is outside the group and must not matter.
+    ring = ring_allreduce(network, group, nbytes)
+    assert ring.time_s == pytest.approx(8e7 / 1e8 + 2 * 0.025, rel=1e-12)  # 2(N-1)/N = 1
+    assert ring.bytes_sent == ring.bytes_received == (nbytes, nbytes)
+    # Butterfly with two peers: each sends S whatever the split, so worker 6's uplink bounds it just as the ring's.
+    butterfly = butterfly_allreduce(network, group, nbytes)
+    assert butterfly.time_s == pytest.approx(0.85, rel=1e-12)
+    assert butterfly.bytes_sent == (nbytes, nbytes) and sum(butterfly.part_sizes) == nbytes // 4
+    star = broadcast(network, group, root=6, nbytes=nbytes)
+    assert star.time_s == pytest.approx(0.8 + 0.025, rel=1e-12)
+    assert star.bytes_sent == (nbytes, 0) and star.bytes_received == (0, nbytes)
+    gathered = allgather(network, group, [4_000_000, 2_000_000])
+    # 6 -> 1 carries 32e6 bits at 100 Mbit/s (0.32 s) while 1 -> 6 carries 16e6 at 1 Gbit/s; one latency term.
+    assert gathered.time_s == pytest.approx(0.32 + 0.025, rel=1e-12)
+    assert gathered.bytes_sent == (4_000_000, 2_000_000) and gathered.bytes_received == (2_000_000, 4_000_000)
+
+
+def test_a_two_worker_group_across_regions_is_bound_by_the_inter_region_link():
+    network = eight_workers({"assignment": [0, 0, 0, 0, 1, 1, 1, 1], "inter_latency": "40ms",
+                             "inter_bandwidth": "50Mbit"})
+    group, nbytes = [6, 1], 10_000_000
+    # Pair latency 25 ms + 40 ms; every transfer between the two capped at 50 Mbit/s: 8e7 bits take 1.6 s.
+    assert ring_allreduce(network, group, nbytes).time_s == pytest.approx(1.6 + 2 * 0.065, rel=1e-12)
+    # Butterfly: route 6 -> 1 carries both parts (6's slice of 1's part, then 6's reduced part): S in all.
+    assert butterfly_allreduce(network, group, nbytes).time_s == pytest.approx(1.6 + 2 * 0.065, rel=1e-12)
+    assert broadcast(network, group, root=6, nbytes=nbytes).time_s == pytest.approx(1.6 + 0.065, rel=1e-12)
+    assert allgather(network, group, [4_000_000, 2_000_000]).time_s == pytest.approx(0.64 + 0.065, rel=1e-12)
+    # A group inside region 0 is untouched by the regions: 0 -> 2 -> 0 at 1 Gbit/s, 10 ms.
+    assert ring_allreduce(network, [0, 2], nbytes).time_s == pytest.approx(0.08 + 0.02, rel=1e-12)

@@ -3,7 +3,8 @@ import math
 import pytest
 
 from cluster.devices import DEVICES, get_device
-from cluster.network import PRESETS, Link, Network, build_network, parse_bandwidth, parse_duration
+from cluster.collectives import ring_allreduce
+from cluster.network import PRESETS, Link, Network, build_network, parse_bandwidth, parse_duration, regions_table
 
 
 @pytest.mark.parametrize(
@@ -139,6 +140,24 @@ def test_network_without_matrix_sums_access_latencies():
         ({"preset": "mobile", "latency_matrix": [[0, 1]]}, 2, "latency_matrix: expected 2 lists of 2"),
         ({"preset": "mobile", "latency_matrix": [[0, 1], [1]]}, 2, "latency_matrix[1]: expected 2 one-way latencies"),
         ({"preset": "mobile", "latency_matrix": [[0, "far"], [1, 0]]}, 2, "latency_matrix[0][1]: expected a duration"),
+        ({"preset": "mobile", "regions": {"assignment": [0, 1], "inter_latency": "40ms"}}, 8,
+         "regions.assignment: must list a region index for each of the 8 workers"),
+        ({"preset": "mobile", "regions": {"inter_latency": "40ms"}}, 2, "regions.assignment: must list a region index"),
+        ({"preset": "mobile", "regions": {"assignment": [0, -1], "inter_latency": 0.04}}, 2,
+         "regions.assignment[1]: expected a region index (an integer >= 0)"),
+        ({"preset": "mobile", "regions": {"assignment": [0, True], "inter_latency": 0.04}}, 2,
+         "regions.assignment[1]: expected a region index"),
+        ({"preset": "mobile", "regions": {"assignment": [0, 1], "inter_latency": "far"}}, 2,
+         "regions.inter_latency: expected a duration"),
+        ({"preset": "mobile", "regions": {"assignment": [0, 1], "inter_bandwidth": "thin"}}, 2,
+         "regions.inter_bandwidth: expected a bandwidth"),
+        ({"preset": "mobile", "regions": {"assignment": [0, 1]}}, 2, "regions: set inter_latency"),
+        ({"preset": "mobile", "regions": {"assignment": [0, 1], "latency": "1ms"}}, 2,
+         "regions.latency: unknown key; allowed: assignment, inter_bandwidth, inter_latency"),
+        ({"preset": "mobile", "regions": [0, 1]}, 2, "regions: expected a table with assignment"),
+        ({"preset": "mobile", "latency_matrix": [[0, 1], [1, 0]],
+          "regions": {"assignment": [0, 1], "inter_latency": "40ms"}}, 2,
+         "regions.inter_latency: conflicts with latency_matrix"),
     ],
 )
 def test_errors_start_with_the_key_path(spec, n_workers, prefix):
@@ -147,6 +166,45 @@ def test_errors_start_with_the_key_path(spec, n_workers, prefix):
     message = str(error.value)
     assert message.startswith(prefix), message
     assert "\n" not in message
+
+
+def test_regions_add_latency_and_cap_bandwidth_across_regions():
+    spec = {"bandwidth": "10Gbit", "latency": "5ms", "workers": {"1": {"uplink": "500Mbit"}},
+            "regions": {"assignment": [0, 0, 1, 1], "inter_latency": "40ms", "inter_bandwidth": "1Gbit"}}
+    network = build_network(spec, 4)
+    assert network.region_of == (0, 0, 1, 1)
+    assert network.pair_latency_s(0, 1) == pytest.approx(0.010)  # same region: two access latencies
+    assert network.pair_latency_s(1, 2) == pytest.approx(0.050)  # across: + 40 ms
+    assert network.pair_bandwidth_bps(0, 1) == 10e9
+    assert network.pair_bandwidth_bps(1, 0) == 500e6  # 1's own uplink is below the cap
+    assert network.pair_bandwidth_bps(0, 3) == 1e9  # the cap
+    assert network.pair_bandwidth_bps(3, 1) == 1e9
+    assert network.pair_jitter_s(0, 3) == 0.0
+    # Rebuilding from the regions table gives the same network, for resolved configs.
+    assert build_network({**spec, "regions": regions_table(network)}, 4) == network
+    assert regions_table(build_network("datacenter", 2)) is None
+
+
+def test_regions_with_only_a_bandwidth_cap_keep_a_latency_matrix():
+    spec = {"bandwidth": "1Gbit", "latency": "1ms", "latency_matrix": [[0, "7ms"], ["9ms", 0]],
+            "regions": {"assignment": [3, 5], "inter_bandwidth": "20Mbit"}}
+    network = build_network(spec, 2)
+    assert network.pair_latency_s(0, 1) == pytest.approx(0.007) and network.pair_latency_s(1, 0) == pytest.approx(0.009)
+    assert network.pair_bandwidth_bps(0, 1) == 20e6
+
+
+def test_ring_across_two_regions_is_bound_by_the_inter_region_bandwidth():
+    nbytes = 8_000_000
+    spec = {"bandwidth": "10Gbit", "latency": "5ms",
+            "regions": {"assignment": [0, 0, 0, 0, 1, 1, 1, 1], "inter_latency": "40ms", "inter_bandwidth": "1Gbit"}}
+    network = build_network(spec, 8)
+    # Hops 3 -> 4 and 7 -> 0 cross at 1 Gbit/s: 2(N-1)/N * 8S / B = 1.75 * 64e6 / 1e9 = 0.112 s; alpha = 10 + 40 ms.
+    assert ring_allreduce(network, list(range(8)), nbytes).time_s == pytest.approx(0.112 + 14 * 0.050, rel=1e-12)
+    # A ring inside one region keeps 10 Gbit/s and 10 ms: 1.5 * 64e6 / 1e10 + 6 * 0.010.
+    assert ring_allreduce(network, [4, 5, 6, 7], nbytes).time_s == pytest.approx(0.0096 + 0.06, rel=1e-12)
+    # Without regions the same eight workers run at 10 Gbit/s: 0.0112 s + 14 * 10 ms.
+    flat = build_network({"bandwidth": "10Gbit", "latency": "5ms"}, 8)
+    assert ring_allreduce(flat, list(range(8)), nbytes).time_s == pytest.approx(0.0112 + 0.14, rel=1e-12)
 
 
 def test_devices():

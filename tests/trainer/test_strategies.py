@@ -2,44 +2,27 @@
 
 import numpy as np
 import pytest
+from simtools import simulate as run_arm
 import torch
 from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
-from cluster.devices import get_device
-from cluster.network import build_network
-from cluster.runtime import LocalRuntime
-from cluster.sim import ArmPlan, ArmSimulation
 from trainer.compression import transmit
 from trainer.data import DataConfig, ShardSampler, load_corpus
 from trainer.model import GPT, PRESETS
-from trainer.replica import OptimConfig, ReplicaSpec
+from trainer.replica import OptimConfig
 from trainer.strategies.ddp import DDPSettings
 from trainer.strategies.diloco import DiLoCoSettings
 
 MODEL = PRESETS["tiny"]
 DATA = DataConfig(corpus="stdlib", max_bytes=200_000)
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=3)
-SEED = 7
-
-
-def replica_specs(n, batch_size, steps, algorithm, settings, codec="none"):
-    return [
-        ReplicaSpec(w, n, SEED, MODEL, DATA, OPTIM, batch_size, steps, algorithm, settings, codec, eval_batches=2)
-        for w in range(n)
-    ]
+SEED = 7  # the conftest's
 
 
 def simulate(n, batch_size, steps, algorithm, settings, codec="none", network="datacenter", eval_every=None):
-    records = []
-    plan = ArmPlan(
-        name="arm", n_workers=n, network=build_network(network, n), devices=(get_device("laptop-cpu"),) * n,
-        speed_factors=(1.0,) * n, codec=codec, total_steps=steps, tokens_per_step=n * batch_size * MODEL.block_size,
-        eval_every_steps=eval_every or steps, seed=SEED,
-    )
-    runtime = LocalRuntime(replica_specs(n, batch_size, steps, algorithm, settings, codec))
-    ArmSimulation(runtime, plan, records.append).run()
-    return runtime, records
+    result = run_arm(n, batch_size, steps, algorithm, settings, codec=codec, network=network, eval_every=eval_every)
+    return result.runtime, result.records
 
 
 def reference_model():

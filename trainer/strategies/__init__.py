@@ -1,9 +1,22 @@
-"""Training algorithms, one file each; register a new one in `STRATEGIES`."""
+"""Training algorithms, one file each: a new algorithm plugs in by adding a module here that
+defines a `Strategy` subclass with a `name` and a `Settings` dataclass."""
 
-from trainer.strategies.base import Exchange, Settings, Strategy
-from trainer.strategies.ddp import DDP
-from trainer.strategies.diloco import DiLoCo
+import importlib
+import pkgutil
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDP, DiLoCo)}
+from trainer.strategies.base import Await, Exchange, Report, Settings, Strategy
 
-__all__ = ["Exchange", "Settings", "Strategy", "STRATEGIES"]
+
+def _discover() -> dict[str, type[Strategy]]:
+    found: dict[str, type[Strategy]] = {}
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"):
+        for value in vars(importlib.import_module(f"{__name__}.{module}")).values():
+            if isinstance(value, type) and issubclass(value, Strategy) and "name" in vars(value):
+                assert value.name not in found or found[value.name] is value, f"two strategies named {value.name!r}"
+                found[value.name] = value
+    return dict(sorted(found.items(), key=lambda kv: (kv[0] != "ddp", kv[0])))
+
+
+STRATEGIES: dict[str, type[Strategy]] = _discover()
+
+__all__ = ["Await", "Exchange", "Report", "Settings", "Strategy", "STRATEGIES"]

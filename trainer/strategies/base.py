@@ -20,17 +20,46 @@ if TYPE_CHECKING:
 
 @dataclass
 class Exchange:
-    """A request to combine one flat tensor with the other workers' tensors of the same kind."""
+    """A request to average one flat tensor with the other workers' tensors of the same payload.
+
+    A blocking exchange answers the `yield` with the average. A non-blocking one answers with
+    None at once and runs while the worker keeps computing; `yield Await(payload)` later returns
+    the average and is where the worker waits if the exchange has not finished yet.
+    """
 
     payload: str  # what the tensor is, in the field's words: "gradients", "pseudo_gradient", ...
     tensor: torch.Tensor  # flat float32
-    collective: str = "ring_allreduce"
-    # Workers taking part; None means every worker of the arm.
+    collective: str = "ring_allreduce"  # or "butterfly" (hivemind's all-reduce)
+    # Workers taking part (this worker included); None means every worker of the arm.
     group: tuple[int, ...] | None = None
+    weight: float = 1.0  # this worker's share in a weighted average (e.g. samples accumulated)
+    blocking: bool = True
+    # A strategy that encodes its own message (DeMo's sparse DCT coefficients) states its serialized
+    # size here; the arm's codec is then not applied. Sparse messages travel by all-gather.
+    nbytes: int | None = None
+    sparse: bool = False
+
+
+@dataclass
+class Await:
+    """Wait for the non-blocking exchange of `payload` and receive its average."""
+
+    payload: str
+
+
+@dataclass
+class Report:
+    """Report local progress to the swarm (samples accumulated this epoch).
+
+    The reply is True while this peer should keep accumulating and False once the swarm's epoch
+    is complete; only the cluster knows, since that depends on every peer's speed and the links.
+    """
+
+    samples: int
 
 
 # A step or a final synchronisation: yields exchanges, receives their averages, returns a loss.
-StepGenerator = Generator[Exchange, torch.Tensor, Any]
+StepGenerator = Generator[Exchange | Await | Report, torch.Tensor | bool | None, Any]
 
 
 @dataclass(frozen=True)
@@ -50,6 +79,9 @@ class Strategy:
 
     name: ClassVar[str]
     Settings: ClassVar[type[Settings]]
+    # "lockstep": every worker makes the same requests at the same steps (cluster.sim drives it);
+    # "collaborative": peers accumulate at their own speeds until the swarm's epoch is complete.
+    schedule: ClassVar[str] = "lockstep"
 
     def __init__(self, settings: Settings, replica: Replica):
         self.settings = settings

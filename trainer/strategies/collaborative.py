@@ -1,0 +1,75 @@
+"""hivemind's collaborative large batch (hivemind.Optimizer's default mode).
+
+Peers train at their own speeds and report the samples they have accumulated; when the swarm's
+samples reach `target_batch_size` the epoch closes, the peers average their accumulated gradients
+(hivemind's butterfly all-reduce, each peer weighted by its samples) and all take the optimizer
+step for that epoch. A fast peer contributes more samples; a microbatch still running when the
+round starts belongs to the next epoch (it was computed on the old parameters: one step stale).
+
+The strategy only accumulates and answers the cluster's questions; when an epoch closes, how long
+the progress reports and matchmaking take, and who is still computing, are decided in
+`cluster.collaborative` from the links and the peers' speeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainer.strategies.base import Await, Exchange, Report, Settings, StepGenerator, Strategy, number_in, positive_int
+
+
+@dataclass(frozen=True)
+class CollaborativeSettings(Settings):
+    target_batch_size: int = 256  # samples (sequences) per epoch over the whole swarm
+    # hivemind.Optimizer's defaults: how long a peer looks for a group, and how long an all-reduce may take.
+    matchmaking_time: float = 15.0
+    averaging_timeout: float = 60.0
+    # How often peers refresh the swarm's progress from the DHT (hivemind's ProgressTracker
+    # min_refresh_period): the epoch is noticed up to this late, plus one DHT lookup.
+    progress_refresh_s: float = 0.5
+
+    def check(self) -> None:
+        positive_int("target_batch_size", self.target_batch_size)
+        number_in("matchmaking_time", self.matchmaking_time, 0.0, 3600.0)
+        number_in("averaging_timeout", self.averaging_timeout, 0.0, 86400.0, low_open=True)
+        number_in("progress_refresh_s", self.progress_refresh_s, 0.0, 3600.0)
+
+
+class Collaborative(Strategy):
+    name = "collaborative"
+    Settings = CollaborativeSettings
+    schedule = "collaborative"
+
+    def __init__(self, settings: CollaborativeSettings, replica):
+        super().__init__(settings, replica)
+        self.accumulated = torch.zeros_like(replica.flat_params())  # sum of per-sample gradients
+        self.samples = 0
+        self.carried_losses: list[float] = []
+
+    def microbatch(self) -> float:
+        loss = self.replica.forward_backward()
+        batch = self.replica.spec.batch_size
+        # Gradients are batch means: weight by the batch so the epoch's average is per sample.
+        self.accumulated += self.replica.flat_grads() * batch
+        self.samples += batch
+        return loss
+
+    def train_step(self, epoch: int) -> StepGenerator:
+        losses, self.carried_losses = self.carried_losses, []
+        while (yield Report(self.samples)):
+            losses.append(self.microbatch())
+        samples = self.samples
+        mean_gradient = self.accumulated / samples if samples else torch.zeros_like(self.accumulated)
+        yield Exchange("gradients", mean_gradient, collective="butterfly", weight=float(samples), blocking=False)
+        self.accumulated, self.samples = torch.zeros_like(self.accumulated), 0
+        # A microbatch under way when the round began finishes on the old parameters, into the next epoch.
+        if (yield Report(0)):
+            self.carried_losses.append(self.microbatch())
+        gradients = yield Await("gradients")
+        late_gradients = self.accumulated
+        self.replica.set_flat_grads(gradients)
+        self.replica.optimizer_step(epoch)
+        self.accumulated = late_gradients
+        return sum(losses) / len(losses) if losses else float("nan")
