@@ -104,6 +104,7 @@ class CollaborativeSimulation(ArmSimulation):
         # Phase 2: the round, in the background of any late microbatch.
         group = tuple(range(n))
         result, record = self.reduce(group, [requests[w] for w in group])
+        self.round += 1
         duration = record["comm_s"]
         failed = duration > settings.averaging_timeout
         t_end = t_start + (settings.averaging_timeout if failed else duration)

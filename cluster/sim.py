@@ -138,9 +138,9 @@ class ArmSimulation:
             group = tuple(range(self.plan.n_workers)) if r.group is None else tuple(sorted(r.group))
             assert w in group, f"worker {w} asked for an exchange in a group without it: {group}"
             groups.setdefault(group, []).append(w)
-        for group, members in sorted(groups.items()):
+        for index, (group, members) in enumerate(sorted(groups.items())):
             assert list(group) == members, f"group {group} was asked for by workers {members}"
-            result, record = self.reduce(group, [requests[w] for w in group])
+            result, record = self.reduce(group, [requests[w] for w in group], index)
             if requests[group[0]].blocking:
                 not_before = max(self.link_free_s[w] for w in group)
                 sync = self.clock.synchronise(group, record["comm_s"], not_before)
@@ -158,6 +158,7 @@ class ArmSimulation:
                     key = (record["payload"], w)
                     assert key not in self.in_flight, f"{key[0]!r} started again before it was awaited"
                     self.in_flight[key] = flight
+        self.round += 1  # groups exchanging at the same time are one round
         return replies
 
     def await_exchanges(self, requests: list[AwaitRequest]) -> list:
@@ -177,10 +178,13 @@ class ArmSimulation:
                 )
         return replies
 
-    def reduce(self, group: tuple[int, ...], requests: list[ExchangeRequest]) -> tuple[np.ndarray, dict]:
+    def reduce(self, group: tuple[int, ...], requests: list[ExchangeRequest], index: int = 0) -> tuple[np.ndarray, dict]:
         """Carry out one group's exchange exactly; return the average every member receives and its record."""
         plan, first = self.plan, requests[0]
-        assert all(r.payload == first.payload and r.collective == first.collective for r in requests)
+        assert all(
+            (r.payload, r.collective, r.blocking, r.sparse) == (first.payload, first.collective, first.blocking, first.sparse)
+            for r in requests
+        ), f"members of group {group} asked for different exchanges"
         participants = list(group)
         tensors = [r.tensor for r in requests]
         weights = [r.weight for r in requests]
@@ -205,12 +209,11 @@ class ArmSimulation:
             # The reduced parts travel back through the same codec (the all-gather half of the exchange).
             reduced = transmit(torch.from_numpy(average(tensors, weights)), plan.codec).tensor.numpy()
         record = {
-            "kind": "comm", "arm": plan.name, "round": self.round, "step": self.steps_completed,
+            "kind": "comm", "arm": plan.name, "round": self.round, "group": index, "step": self.steps_completed,
             "collective": collective, "payload": first.payload, "participants": participants,
-            "message_bytes": nbytes, "bytes_sent": list(cost.bytes_sent),
+            "message_bytes": nbytes, "raw_bytes": max(r.raw_nbytes for r in requests), "bytes_sent": list(cost.bytes_sent),
             "bytes_received": list(cost.bytes_received), "comm_s": cost.time_s, "blocking": first.blocking,
         }
-        self.round += 1
         return reduced, record
 
     def evaluate(self, step: int, tokens: int | None = None) -> None:

@@ -96,8 +96,10 @@ def _summarize_arm(arm: dict, records: list[dict], target: float | None) -> dict
         "bytes_sent": sum(sent_per_worker),
         "bytes_received": sum(received_per_worker),
         "bytes_sent_per_worker": sent_per_worker,
-        "rounds": len(comms),
-        "comm_s": sum(float(r["comm_s"]) for r in comms),
+        "rounds": len({r.get("round") for r in comms}),
+        # Groups exchanging at once overlap in time: count each record's time once per participant.
+        "comm_s": sum(float(r["comm_s"]) * len(r["participants"]) for r in comms) / max(1, workers),
+        "compression_ratio": _ratio(sum(r.get("raw_bytes", 0) for r in comms), sum(r.get("message_bytes", 0) for r in comms)),
         "idle_s": idle_s,
         "compute_s": compute_s,
         "compute_utilisation": compute_s / (workers * time_s) if workers > 0 and time_s > 0 else None,

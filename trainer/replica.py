@@ -78,6 +78,7 @@ class ExchangeRequest:
     weight: float = 1.0
     blocking: bool = True
     sparse: bool = False  # a top-k message: travels by all-gather, cannot be reduced on the way
+    raw_nbytes: int = 0  # the payload as dense float32: what the codec's compression ratio is measured against
 
 
 @dataclass(frozen=True)
@@ -204,10 +205,11 @@ class Replica:
     def _encode(self, exchange: Exchange) -> ExchangeRequest:
         """Pass the tensor through the arm's codec, as the other peers will decode it."""
         tensor = exchange.tensor.to(torch.float32)
+        raw = exchange.dense_nbytes or 4 * tensor.numel()
         if exchange.nbytes is not None:
             return ExchangeRequest(
                 exchange.payload, exchange.collective, exchange.group, tensor.numpy(), exchange.nbytes,
-                self._take_flops(), exchange.weight, exchange.blocking, sparse=exchange.sparse,
+                self._take_flops(), exchange.weight, exchange.blocking, sparse=exchange.sparse, raw_nbytes=raw,
             )
         if self._topk is None:
             sent = transmit(tensor, self.spec.codec)
@@ -219,7 +221,7 @@ class Replica:
             self._residuals[exchange.payload] = residual - sent.tensor
         return ExchangeRequest(
             exchange.payload, exchange.collective, exchange.group, sent.tensor.numpy(), sent.nbytes,
-            self._take_flops(), exchange.weight, exchange.blocking, sparse=self._topk is not None,
+            self._take_flops(), exchange.weight, exchange.blocking, sparse=self._topk is not None, raw_nbytes=raw,
         )
 
     def _take_flops(self) -> float:

@@ -38,6 +38,8 @@ class Exchange:
     # size here; the arm's codec is then not applied. Sparse messages travel by all-gather.
     nbytes: int | None = None
     sparse: bool = False
+    # What the payload would take as dense float32, for the compression ratio (default: 4 bytes an element).
+    dense_nbytes: int | None = None
 
 
 @dataclass

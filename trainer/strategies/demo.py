@@ -186,7 +186,7 @@ class DeMo(Strategy):
         self.momentum.sub_(self.transform.decode(kept))
         n = self.transform.numel
         message = torch.cat([c.reshape(-1) for c in kept] + [m.reshape(-1) for m in masks])
-        mean = yield Exchange("fast_components", message, nbytes=self.nbytes, sparse=True)
+        mean = yield Exchange("fast_components", message, nbytes=self.nbytes, sparse=True, dense_nbytes=4 * n)
         # Mean over the workers that kept each coefficient: the mean values over the share that kept it.
         values, share = mean[:n], mean[n:]
         q = torch.where(share > 0, values / share.clamp_min(1e-30), torch.zeros_like(values))
