@@ -140,6 +140,7 @@ def arm_plan(spec: ExperimentSpec, arm: ArmConfig) -> ArmPlan:
         devices=(device,) * spec.run.workers, speed_factors=arm.speed_factors, codec=arm.codec,
         total_steps=spec.total_steps, tokens_per_step=spec.tokens_per_step,
         eval_every_steps=spec.eval_every_steps, seed=spec.run.seed,
+        client_mode=tuple(w in arm.client_mode for w in range(spec.run.workers)),
     )
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.devices import DEVICES, get_device
-from cluster.network import Network, build_network
+from cluster.heterogeneity import speed_factors
+from cluster.network import Network, build_network, regions_table
 from experiments.fields import ConfigError, boolean, check_keys, choice, integer, number, string
 from trainer.compression import check_codec
 from trainer.data import DataConfig
@@ -59,6 +60,7 @@ class ArmConfig:
     speed_factors: tuple[float, ...] = ()
     codec: str = "none"
     baseline: bool = False
+    client_mode: tuple[int, ...] = ()  # workers without inbound connections (reduce no butterfly part)
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ def parse_spec(raw: dict) -> ExperimentSpec:
     data = parse_data(raw.get("data", {}))
     optim = parse_dataclass("optim", OptimConfig, raw.get("optim", {}))
     run = parse_run(raw.get("run", {}))
-    arms = parse_arms(raw.get("arm"), run.workers)
+    arms = parse_arms(raw.get("arm"), run.workers, run.seed)
     spec = ExperimentSpec(name, str(raw.get("description", "")), model, data, optim, run, arms)
     if spec.total_steps < 1:
         raise ConfigError(
@@ -228,10 +230,10 @@ def parse_run(table: Any) -> RunConfig:
     return run
 
 
-def parse_arms(arms: Any, n_workers: int) -> tuple[ArmConfig, ...]:
+def parse_arms(arms: Any, n_workers: int, seed: int = 0) -> tuple[ArmConfig, ...]:
     if not isinstance(arms, list) or not arms:
         raise ConfigError("arm: at least one [[arm]] table is required (name, algorithm, network)")
-    parsed = [parse_arm(f"arm[{i}]", table, n_workers) for i, table in enumerate(arms)]
+    parsed = [parse_arm(f"arm[{i}]", table, n_workers, seed) for i, table in enumerate(arms)]
     names = [a.name for a in parsed]
     for i, n in enumerate(names):
         if n in names[:i]:
@@ -244,10 +246,10 @@ def parse_arms(arms: Any, n_workers: int) -> tuple[ArmConfig, ...]:
     return tuple(parsed)
 
 
-ARM_KEYS = ["name", "algorithm", "network", "device", "speed_factors", "codec", "baseline"]
+ARM_KEYS = ["name", "algorithm", "network", "device", "speed_factors", "codec", "baseline", "client_mode"]
 
 
-def parse_arm(path: str, table: Any, n_workers: int) -> ArmConfig:
+def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0) -> ArmConfig:
     check_keys(path, table, ARM_KEYS)
     if "name" not in table:
         raise ConfigError(f"{path}.name: every arm needs a name, e.g. name = \"diloco-home\"")
@@ -268,18 +270,32 @@ def parse_arm(path: str, table: Any, n_workers: int) -> ArmConfig:
         get_device(device)
     except (ValueError, TypeError):
         raise ConfigError(f"{path}.device: unknown device {device!r}; known: {', '.join(sorted(DEVICES))}") from None
-    speed = table.get("speed_factors", [1.0] * n_workers)
-    if not isinstance(speed, list) or len(speed) != n_workers:
-        raise ConfigError(f"{path}.speed_factors: must be a list of {n_workers} numbers (one per worker), got {speed!r}")
-    speed = tuple(number(f"{path}.speed_factors[{i}]", s, 0.0, 1000.0, low_open=True) for i, s in enumerate(speed))
+    speed_raw = table.get("speed_factors", [1.0] * n_workers)
+    try:
+        speed = speed_factors(speed_raw, n_workers, seed)
+    except ValueError as e:
+        # List items say "[i]: ...", table keys "sigma: ...", anything else is about the value itself.
+        sep = "" if str(e).startswith("[") else "." if isinstance(speed_raw, dict) else ": "
+        raise ConfigError(f"{path}.speed_factors{sep}{e}") from None
+    client = table.get("client_mode", [])
+    if not isinstance(client, list) or not all(
+        isinstance(w, int) and not isinstance(w, bool) and 0 <= w < n_workers for w in client
+    ):
+        raise ConfigError(f"{path}.client_mode: must be a list of worker indices in 0..{n_workers - 1}, got {client!r}")
+    if len(set(client)) == n_workers:
+        raise ConfigError(f"{path}.client_mode: at least one worker must accept connections to reduce a part")
     codec = string(f"{path}.codec", table.get("codec", "none"))
     try:
         check_codec(codec)
     except ValueError as e:
         raise ConfigError(f"{path}.codec: {e}") from None
+    try:
+        STRATEGIES[algorithm].check_arm(settings, n_workers, codec)
+    except ValueError as e:
+        raise ConfigError(f"{path}.algorithm.{e}" if not str(e).startswith("codec") else f"{path}.{e}") from None
     return ArmConfig(
         name, algorithm, settings, network, label, device, speed, codec,
-        boolean(f"{path}.baseline", table.get("baseline", False)),
+        boolean(f"{path}.baseline", table.get("baseline", False)), tuple(sorted(set(client))),
     )
 
 
@@ -322,6 +338,7 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
                 "device": a.device,
                 "speed_factors": list(a.speed_factors),
                 "codec": a.codec,
+                "client_mode": list(a.client_mode),
             }
             for a in spec.arms
         ],
@@ -343,4 +360,7 @@ def network_table(network: Network, label: str = "custom") -> dict[str, Any]:
         table["workers"] = workers
     if network.latency_matrix_s is not None:
         table["latency_matrix"] = [list(row) for row in network.latency_matrix_s]
+    regions = regions_table(network)
+    if regions is not None:
+        table["regions"] = regions
     return table

@@ -75,6 +75,16 @@ MALFORMED = {
     "speed-factors-length": (experiment(arm="speed_factors = [1.0, 1.0, 1.0]"), "arm.x.speed_factors"),
     "n-embd-n-head": (experiment(model="n_embd = 30\nn_head = 4"), "model.n_head"),
     "mode-real": (experiment(run='mode = "real"'), "run.mode"),
+    "speed-distribution": (experiment(arm='speed_factors = { distribution = "zipf" }'),
+                           "arm.x.speed_factors.distribution"),
+    "speed-factor-item": (experiment(arm="speed_factors = [1.0, -2.0]"), "arm.x.speed_factors[1]"),
+    "client-mode-index": (experiment(arm="client_mode = [5]"), "arm.x.client_mode"),
+    "client-mode-everyone": (experiment(arm="client_mode = [0, 1]"), "arm.x.client_mode"),
+    # 2 workers do not fill a 4x4 grid: caught when the file is read, not inside a worker.
+    "moshpit-grid": (experiment().replace('algorithm = "ddp"', 'algorithm = { name = "moshpit", target_group_size = 4 }'),
+                     "arm.x.algorithm.target_group_size"),
+    "demo-codec": (experiment(arm='codec = "fp16"').replace('algorithm = "ddp"', 'algorithm = "demo"'), "arm.x.codec"),
+    "topk-fraction": (experiment(arm='codec = "topk:2"'), "arm.x.codec"),
 }
 
 
@@ -289,3 +299,18 @@ def test_step_arithmetic(tokens, eval_interval, total_steps, eval_every_steps):
 def test_config_error_is_a_value_error_with_one_line():
     with pytest.raises(ConfigError, match=r"^run\.batch_size: must be an integer in \[1, 65536\], got 0$"):
         parse_spec({"run": {"batch_size": 0}, "arm": [{"name": "a", "algorithm": "ddp", "network": "nvlink"}]})
+
+
+def test_speed_factor_distributions_and_client_mode_resolve_and_read_back(tmp_path):
+    text = experiment(arm='speed_factors = { distribution = "stragglers", fraction = 0.5, slowdown = 2.0 }\n'
+                          'client_mode = [1]')
+    text = text.replace('network = "datacenter"', 'network = { preset = "home-broadband", regions = '
+                        '{ assignment = [0, 1], inter_latency = "40ms" } }')
+    path = tmp_path / "e.toml"
+    path.write_text(text)
+    spec = load_spec(path)
+    (arm,) = spec.arms
+    assert arm.speed_factors == (1.0, 0.5)
+    assert arm.client_mode == (1,)
+    assert arm.network.pair_latency_s(0, 1) == pytest.approx(2 * 0.015 + 0.040)
+    assert round_trip(spec) == spec

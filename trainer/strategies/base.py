@@ -89,6 +89,13 @@ class Strategy:
         self.settings = settings
         self.replica = replica
 
+    @classmethod
+    def check_arm(cls, settings: Settings, n_workers: int, codec: str) -> None:
+        """Raise ValueError('field: ...') if these settings cannot run with this many workers or this codec.
+
+        Called when the experiment file is read, so a bad combination fails before any worker starts.
+        """
+
     def train_step(self, step: int) -> StepGenerator:
         """One optimisation step on this worker; returns the training loss of its batch."""
         raise NotImplementedError

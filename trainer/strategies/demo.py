@@ -163,13 +163,17 @@ class DeMo(Strategy):
     name = "demo"
     Settings = DeMoSettings
 
-    def __init__(self, settings: DeMoSettings, replica):
-        super().__init__(settings, replica)
-        if replica.spec.codec != "none":
+    @classmethod
+    def check_arm(cls, settings: DeMoSettings, n_workers: int, codec: str) -> None:
+        if codec != "none":
             raise ValueError(
-                f"codec: DeMo encodes its own sparse messages, so the arm's codec {replica.spec.codec!r} would be "
+                f"codec: DeMo encodes its own sparse messages, so the arm's codec {codec!r} would be "
                 "ignored; set codec = 'none' for this arm (or choose another algorithm to test codecs)"
             )
+
+    def __init__(self, settings: DeMoSettings, replica):
+        super().__init__(settings, replica)
+        self.check_arm(settings, replica.spec.n_workers, replica.spec.codec)
         parameters = list(replica.model.parameters())
         self.transform = BlockDCT([tuple(p.shape) for p in parameters], settings.chunk_size)
         self.momentum = torch.zeros(self.transform.numel)

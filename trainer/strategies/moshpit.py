@@ -120,10 +120,14 @@ class Moshpit(Strategy):
     name = "moshpit"
     Settings = MoshpitSettings
 
+    @classmethod
+    def check_arm(cls, settings: MoshpitSettings, n_workers: int, codec: str) -> None:
+        if settings.grouping == "grid":
+            check_grid(n_workers, settings.target_group_size)
+
     def __init__(self, settings: MoshpitSettings, replica):
         super().__init__(settings, replica)
-        if settings.grouping == "grid":
-            check_grid(replica.spec.n_workers, settings.target_group_size)
+        self.check_arm(settings, replica.spec.n_workers, replica.spec.codec)
         self.averaging_round = 0
 
     def groups(self, round_index: int) -> list[tuple[int, ...]]:
