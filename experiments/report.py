@@ -205,13 +205,14 @@ def _html(plots: list[Path], summary: dict, config_text: str, manifest: dict, ti
         f'<figure><img alt="{e(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"</figure>" for p in plots)
     columns = ["arm", "algorithm", "network", "device", "codec", "final loss", "loss ratio", "simulated time",
-               "time ratio", "bytes sent", "bytes ratio", "utilisation", "time to target"]
+               "time ratio", "bytes sent", "bytes ratio", "compression", "utilisation", "time to target"]
     rows = []
     for name, arm in summary["arms"].items():
         cells = [name + (" (baseline)" if name == summary["baseline"] else ""), arm["algorithm"], arm["network"],
                  arm["device"], arm["codec"], "diverged" if arm["diverged"] else _loss(arm["final_loss"]),
                  _loss_ratio(arm["loss_ratio"]), human_seconds(arm["time_s"]),
                  _ratio(arm["time_ratio"]), human_bytes(arm["bytes_sent"]), _ratio(arm["bytes_ratio"]),
+                 _ratio(arm.get("compression_ratio")),
                  "—" if arm["compute_utilisation"] is None else f"{100 * arm['compute_utilisation']:.1f} %",
                  _time_to_target(arm, summary["target_loss"])]
         style = ' class="baseline"' if name == summary["baseline"] else ""
@@ -236,6 +237,7 @@ pre {{ background: #f6f6f6; padding: 0.75rem; overflow-x: auto; font-size: 0.85r
 <table><tr>{"".join(f"<th>{e(c)}</th>" for c in columns)}</tr>
 {chr(10).join(rows)}</table>
 <p>Ratios are to the baseline, {e(summary["baseline"])}. Utilisation is compute time over workers × simulated time.</p>
+{_ranking_html(summary)}
 <h2>Plots</h2>
 {images}
 <h2>Manifest</h2>
@@ -244,6 +246,22 @@ pre {{ background: #f6f6f6; padding: 0.75rem; overflow-x: auto; font-size: 0.85r
 <pre>{e(config_text)}</pre>
 </body></html>
 """
+
+
+def _ranking_html(summary: dict) -> str:
+    ranking = summary.get("ranking")
+    if not ranking:
+        return ""
+    e, arms = html.escape, summary["arms"]
+
+    def items(names: list[str], describe) -> str:
+        return "".join(f"<li>{e(name)}: {e(describe(arms[name]))}</li>" for name in names)
+
+    by_target = items(ranking["time_to_target"], lambda a: _time_to_target(a, summary["target_loss"])
+                      + f" (final loss {_loss(a['final_loss'])})")
+    by_bytes = items(ranking["bytes_sent"], lambda a: human_bytes(a["bytes_sent"]))
+    return (f"<h2>Ranking</h2><h3>By simulated time to the target loss</h3><ol>{by_target}</ol>"
+            f"<h3>By bytes sent</h3><ol>{by_bytes}</ol>")
 
 
 def _time_to_target(arm: dict, target: float | None) -> str:

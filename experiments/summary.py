@@ -53,7 +53,22 @@ def summarize(records: list[dict], arms: list[dict], baseline: str, target_loss:
         summary["time_ratio"] = _ratio(summary["time_s"], reference["time_s"])
         summary["bytes_ratio"] = _ratio(summary["bytes_sent"], reference["bytes_sent"])
         summary["time_to_target_ratio"] = _ratio(summary["time_to_target_s"], reference["time_to_target_s"])
-    return {"baseline": baseline, "target_loss": target, "arms": summaries}
+    return {"baseline": baseline, "target_loss": target, "arms": summaries, "ranking": rankings(summaries)}
+
+
+def rankings(arms: dict[str, dict]) -> dict[str, list[str]]:
+    """Arm names best first: by simulated time to the target loss (arms that never reached it last,
+    by final loss), and by bytes sent."""
+    def by_target(name: str) -> tuple:
+        arm = arms[name]
+        reached = arm["time_to_target_s"]
+        loss = arm["final_loss"] if arm["final_loss"] is not None else math.inf
+        return (reached is None, reached if reached is not None else loss, loss)
+
+    return {
+        "time_to_target": sorted(arms, key=by_target),
+        "bytes_sent": sorted(arms, key=lambda name: arms[name]["bytes_sent"]),
+    }
 
 
 def _summarize_arm(arm: dict, records: list[dict], target: float | None) -> dict:

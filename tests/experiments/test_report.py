@@ -206,3 +206,28 @@ def test_report_survives_missing_numbers(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "not reached" in page and "sending nothing" in page
     assert all(p.exists() for p in paths)
+
+
+def test_rankings_put_arms_that_reached_the_target_first_then_by_final_loss():
+    from experiments.summary import rankings
+
+    arms = {
+        "a": {"time_to_target_s": None, "final_loss": 2.9, "bytes_sent": 10},
+        "b": {"time_to_target_s": 50.0, "final_loss": 2.5, "bytes_sent": 30},
+        "c": {"time_to_target_s": 20.0, "final_loss": 2.6, "bytes_sent": 20},
+        "d": {"time_to_target_s": None, "final_loss": 2.7, "bytes_sent": 0},
+    }
+    assert rankings(arms) == {"time_to_target": ["c", "b", "d", "a"], "bytes_sent": ["d", "a", "c", "b"]}
+
+
+def test_compression_ratio_is_raw_over_message_bytes():
+    from experiments.summary import summarize
+
+    comm = {"kind": "comm", "arm": "x", "round": 0, "participants": [0, 1], "bytes_sent": [5, 5],
+            "bytes_received": [5, 5], "idle_s": [0.0, 0.0], "comm_s": 1.0, "time_s": 1.0}
+    records = [{**comm, "raw_bytes": 4000, "message_bytes": 1000}, {**comm, "round": 1, "raw_bytes": 4000,
+                                                                     "message_bytes": 3000}]
+    arms = [{"name": "x", "workers": 2, "algorithm": "ddp", "network": "n", "device": "d", "codec": "c"}]
+    summary = summarize(records, arms, "x", None)["arms"]["x"]
+    assert summary["compression_ratio"] == 8000 / 4000
+    assert summary["rounds"] == 2 and summary["comm_s"] == 2.0  # two rounds, both workers in each
