@@ -14,10 +14,9 @@ Each epoch, on the virtual clock:
    and each peer steps on its own gradients (hivemind's fallback);
 6. each peer steps when both the round and its own microbatch are done.
 
-A peer with no completed microbatch joins with weight 0. `matchmaking_time` bounds how long the
-round may wait: a T_start later than T_target + matchmaking_time + the lookup is an error in the
-model's assumptions and is reported as such (it cannot happen while refreshes are faster than
-matchmaking).
+A peer with no completed microbatch joins with weight 0. Every peer joins the pre-scheduled group,
+so it is full and hivemind's leader starts at once: `matchmaking_time`, the longest a leader waits
+for missing peers, does not bind here (it will with churn, when peers can be missing).
 """
 
 from __future__ import annotations

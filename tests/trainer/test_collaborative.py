@@ -77,3 +77,15 @@ def test_the_token_budget_caps_an_epoch_that_latency_would_stretch():
     (comm,) = run.of("comm")
     assert sum(comm["samples"]) == 12 * 2 * 2  # the budget: 12 steps of 2 workers x 2 sequences
     assert run.of("eval")[-1]["tokens"] == 12 * 2 * 2 * TINY.block_size
+
+
+def test_a_round_slower_than_averaging_timeout_fails_and_peers_step_alone():
+    # 50 kbit/s links: averaging tiny's 136 kB gradient takes tens of seconds, beyond a 1 s timeout.
+    settings = CollaborativeSettings(target_batch_size=8, progress_refresh_s=0.0, averaging_timeout=1.0)
+    network = {"bandwidth": "50kbit", "latency": "1ms"}
+    run = simulate(2, 2, 4, "collaborative", settings, network=network)
+    comm = run.of("comm")
+    assert comm and all(r["failed"] for r in comm)
+    assert all(r["time_s"] - r["round_start_s"] == pytest.approx(1.0) for r in comm)
+    first, second = run.runtime.call("params")
+    assert not np.allclose(first, second)  # each peer applied its own gradients
