@@ -127,7 +127,8 @@ class Moshpit(Strategy):
 
     def __init__(self, settings: MoshpitSettings, replica):
         super().__init__(settings, replica)
-        self.check_arm(settings, replica.spec.n_workers, replica.spec.codec)
+        if settings.grouping == "grid":
+            check_grid(replica.spec.n_workers, settings.target_group_size)
         self.averaging_round = 0
 
     def groups(self, round_index: int) -> list[tuple[int, ...]]:

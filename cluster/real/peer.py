@@ -1,0 +1,303 @@
+"""One real peer: a replica that trains, and a hivemind DHT + averager that average its exchanges over real sockets.
+
+The replica is the simulator's (`trainer.replica.Replica`, same `ReplicaSpec`), driven with the same
+`advance(until_step, reply, finish)` protocol. What changes is who answers a blocking `Exchange`: the tensor never
+leaves this process for a driver; the peer copies it into its averager's shared tensor, runs one hivemind all-reduce
+with every other peer (`DecentralizedAverager.step`), and hands the average back to the strategy on the next `advance`.
+Time is the wall clock, bytes are what the shaping relay in front of this peer forwarded (`cluster.real.accounting`).
+
+Wiring of one peer (every address on `options.host`, loopback by default):
+
+    other peers --> relay (announced, shaped to this worker's Link) --> p2pd (DHT + averager) <-- this process
+    this p2pd   --> the other peers' relays (dials go from p2pd's own listening port: SO_REUSEPORT)
+
+The class is plain Python; `cluster.real.runtime` wraps it in `ray.remote`. It starts two hivemind processes (the DHT
+with its p2pd, and the averager); `shutdown` stops them and, should any outlive their grace period, kills them by pid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cluster.network import Link
+from cluster.real.accounting import Address, CountingRelay
+from cluster.real.options import AveragingTimeouts, RealOptions
+from cluster.shaping.relay import RelayThread
+from trainer.replica import AwaitRequest, ExchangeRequest, Replica, ReplicaSpec, ReportRequest, StepDone
+
+READY_KEY = "{run_id}_peers"  # DHT key under which every peer of a run lists its announced multiaddrs, by worker
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    step: int
+    loss: float
+    compute_s: float  # wall seconds this peer computed for the step (its exchange excluded)
+    time_s: float  # this peer's arm clock after the step
+
+
+@dataclass(frozen=True)
+class PendingExchange:
+    """What a driver needs to know about an exchange a peer is waiting on; the tensor stays with the peer."""
+
+    payload: str
+    collective: str
+    group: tuple[int, ...] | None
+    nbytes: int
+    raw_nbytes: int
+    weight: float
+    numel: int
+
+
+@dataclass(frozen=True)
+class ExchangeOutcome:
+    ok: bool
+    error: str  # "" when ok
+    group_size: int
+    comm_s: float  # from this peer's first attempt at this exchange to the end of this attempt
+    idle_s: float  # from reaching the exchange to starting it (waiting for the slowest peer to get there too)
+    end_s: float  # this peer's arm clock at the end of this attempt
+
+
+class _Quiet(logging.Filter):
+    """hivemind warns on every non-power-of-two group size; the real mode groups all N workers on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "power of 2" not in record.getMessage()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _compression(codec: str):
+    """The hivemind codec for the averager's wire format; top-k has no hivemind all-reduce counterpart."""
+    from hivemind import compression as c
+
+    codecs = {
+        "none": c.NoCompression, "fp16": c.Float16Compression, "scaled-fp16": c.ScaledFloat16Compression,
+        "uint8": c.Uniform8BitQuantization, "quantile8": c.Quantile8BitQuantization,
+        "blockwise8": c.BlockwiseQuantization,
+    }
+    if codec not in codecs:
+        raise ValueError(f"codec {codec!r} cannot run in the real mode: hivemind's all-reduce takes only dense codecs "
+                         f"({', '.join(codecs)}); use one of those or mode = 'sim'")
+    return codecs[codec]()
+
+
+def _process_tree(pid: int) -> list:
+    """psutil handles on `pid` and its descendants (the DHT process and its p2pd, say). A handle refuses to signal a
+    pid that has since been reused by another process. Empty if psutil is missing or the process is gone."""
+    try:
+        import psutil
+    except ImportError:  # psutil ships inside Ray; without it shutdown relies on hivemind's own shutdown alone
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+class RealPeer:
+    def __init__(self, spec: ReplicaSpec, link: Link, options: RealOptions, run_id: str,
+                 initial_peers: list[str] | None = None):
+        import hivemind
+
+        logging.getLogger("hivemind.averaging.key_manager").addFilter(_Quiet())
+        self.spec, self.options, self.run_id = spec, options, run_id
+        self.dht = self.averager = self.relay = None
+        self._owned: list = []  # the hivemind processes this peer started (psutil handles), for shutdown's last resort
+        self._pending: ExchangeRequest | None = None
+        self._reply: np.ndarray | None = None
+        self._next_step = 0
+        self._step_compute_s = 0.0
+        self._arrived_s = self._idle_s = self._comm_started_s = 0.0
+        self.start_clock()
+        try:
+            self.replica = Replica(spec)
+            host = options.host
+            p2p_port = _free_port(host)
+            self.relay = RelayThread(CountingRelay.from_link(link, (host, p2p_port), seed=spec.seed * 1009 + spec.worker,
+                                                             listen_host=host)).start()
+            self.dial_address: Address = (host, p2p_port)  # where this p2pd's outgoing connections come from
+            self.dht = hivemind.DHT(
+                initial_peers=initial_peers, start=True, host_maddrs=[f"/ip4/{host}/tcp/{p2p_port}"],
+                announce_maddrs=[f"/ip4/{host}/tcp/{self.relay.address[1]}"],
+            )
+            self._owned += _process_tree(self.dht.pid)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # --- swarm ---------------------------------------------------------------------------------
+    def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def start_averaging(self, timeouts: AveragingTimeouts, bandwidth_mbps: float | None) -> int:
+        """Start the averager over one flat float32 tensor the size of the model; returns that size."""
+        from hivemind.averaging import DecentralizedAverager
+
+        n = self.spec.n_workers
+        self.timeouts = timeouts
+        self.averager = DecentralizedAverager(
+            [torch.zeros(self.replica.num_params(), dtype=torch.float32)], self.dht, prefix=self.run_id,
+            target_group_size=n, min_group_size=n, min_matchmaking_time=timeouts.min_matchmaking_time_s,
+            request_timeout=timeouts.request_timeout_s, allreduce_timeout=timeouts.allreduce_timeout_s,
+            compression=_compression(self.spec.codec), bandwidth=bandwidth_mbps, allow_state_sharing=False,
+            start=True,
+        )
+        self._owned += _process_tree(self.averager.pid)
+        return self.replica.num_params()
+
+    def announce(self) -> bool:
+        """List this peer's multiaddrs in the DHT under the run's key: how the barrier (and a joining machine) finds it."""
+        from hivemind.utils import get_dht_time
+
+        key = READY_KEY.format(run_id=self.run_id)
+        return bool(self.dht.store(key, self.visible_maddrs(), get_dht_time() + 3600, subkey=self.spec.worker))
+
+    def peers_seen(self) -> list[int]:
+        """Workers this peer finds announced in the DHT."""
+        found = self.dht.get(READY_KEY.format(run_id=self.run_id), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        return sorted(int(k) for k in found.value)
+
+    # --- the arm's clock: wall time spent training, paused while the driver evaluates -----------------------------
+    def start_clock(self) -> None:
+        self._t0 = self._paused_at = time.perf_counter()
+        self._excluded_s = 0.0
+
+    def clock_s(self) -> float:
+        now = self._paused_at if self._paused_at is not None else time.perf_counter()
+        return now - self._t0 - self._excluded_s
+
+    def _resume_clock(self) -> None:
+        if self._paused_at is not None:
+            self._excluded_s += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    # --- training --------------------------------------------------------------------------------
+    def advance(self, until_step: int, finish: bool = False) -> list:
+        """Train up to `until_step` (then the strategy's `finish`, if asked), one step at a time so that each is timed.
+
+        Returns `MeasuredStep`s, and last a `PendingExchange` if the strategy is waiting on one: serve it with
+        `exchange`, then call `advance` again, which hands the average to the strategy.
+        """
+        assert self._pending is None or self._reply is not None, "advance called before the pending exchange succeeded"
+        self._resume_clock()
+        reply, self._reply, self._pending = self._reply, None, None
+        events: list = []
+        while True:
+            target = min(until_step, self._next_step + 1)
+            t0 = time.perf_counter()
+            out = self.replica.advance(target, reply, finish and target == until_step)
+            self._step_compute_s += time.perf_counter() - t0
+            reply = None
+            for event in out:
+                if isinstance(event, StepDone):
+                    events.append(MeasuredStep(event.step, event.loss, self._step_compute_s, self.clock_s()))
+                    self._step_compute_s, self._next_step = 0.0, event.step + 1
+            if out and not isinstance(out[-1], StepDone):
+                events.append(self._hold(out[-1]))
+                self._arrived_s = self.clock_s()
+                return events
+            if self._next_step >= until_step:
+                self._paused_at = time.perf_counter()  # the driver evaluates now; that is not training time
+                return events
+            assert out, f"worker {self.spec.worker} made no progress towards step {until_step}"
+
+    def _hold(self, request) -> PendingExchange:
+        name = self.spec.algorithm
+        if isinstance(request, (AwaitRequest, ReportRequest)):
+            raise NotImplementedError(
+                f"algorithm {name!r} uses {'non-blocking exchanges' if isinstance(request, AwaitRequest) else 'swarm progress reports'}, "
+                "which the real mode does not run yet; use ddp or diloco, or mode = 'sim'")
+        assert isinstance(request, ExchangeRequest), f"unexpected request {request!r}"
+        n = self.spec.n_workers
+        if not request.blocking or request.sparse:
+            raise NotImplementedError(f"algorithm {name!r} asked for a {'sparse' if request.sparse else 'non-blocking'} "
+                                      "exchange, which the real mode does not run yet; use ddp or diloco, or mode = 'sim'")
+        if request.group is not None and tuple(sorted(request.group)) != tuple(range(n)):
+            raise NotImplementedError(f"algorithm {name!r} averages in groups {request.group}; the real mode averages "
+                                      "among all workers only so far; use ddp or diloco, or mode = 'sim'")
+        if request.tensor.size != self.replica.num_params():
+            raise NotImplementedError(f"algorithm {name!r} exchanges {request.tensor.size} numbers; the real mode's "
+                                      f"averager holds one tensor the size of the model ({self.replica.num_params()})")
+        self._pending = request
+        return PendingExchange(request.payload, request.collective, request.group, request.nbytes,
+                               request.raw_nbytes, request.weight, int(request.tensor.size))
+
+    def exchange(self, attempt: int) -> ExchangeOutcome:
+        """Average the pending tensor with every peer over the real averager; the driver retries all peers together."""
+        request = self._pending
+        assert request is not None, "exchange called with no pending exchange"
+        start_s = self.clock_s()
+        if attempt == 0:
+            self._idle_s, self._comm_started_s = start_s - self._arrived_s, start_s
+        with self.averager.get_tensors() as tensors:
+            tensors[0].copy_(torch.from_numpy(np.asarray(request.tensor, dtype=np.float32)))
+        group_size, error = 0, ""
+        try:
+            gathered = self.averager.step(weight=request.weight, timeout=self.timeouts.matchmaking_deadline_s)
+            group_size = len(gathered) if gathered is not None else 0
+            if group_size != self.spec.n_workers:
+                error = f"averaged in a group of {group_size}, not all {self.spec.n_workers} workers"
+        except Exception as e:  # hivemind raises its own classes and asyncio's; all mean "this attempt failed"
+            error = f"{type(e).__name__}: {e}"
+        end_s = self.clock_s()
+        if not error:
+            with self.averager.get_tensors() as tensors:
+                self._reply = tensors[0].numpy().copy()
+        return ExchangeOutcome(not error, error, group_size, end_s - self._comm_started_s, self._idle_s, end_s)
+
+    def relay_counters(self) -> dict[Address, tuple[int, int]]:
+        return self.relay.relay.snapshot()
+
+    def describe(self) -> dict:
+        return {"worker": self.spec.worker, "dial_address": self.dial_address, "maddrs": self.visible_maddrs(),
+                "relay_address": tuple(self.relay.address), "pid": os.getpid()}
+
+    # --- evaluation, as in the simulator -------------------------------------------------------------
+    def params(self) -> np.ndarray:
+        return self.replica.params()
+
+    def evaluate(self, flat_params: np.ndarray | None = None) -> float:
+        return self.replica.evaluate(flat_params)
+
+    def num_params(self) -> int:
+        return self.replica.num_params()
+
+    # --- teardown ----------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the averager, the DHT (and its p2pd) and the relay; kill by pid any child process that outlived them."""
+        for name in ("averager", "dht"):
+            process = getattr(self, name, None)
+            if process is not None and process.is_alive():
+                try:
+                    process.shutdown()
+                except Exception:  # keep going: the pid sweep below still stops it
+                    pass
+            setattr(self, name, None)
+        if self.relay is not None:
+            self.relay.stop()
+            self.relay = None
+        if self._owned:
+            import psutil
+
+            for process in self._owned:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:  # the normal case: hivemind's shutdown already stopped it
+                    pass
+            self._owned = []
