@@ -38,6 +38,7 @@ class CollaborativeSimulation(ArmSimulation):
         self.microbatch_tokens = plan.tokens_per_step // plan.n_workers
         self.carried = [0] * plan.n_workers  # samples of late microbatches, per peer
         self.microbatches_done = 0
+        self.samples_done = 0  # averaged into the model so far, over the swarm
         budget = plan.total_steps * plan.tokens_per_step
         eval_tokens = plan.eval_every_steps * plan.tokens_per_step
         next_eval = eval_tokens
@@ -120,7 +121,10 @@ class CollaborativeSimulation(ArmSimulation):
         self.microbatches_done += sum(late)
         waits = [self.clock.wait_until(w, t_end) for w in range(n)]
         own = [requests[w].tensor for w in range(n)]
-        events = self.runtime.call("advance", [(epoch + 1, own[w] if failed else result, False) for w in range(n)])
+        # The swarm's samples before this epoch ride along with the average (see the strategy).
+        replies = [np.append(own[w] if failed else result, np.float32(self.samples_done)) for w in range(n)]
+        self.samples_done += sum(int(r.weight) for r in requests.values())
+        events = self.runtime.call("advance", [(epoch + 1, replies[w], False) for w in range(n)])
         self.emit(
             {
                 **record, "idle_s": waits, "time_s": t_end, "staleness": 0, "failed": failed,

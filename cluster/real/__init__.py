@@ -10,8 +10,9 @@
 What runs here so far: lockstep strategies whose exchanges are blocking, dense and among all workers (ddp, diloco).
 """
 
-from cluster.real.options import AveragingTimeouts, RealOptions, averaging_timeouts
-from cluster.real.runtime import RealExchangeError, SwarmInfo, check_network, run_real_arm
+from cluster.real.options import (REAL_ALGORITHMS, SHAPING, AveragingTimeouts, RealOptions, averaging_timeouts,
+                                  check_real_arm, describe_shaping)
+from cluster.real.runtime import RealArmResult, RealExchangeError, SwarmInfo, run_real_arm
 
-__all__ = ["AveragingTimeouts", "RealExchangeError", "RealOptions", "SwarmInfo", "averaging_timeouts",
-           "check_network", "run_real_arm"]
+__all__ = ["REAL_ALGORITHMS", "SHAPING", "AveragingTimeouts", "RealArmResult", "RealExchangeError", "RealOptions",
+           "SwarmInfo", "averaging_timeouts", "check_real_arm", "describe_shaping", "run_real_arm"]

@@ -36,6 +36,10 @@ class _CountingWriter:
         self._writer, self._counts, self._index = writer, counts, index
 
     def write(self, data: bytes) -> None:
+        if self._writer.is_closing():
+            # asyncio's streams drop such a write silently, uvloop's (hivemind installs uvloop in its processes) raise
+            # RuntimeError, which the relay would not recognise as "the far end went away".
+            raise ConnectionResetError("the far end of the relayed connection is closed")
         self._counts[self._index] += len(data)
         self._writer.write(data)
 

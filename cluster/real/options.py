@@ -8,12 +8,16 @@ cost model the simulator uses) with generous floors for a busy host.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cluster.collectives import butterfly_allreduce
 from cluster.network import Link, Network
 
 SHAPING = ("relay", "none")
+# What the real mode runs so far: lockstep strategies whose exchanges are blocking, dense and among all workers.
+REAL_ALGORITHMS = ("ddp", "diloco")
+DENSE_CODECS = ("none", "fp16", "scaled-fp16", "uint8", "quantile8", "blockwise8")
 # A link this fast is "unshaped": the Python relay moves a few hundred MB/s at most, far below it.
 UNSHAPED_BPS = 1e15
 # What the userspace relay itself can be relied on to move on a busy 2-core host, bit/s; bounds the all-reduce time
@@ -45,6 +49,59 @@ class RealOptions:
         if self.shaping == "none":
             return Link(uplink_bps=UNSHAPED_BPS, downlink_bps=UNSHAPED_BPS, one_way_latency_s=0.0)
         return network.links[worker]
+
+
+def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Sequence[int | bool] = (),
+                   speed_factors: Sequence[float] = (), shaping: str = "relay") -> None:
+    """Raise ValueError('field: what is wrong and the fix') for an arm the real mode cannot run as configured.
+
+    The experiment file's parser can call this for `mode = "real"` so that a bad arm fails before any peer starts;
+    `run_real_arm` calls it again.
+    """
+    if algorithm not in REAL_ALGORITHMS:
+        raise ValueError(f"algorithm: {algorithm!r} does not run in the real mode yet; use one of "
+                         f"{', '.join(REAL_ALGORITHMS)}, or mode = 'sim'")
+    if codec not in DENSE_CODECS:
+        raise ValueError(f"codec: {codec!r} cannot run in the real mode (hivemind's all-reduce takes dense codecs "
+                         f"only); use one of {', '.join(DENSE_CODECS)}, or mode = 'sim'")
+    if any(client_mode):
+        raise ValueError("client_mode: client-mode peers do not run in the real mode yet; remove client_mode or use "
+                         "mode = 'sim'")
+    if any(f != 1.0 for f in speed_factors):
+        raise ValueError("speed_factors: the real mode runs at the speed of the machines it is on; remove "
+                         "speed_factors or use mode = 'sim'")
+    if shaping not in SHAPING:
+        raise ValueError(f"shaping: must be one of {', '.join(SHAPING)}, got {shaping!r}")
+    if shaping == "none":
+        return
+    if network.latency_matrix_s is not None or network.region_of is not None:
+        raise ValueError("network: the real mode's relays shape each worker's access link only, not a latency matrix "
+                         "or regions; give per-worker links, set shaping = 'none', or use mode = 'sim'")
+    if any(link.loss > 0 for link in network.links):
+        raise ValueError("network.loss: the relay does not drop packets (TCP would turn loss into delay); set "
+                         "loss = 0 for the real mode")
+
+
+def describe_shaping(shaping: str) -> str:
+    """One line for a run manifest's shaping backend."""
+    if shaping == "none":
+        return ("none: a userspace relay in front of each peer counts bytes but adds no rate limit or delay "
+                "(loopback speed)")
+    from cluster.shaping import describe
+
+    return (describe("relay") + "; one relay per peer, shaping connections accepted by that peer with its access "
+            "link (downlink inbound, uplink outbound, its one-way latency once per direction)")
+
+
+def part_size_bytes(nbytes: int, n_workers: int) -> int:
+    """The averager's part size: at least 8 parts per peer, between 4 KiB and hivemind's default of 512 KiB.
+
+    hivemind cuts the vector into parts of `part_size_bytes` and gives each peer whole parts; with its default a vector
+    under 512 KiB is a single part, so one peer reduces all of it and the others talk only to that peer. The cost
+    model (`cluster.collectives.butterfly_allreduce`) splits the vector finely in proportion to bandwidth; small parts
+    make the real all-reduce do what the model assumes.
+    """
+    return int(min(2**19, max(4096, nbytes // (8 * max(1, n_workers)))))
 
 
 @dataclass(frozen=True)

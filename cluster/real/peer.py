@@ -28,7 +28,7 @@ import torch
 
 from cluster.network import Link
 from cluster.real.accounting import Address, CountingRelay
-from cluster.real.options import AveragingTimeouts, RealOptions
+from cluster.real.options import AveragingTimeouts, RealOptions, part_size_bytes
 from cluster.shaping.relay import RelayThread
 from trainer.replica import AwaitRequest, ExchangeRequest, Replica, ReplicaSpec, ReportRequest, StepDone
 
@@ -109,10 +109,11 @@ def _process_tree(pid: int) -> list:
 
 
 class RealPeer:
-    def __init__(self, spec: ReplicaSpec, link: Link, options: RealOptions, run_id: str,
-                 initial_peers: list[str] | None = None):
-        import hivemind
+    """Built in two steps so that a driver can build every peer at once and only then join them into one swarm:
+    `RealPeer(...)` builds the replica and starts the relay; `join(initial_peers)` starts the DHT (None: this peer is
+    the swarm's first); `start_averaging` starts the averager."""
 
+    def __init__(self, spec: ReplicaSpec, link: Link, options: RealOptions, run_id: str):
         logging.getLogger("hivemind.averaging.key_manager").addFilter(_Quiet())
         self.spec, self.options, self.run_id = spec, options, run_id
         self.dht = self.averager = self.relay = None
@@ -126,20 +127,31 @@ class RealPeer:
         try:
             self.replica = Replica(spec)
             host = options.host
-            p2p_port = _free_port(host)
-            self.relay = RelayThread(CountingRelay.from_link(link, (host, p2p_port), seed=spec.seed * 1009 + spec.worker,
-                                                             listen_host=host)).start()
-            self.dial_address: Address = (host, p2p_port)  # where this p2pd's outgoing connections come from
-            self.dht = hivemind.DHT(
-                initial_peers=initial_peers, start=True, host_maddrs=[f"/ip4/{host}/tcp/{p2p_port}"],
-                announce_maddrs=[f"/ip4/{host}/tcp/{self.relay.address[1]}"],
-            )
-            self._owned += _process_tree(self.dht.pid)
+            self._p2p_port = _free_port(host)
+            self.dial_address: Address = (host, self._p2p_port)  # where this p2pd's outgoing connections come from
+            relay = CountingRelay.from_link(link, (host, self._p2p_port), seed=spec.seed * 1009 + spec.worker,
+                                            listen_host=host)
+            self.relay = RelayThread(relay).start()
         except BaseException:
             self.shutdown()
             raise
 
     # --- swarm ---------------------------------------------------------------------------------
+    def join(self, initial_peers: list[str] | None) -> list[str]:
+        """Start the DHT (and its p2pd) behind the relay; returns this peer's announced multiaddrs."""
+        import hivemind
+
+        host = self.options.host
+        self.dht = hivemind.DHT(
+            initial_peers=initial_peers, start=False, host_maddrs=[f"/ip4/{host}/tcp/{self._p2p_port}"],
+            announce_maddrs=[f"/ip4/{host}/tcp/{self.relay.address[1]}"],
+        )
+        try:  # started only once it is held here, so that shutdown can stop it even if it fails to come up
+            self.dht.run_in_background(await_ready=True, timeout=self.options.startup_timeout_s)
+        finally:
+            self._owned += _process_tree(self.dht.pid)
+        return self.visible_maddrs()
+
     def visible_maddrs(self) -> list[str]:
         return [str(m) for m in self.dht.get_visible_maddrs()]
 
@@ -154,9 +166,12 @@ class RealPeer:
             target_group_size=n, min_group_size=n, min_matchmaking_time=timeouts.min_matchmaking_time_s,
             request_timeout=timeouts.request_timeout_s, allreduce_timeout=timeouts.allreduce_timeout_s,
             compression=_compression(self.spec.codec), bandwidth=bandwidth_mbps, allow_state_sharing=False,
-            start=True,
+            part_size_bytes=part_size_bytes(4 * self.replica.num_params(), n), start=False,
         )
-        self._owned += _process_tree(self.averager.pid)
+        try:
+            self.averager.run_in_background(await_ready=True, timeout=self.options.startup_timeout_s)
+        finally:
+            self._owned += _process_tree(self.averager.pid)
         return self.replica.num_params()
 
     def announce(self) -> bool:
@@ -266,7 +281,7 @@ class RealPeer:
 
     def describe(self) -> dict:
         return {"worker": self.spec.worker, "dial_address": self.dial_address, "maddrs": self.visible_maddrs(),
-                "relay_address": tuple(self.relay.address), "pid": os.getpid()}
+                "relay_address": tuple(self.relay.address), "pid": os.getpid(), "hostname": socket.gethostname()}
 
     # --- evaluation, as in the simulator -------------------------------------------------------------
     def params(self) -> np.ndarray:

@@ -17,6 +17,7 @@ driver started it, on success, error or Ctrl-C.
 from __future__ import annotations
 
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.real.accounting import attribute, counters_delta
-from cluster.real.options import AveragingTimeouts, RealOptions, averaging_timeouts
+from cluster.real.options import AveragingTimeouts, RealOptions, averaging_timeouts, check_real_arm
 from cluster.real.peer import ExchangeOutcome, MeasuredStep, PendingExchange, RealPeer
 from cluster.runtime import start_ray
 from cluster.sim import ArmPlan, average
@@ -41,25 +42,14 @@ class SwarmInfo:
     initial_peers: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class RealArmResult:
+    swarm: SwarmInfo
+    final_params: tuple[np.ndarray, ...]  # every peer's parameters at the end, in worker order (fetched for the last eval)
+
+
 class RealExchangeError(RuntimeError):
     pass
-
-
-def check_network(plan: ArmPlan, options: RealOptions) -> None:
-    """Raise ValueError for what the relay cannot shape: it models one access link per worker, nothing between them."""
-    network = plan.network
-    if options.shaping == "none":
-        return
-    if network.latency_matrix_s is not None or network.region_of is not None:
-        raise ValueError(f"arm {plan.name!r}: the real mode shapes each worker's access link only; a latency matrix or "
-                         "regions cannot be reproduced by its relays. Give the arm per-worker links, or run it in "
-                         "mode = 'sim'")
-    if any(link.loss > 0 for link in network.links):
-        raise ValueError(f"arm {plan.name!r}: the relay does not drop packets (TCP would turn loss into delay); "
-                         "set loss = 0 for the real mode")
-    if any(plan.client_mode):
-        raise ValueError(f"arm {plan.name!r}: client_mode peers are not supported by the real mode yet; remove "
-                         "client_mode or run in mode = 'sim'")
 
 
 def new_run_id(arm_name: str) -> str:
@@ -73,6 +63,7 @@ class _Peers:
 
     def __init__(self):
         self.actors: list = []
+        self.local_pids: list[int] = []  # actor processes on this machine, to see them gone before close returns
 
     def call(self, method: str, args: Sequence[tuple] | None = None, workers: Sequence[int] | None = None,
              timeout_s: float | None = None) -> list:
@@ -99,6 +90,8 @@ class _Peers:
             except Exception:  # an actor that already died has nothing left to stop
                 pass
         self.actors = []
+        _wait_for_exit(self.local_pids, timeout_s)
+        self.local_pids = []
 
 
 class RealArm:
@@ -110,6 +103,7 @@ class RealArm:
         self.round = 0
         self.steps_completed = 0
         self.time_s = 0.0  # the arm's clock: the latest any peer has reported
+        self.last_params: list[np.ndarray] = []
 
     def run(self) -> None:
         plan = self.plan
@@ -187,7 +181,7 @@ class RealArm:
         self.round += 1
 
     def evaluate(self, step: int) -> None:
-        params = self.peers.call("params")
+        params = self.last_params = self.peers.call("params")
         identical = all(np.array_equal(params[0], p) for p in params[1:])
         consensus = params[0] if identical else average(params)
         loss = self.peers.call("evaluate", [(consensus,)], workers=[0])[0]
@@ -201,20 +195,20 @@ class RealArm:
 
 def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[dict], None],
                  on_step: Callable[[], None] = lambda: None, *, options: RealOptions = RealOptions(),
-                 on_swarm: Callable[[SwarmInfo], None] | None = None) -> SwarmInfo:
+                 on_swarm: Callable[[SwarmInfo], None] | None = None) -> RealArmResult:
     """Run one arm with a real hivemind peer per worker, emitting step, comm and eval records as the simulator does.
 
     `on_swarm` is called once every peer is up, before training starts, with the swarm's address and run id (a
-    machine elsewhere would join with them). Returns the same `SwarmInfo`.
+    machine elsewhere would join with them). Returns that `SwarmInfo` and every peer's final parameters.
     """
     import ray
 
     assert len(specs) == plan.n_workers and [s.worker for s in specs] == list(range(plan.n_workers))
-    check_network(plan, options)
-    for spec in specs:
-        if spec.codec.startswith("topk:"):
-            raise ValueError(f"arm {plan.name!r}: codec {spec.codec!r} cannot run in the real mode (hivemind's "
-                             "all-reduce takes dense codecs only); use fp16 or uint8, or mode = 'sim'")
+    try:
+        check_real_arm(specs[0].algorithm, plan.codec, plan.network, plan.client_mode, plan.speed_factors,
+                       options.shaping)
+    except ValueError as e:
+        raise ValueError(f"arm {plan.name!r}: {e}") from None
     run_id = new_run_id(plan.name)
     nbytes = 4 * count_params(specs[0].model)
     timeouts = averaging_timeouts(plan.network, nbytes, options)
@@ -225,10 +219,12 @@ def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[di
         actor_cls = ray.remote(RealPeer).options(num_cpus=min(1.0, cpus / plan.n_workers), max_restarts=0)
         links = [options.link_of(plan.network, w) for w in range(plan.n_workers)]
         wait_s = options.startup_timeout_s
-        peers.actors.append(actor_cls.remote(specs[0], links[0], options, run_id, None))
-        bootstrap = peers.call("visible_maddrs", timeout_s=wait_s)[0]
-        peers.actors += [actor_cls.remote(s, link, options, run_id, bootstrap) for s, link in zip(specs[1:], links[1:])]
+        # Every actor builds its replica and relay at once; then peer 0's DHT comes up and the others join it.
+        peers.actors = [actor_cls.remote(spec, link, options, run_id) for spec, link in zip(specs, links)]
+        bootstrap = peers.call("join", [(None,)], workers=[0], timeout_s=wait_s)[0]
+        peers.call("join", [(bootstrap,)] * (plan.n_workers - 1), workers=range(1, plan.n_workers), timeout_s=wait_s)
         described = peers.call("describe", timeout_s=wait_s)
+        peers.local_pids = [d["pid"] for d in described if d["hostname"] == socket.gethostname()]
         # hivemind's load balancer takes bandwidth in Mbit/s, as in cluster.collectives.butterfly_allreduce.
         bandwidths = [None if options.shaping == "none" else min(l.uplink_bps, l.downlink_bps) / 1e6 for l in links]
         peers.call("start_averaging", [(timeouts, b) for b in bandwidths], timeout_s=wait_s)
@@ -239,11 +235,26 @@ def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[di
         peers.call("start_clock")
         arm = RealArm(peers, plan, timeouts, options, [tuple(d["dial_address"]) for d in described], emit, on_step)
         arm.run()
-        return swarm
+        return RealArmResult(swarm, tuple(arm.last_params))
     finally:
         peers.close(timeout_s=30.0)
         if started_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def _wait_for_exit(pids: list[int], timeout_s: float) -> None:
+    """ray.kill returns before the process is gone; wait (bounded) so that a caller sees its processes stopped."""
+    try:
+        import psutil
+    except ImportError:  # psutil ships inside Ray; without it there is nothing to wait with
+        return
+    processes = []
+    for pid in pids:
+        try:
+            processes.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=timeout_s)
 
 
 def _barrier(peers: _Peers, n: int, timeout_s: float) -> None:

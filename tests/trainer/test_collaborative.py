@@ -35,7 +35,8 @@ def test_equal_peers_without_latency_reproduce_synchronous_large_batch_training(
         x, y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
         model(x, y)[1].backward()
         for group in optimizer.param_groups:
-            group["lr"] = TINY_OPTIM.lr_at(epoch, steps)
+            # The arm's schedule in tokens: epoch e starts after 4e steps' worth of samples.
+            group["lr"] = TINY_OPTIM.lr_at(4 * epoch, steps)
         torch.nn.utils.clip_grad_norm_(model.parameters(), TINY_OPTIM.grad_clip)
         optimizer.step()
     expected = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()

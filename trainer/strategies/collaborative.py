@@ -67,9 +67,14 @@ class Collaborative(Strategy):
         # A microbatch under way when the round began finishes on the old parameters, into the next epoch.
         if (yield Report(0)):
             self.carried_losses.append(self.microbatch())
-        gradients = yield Await("gradients")
+        # The round returns the averaged gradients followed by the swarm's samples before this epoch
+        # (hivemind's progress tracker knows them), which place the epoch on the learning-rate schedule.
+        reply = yield Await("gradients")
+        gradients, swarm_samples = reply[:-1], int(reply[-1].item())
         late_gradients = self.accumulated
         self.replica.set_flat_grads(gradients)
-        self.replica.optimizer_step(epoch)
+        spec = self.replica.spec
+        # Every arm follows one schedule in tokens: this epoch sits where DDP would be after as many samples.
+        self.replica.optimizer_step(swarm_samples // (spec.n_workers * spec.batch_size))
         self.accumulated = late_gradients
         return sum(losses) / len(losses) if losses else float("nan")
