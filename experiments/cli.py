@@ -56,7 +56,7 @@ def print_summary(summary: dict) -> None:
                      ratio(a["time_ratio"]), human_bytes(a["bytes_sent"]), ratio(a["bytes_ratio"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w).rstrip() if c is r[-1] else c.ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     ranking = summary.get("ranking", {})
     if len(summary["arms"]) > 2 and ranking:
         print("ranked by time to target loss:", ", ".join(ranking["time_to_target"]))
