@@ -109,12 +109,15 @@ class AveragingTimeouts:
     """`request_timeout_s`: one matchmaking RPC; `min_matchmaking_time_s`: how long a leader gathers its group (a full
     group starts at once; hivemind needs it above the request timeout); `matchmaking_deadline_s`: `step(timeout=)`, the
     time to find a group, with hivemind's retries inside it; `allreduce_timeout_s`: the transfer itself once the group
-    has formed; `call_timeout_s`: the driver's bound on one averaging call, everything included."""
+    has formed; `next_chunk_timeout_s`: hivemind's sender timeout (a reducer gives up on a sender that sends no part for
+    this long; reducers get twice as long), so that a peer that dropped out of a formed group costs seconds, not the
+    whole all-reduce timeout; `call_timeout_s`: the driver's bound on one averaging call, everything included."""
 
     request_timeout_s: float
     min_matchmaking_time_s: float
     matchmaking_deadline_s: float
     allreduce_timeout_s: float
+    next_chunk_timeout_s: float
     predicted_allreduce_s: float  # the cost model's figure for the shaped links, for the record
 
     @property
@@ -136,10 +139,15 @@ def averaging_timeouts(network: Network, nbytes: int, options: RealOptions) -> A
     relay_s = 2 * nbytes * 8 / RELAY_FLOOR_BPS
     request_s = max(3.0, 20 * rtt_s)  # a matchmaking RPC is a few round trips; hivemind's default is 3 s
     min_matchmaking_s = max(5.0, 2 * request_s)
+    # Between two parts from one sender a reducer may wait for every other sender's part on its downlink.
+    slowest_bps = min(RELAY_FLOOR_BPS, *(min(l.uplink_bps, l.downlink_bps) for l in network.links)) \
+        if options.shaping == "relay" else RELAY_FLOOR_BPS
+    part_s = n * part_size_bytes(nbytes, n) * 8 / slowest_bps
     return AveragingTimeouts(
         request_timeout_s=request_s,
         min_matchmaking_time_s=min_matchmaking_s,
         matchmaking_deadline_s=3 * min_matchmaking_s,
         allreduce_timeout_s=60.0 + 5 * (predicted_s + relay_s),
+        next_chunk_timeout_s=max(10.0, 4 * part_s + 10 * rtt_s),
         predicted_allreduce_s=predicted_s,
     )

@@ -165,6 +165,7 @@ class RealPeer:
             [torch.zeros(self.replica.num_params(), dtype=torch.float32)], self.dht, prefix=self.run_id,
             target_group_size=n, min_group_size=n, min_matchmaking_time=timeouts.min_matchmaking_time_s,
             request_timeout=timeouts.request_timeout_s, allreduce_timeout=timeouts.allreduce_timeout_s,
+            next_chunk_timeout=timeouts.next_chunk_timeout_s,
             compression=_compression(self.spec.codec), bandwidth=bandwidth_mbps, allow_state_sharing=False,
             part_size_bytes=part_size_bytes(4 * self.replica.num_params(), n), start=False,
         )

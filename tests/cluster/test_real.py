@@ -90,6 +90,7 @@ def test_timeouts_grow_with_latency_and_keep_hivemind_order():
     far = averaging_timeouts(build_network("satellite", 4), 400_000_000, RealOptions())
     for t in (near, far):
         assert t.request_timeout_s < t.min_matchmaking_time_s < t.matchmaking_deadline_s
+        assert t.next_chunk_timeout_s < t.allreduce_timeout_s < t.call_timeout_s
     assert far.allreduce_timeout_s > near.allreduce_timeout_s
     # 400 MB over 15 Mbit/s uplinks: the model says minutes, and the timeout leaves room for it.
     assert far.predicted_allreduce_s > 200 and far.allreduce_timeout_s > 5 * far.predicted_allreduce_s
@@ -182,9 +183,10 @@ def test_three_real_peers_train_diloco_and_leave_nothing_running(p2pd_works, fre
     # The check below can see what the run started: while it ran there were three p2pd daemons and Ray workers.
     assert sum(name == "p2pd" for name in running.values()) == n
     assert any(name.startswith("ray::") for name in running.values())
-    # run_real_arm waits for its actors to exit; Ray's own daemons get a short grace to finish stopping.
+    # run_real_arm stops the hivemind processes and waits for its actors to exit (their processes, and the hivemind
+    # ones forked from them, are titled ray::RealPeer...); Ray's daemons and idle workers get a grace to stop.
     left = _tagged_processes(fresh_ray)
-    assert not [name for name in left.values() if name == "p2pd" or name.startswith("ray::")], left
+    assert not [name for name in left.values() if name == "p2pd" or name.startswith("ray::RealPeer")], left
     deadline = time.monotonic() + 10
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -201,8 +203,9 @@ def test_three_real_peers_train_diloco_and_leave_nothing_running(p2pd_works, fre
         assert c["bytes_unattributed"] == 0 and sum(c["bytes_sent"]) == sum(c["bytes_received"])
         # Butterfly with equal parts: each peer sends (S - S/3) + 2 S/3 = 4S/3, plus libp2p framing and matchmaking.
         # One peer reducing everything (hivemind's default part size on a small model) would send 2S and the others S.
+        # A round that had to be retried also carries what its failed attempts sent.
         for sent in c["bytes_sent"]:
-            assert 4 / 3 * nbytes <= sent <= 1.7 * nbytes, (sent, nbytes)
+            assert 4 / 3 * nbytes <= sent <= 1.7 * nbytes * c["attempts"], (sent, nbytes, c["attempts"])
         assert c["comm_s"] > 0 and len(c["idle_s"]) == n and all(i >= 0 for i in c["idle_s"])
 
     # After the closing averaging every peer holds the same model, up to the rounding of hivemind's delta updates.
