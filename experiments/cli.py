@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(summary: dict) -> None:
     from experiments.report import human_bytes, human_seconds
 
-    rows = [("arm", "final loss", "x loss", "sim time", "x time", "bytes sent", "x bytes")]
+    rows = [("arm", "final loss", "x loss", "time", "x time", "bytes sent", "x bytes")]
     for name, a in summary["arms"].items():
         def ratio(v):
             return "-" if v is None else f"{v:.3g}"

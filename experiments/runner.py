@@ -65,6 +65,12 @@ def run(
     records: list[dict] = []
     bar = _progress_bar(spec, progress)
     wall: dict[str, float] = {}
+    real = spec.run.mode == "real"
+    if real:
+        from cluster.real import RealOptions, describe_shaping, run_real_arm
+
+        manifest["shaping_backend"] = describe_shaping(spec.run.shaping)
+        manifest["runtime"] = runtime_name = "ray"
     started_ray = runtime_name == "ray" and start_ray()
     try:
         with open(work_dir / "metrics.jsonl", "w") as metrics:
@@ -76,6 +82,15 @@ def run(
             for arm in spec.arms:
                 bar.set_description(arm.name)
                 t0 = time.perf_counter()
+                if real:
+                    run_real_arm(
+                        arm_plan(spec, arm), replica_specs(spec, arm), emit, on_step=lambda: bar.update(1),
+                        options=RealOptions(shaping=spec.run.shaping),
+                        on_swarm=lambda s, name=arm.name: print(
+                            f"{name}: swarm {s.initial_peers[0]} run id {s.run_id}", file=sys.stderr, flush=True),
+                    )
+                    wall[arm.name] = round(time.perf_counter() - t0, 3)
+                    continue
                 with RUNTIMES[runtime_name](replica_specs(spec, arm)) as workers:
                     simulation = simulation_for(STRATEGIES[arm.algorithm].schedule)
                     simulation(workers, arm_plan(spec, arm), emit, on_step=lambda: bar.update(1)).run()

@@ -22,6 +22,7 @@ from typing import Any
 from cluster.devices import DEVICES, get_device
 from cluster.heterogeneity import speed_factors
 from cluster.network import Network, build_network, regions_table
+from cluster.real.options import SHAPING, check_real_arm
 from experiments.fields import ConfigError, boolean, check_keys, choice, integer, number, string
 from trainer.compression import check_codec
 from trainer.data import DataConfig
@@ -47,6 +48,7 @@ class RunConfig:
     target_loss: float | None = None
     mode: str = "sim"
     runtime: str = "ray"
+    shaping: str = "relay"  # real mode: how each peer's link is shaped ("relay" or "none")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,12 @@ def parse_spec(raw: dict) -> ExperimentSpec:
     optim = parse_dataclass("optim", OptimConfig, raw.get("optim", {}))
     run = parse_run(raw.get("run", {}))
     arms = parse_arms(raw.get("arm"), run.workers, run.seed)
+    if run.mode == "real":
+        for arm in arms:
+            try:
+                check_real_arm(arm.algorithm, arm.codec, arm.network, arm.client_mode, arm.speed_factors, run.shaping)
+            except ValueError as e:
+                raise ConfigError(f"arm.{arm.name}.{e}") from None
     spec = ExperimentSpec(name, str(raw.get("description", "")), model, data, optim, run, arms)
     if spec.total_steps < 1:
         raise ConfigError(
@@ -224,9 +232,12 @@ def parse_run(table: Any) -> RunConfig:
         target_loss=None if target is None else number("run.target_loss", target, 0.0, 100.0, low_open=True),
         mode=choice("run.mode", table.get("mode", "sim"), MODES),
         runtime=choice("run.runtime", table.get("runtime", "ray"), RUNTIMES),
+        shaping=choice("run.shaping", table.get("shaping", "relay"), SHAPING),
     )
-    if run.mode != "sim":
-        raise ConfigError(f"run.mode: {run.mode!r} is not available in this version of farflung; use mode = 'sim'")
+    if run.mode == "estimate":
+        raise ConfigError("run.mode: 'estimate' is not available in this version of farflung; use mode = 'sim' or 'real'")
+    if run.mode == "real" and run.runtime == "local":
+        raise ConfigError("run.runtime: mode 'real' runs each worker as a Ray actor; set runtime = 'ray' or use mode = 'sim'")
     return run
 
 

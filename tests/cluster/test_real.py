@@ -1,7 +1,7 @@
 """The real mode: hivemind peers in Ray actors behind counting, shaping relays.
 
 The first tests are fast and check the accounting and the derived timeouts by hand; the last runs a 3-peer DiLoCo arm
-on loopback end to end (about 30-50 s on a 2-core machine, most of it starting Ray and the actors) and checks that
+on loopback end to end (15-50 s on a 2-core machine, most of it starting Ray and the actors) and checks that
 every hivemind and Ray process it started is gone afterwards.
 """
 
