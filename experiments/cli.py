@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,10 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run every arm of an experiment file")
     run.add_argument("file", help="experiment file (.toml)")
     demo = sub.add_parser("demo", help="run experiments/demo.toml")
+    fid = sub.add_parser("fidelity", help="run an experiment in the simulator and on real peers, and compare")
+    fid.add_argument("file", help="experiment file (.toml); its arms must run in real mode (ddp, diloco)")
+    fid.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    fid.add_argument("--out", help="folder to create (default results/<experiment>/fidelity-<timestamp>)")
     for s in (run, demo):
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a setting, e.g. run.tokens=200000 or arm.diloco-home.device=h100 (repeatable)")
@@ -28,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "fidelity":
+        return _fidelity(args)
     from experiments.runner import run
 
     path = DEMO if args.command == "demo" else args.file
@@ -41,6 +48,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print_summary(result.summary)
     print(result.run_dir)
+    return 0
+
+
+def _fidelity(args) -> int:
+    from experiments.fidelity import fidelity
+
+    try:
+        out = fidelity(args.file, args.overrides, args.out)
+    except ConfigError as e:
+        print(f"farflung: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("farflung: interrupted; the fidelity comparison was not completed", file=sys.stderr)
+        return 130
+    result = json.loads((out / "fidelity.json").read_text())
+    print(f"{'arm':12} {'figure':20} {'predicted':>12} {'measured':>12} {'ratio':>7}")
+    for arm, figures in result["arms"].items():
+        for key, row in figures.items():
+            def fmt(v):
+                return "-" if v is None else f"{v:.4g}"
+            flag = "  <-- off by more than 25 %" if row["flagged"] else ""
+            print(f"{arm:12} {key:20} {fmt(row['predicted']):>12} {fmt(row['measured']):>12} {fmt(row['ratio']):>7}{flag}")
+    print(out)
     return 0
 
 

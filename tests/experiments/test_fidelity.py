@@ -1,0 +1,53 @@
+"""`farflung fidelity`: the comparison table, its 25 % flags, and one small run on real loopback peers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments import cli
+from experiments.fidelity import compare
+
+REAL = Path(__file__).parents[2] / "experiments" / "real-loopback.toml"
+
+
+def records(arm, comm_s, compute_s, time_s, sent, loss):
+    return [
+        {"kind": "comm", "arm": arm, "comm_s": c, "bytes_sent": sent, "time_s": time_s} for c in comm_s
+    ] + [
+        {"kind": "step", "arm": arm, "compute_s": c, "time_s": time_s} for c in compute_s
+    ] + [{"kind": "eval", "arm": arm, "loss": 9.0, "time_s": 0.0}, {"kind": "eval", "arm": arm, "loss": loss, "time_s": time_s}]
+
+
+def test_compare_takes_medians_and_flags_what_is_off_by_more_than_a_quarter():
+    sim = records("a", [1.0, 2.0, 3.0], [0.1, 0.1, 0.3], 10.0, [100, 100], 2.0)
+    real = records("a", [2.0, 2.5, 9.0], [0.12, 0.12, 0.5], 20.0, [110, 100], 2.0)
+    table = compare(sim, real, ["a"])["a"]
+    assert table["exchange_s"] == {"predicted": 2.0, "measured": 2.5, "ratio": 1.25, "flagged": False}
+    assert table["compute_per_step_s"]["ratio"] == pytest.approx(1.2) and not table["compute_per_step_s"]["flagged"]
+    assert table["total_s"] == {"predicted": 10.0, "measured": 20.0, "ratio": 2.0, "flagged": True}
+    assert table["bytes_sent"]["predicted"] == 600 and table["bytes_sent"]["measured"] == 630
+    assert table["final_loss"]["ratio"] == 1.0
+
+
+def test_fidelity_of_an_algorithm_without_a_real_counterpart_exits_2(tmp_path, capsys):
+    text = REAL.read_text().replace('algorithm = "ddp"', 'algorithm = "sparta"')
+    path = tmp_path / "e.toml"
+    path.write_text(text)
+    assert cli.main(["fidelity", str(path)]) == 2
+    assert "arm.ddp.algorithm" in capsys.readouterr().err
+
+
+def test_fidelity_runs_sim_and_real_and_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "fid"
+    # One DiLoCo arm, 20 steps: two real exchanges over shaped loopback links.
+    code = cli.main(["fidelity", str(REAL), "--out", str(out), "--set", "run.tokens=7680",
+                     "--set", "arm.ddp.algorithm.name=diloco"])
+    assert code == 0
+    result = json.loads((out / "fidelity.json").read_text())
+    for arm in result["arms"].values():
+        assert arm["final_loss"]["predicted"] == pytest.approx(arm["final_loss"]["measured"], rel=1e-3)
+        assert arm["bytes_sent"]["measured"] > arm["bytes_sent"]["predicted"] > 0  # libp2p framing on top
+    html = (out / "fidelity.html").read_text()
+    assert html.count("data:image/png;base64,") == 1
+    assert (out / "sim" / "metrics.jsonl").exists() and (out / "real" / "metrics.jsonl").exists()
