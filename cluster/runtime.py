@@ -99,11 +99,7 @@ class RayRuntime:
     def close(self) -> None:
         import ray
 
-        for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except Exception:  # an actor that already died has nothing left to stop
-                pass
+        kill_actors(self.actors)
         self.actors = []
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
@@ -114,6 +110,16 @@ class RayRuntime:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def kill_actors(actors) -> None:
+    import ray
+
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception:  # an actor that already died has nothing left to stop
+            pass
 
 
 RUNTIMES = {"local": LocalRuntime, "ray": RayRuntime}

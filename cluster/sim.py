@@ -41,6 +41,11 @@ class ArmPlan:
         return self.devices[worker].effective_flops * self.speed_factors[worker]
 
 
+def eval_points(total_steps: int, every: int) -> list[int]:
+    """Step counts after which a run pauses to evaluate; the last is the end of the run."""
+    return [min(total_steps, s) for s in range(every, total_steps + every, every)]
+
+
 def average(tensors: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
     """The exact (weighted) mean, summed in worker order so that repeated runs agree to the bit."""
     if weights is None or len(set(weights)) == 1:
@@ -81,12 +86,9 @@ class ArmSimulation:
     def run(self) -> None:
         plan = self.plan
         self.evaluate(step=0)
-        step = 0
-        while step < plan.total_steps:
-            until = min(plan.total_steps, (step // plan.eval_every_steps + 1) * plan.eval_every_steps)
+        for until in eval_points(plan.total_steps, plan.eval_every_steps):
             self.advance(until, finish=until == plan.total_steps)
-            step = until
-            self.evaluate(step)
+            self.evaluate(until)
         assert not self.in_flight, f"exchanges never awaited: {sorted(self.in_flight)}"
 
     def advance(self, until_step: int, finish: bool) -> None:

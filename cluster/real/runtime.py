@@ -28,8 +28,8 @@ import numpy as np
 from cluster.real.accounting import attribute, counters_delta
 from cluster.real.options import AveragingTimeouts, RealOptions, averaging_timeouts, check_real_arm
 from cluster.real.peer import ExchangeOutcome, MeasuredStep, PendingExchange, RealPeer
-from cluster.runtime import start_ray
-from cluster.sim import ArmPlan, average
+from cluster.runtime import kill_actors, start_ray
+from cluster.sim import ArmPlan, average, eval_points
 from trainer.model import count_params
 from trainer.replica import ReplicaSpec
 
@@ -84,11 +84,7 @@ class _Peers:
             # Stop the hivemind processes first: a killed actor would leave its DHT, averager and p2pd behind.
             refs = [a.shutdown.remote() for a in self.actors]
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except Exception:  # an actor that already died has nothing left to stop
-                pass
+        kill_actors(self.actors)
         self.actors = []
         _wait_for_exit(self.local_pids, timeout_s)
         self.local_pids = []
@@ -108,12 +104,9 @@ class RealArm:
     def run(self) -> None:
         plan = self.plan
         self.evaluate(step=0)
-        step = 0
-        while step < plan.total_steps:
-            until = min(plan.total_steps, (step // plan.eval_every_steps + 1) * plan.eval_every_steps)
+        for until in eval_points(plan.total_steps, plan.eval_every_steps):
             self.advance(until, finish=until == plan.total_steps)
-            step = until
-            self.evaluate(step)
+            self.evaluate(until)
 
     def advance(self, until_step: int, finish: bool) -> None:
         while True:
