@@ -33,19 +33,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "fidelity":
-        return _fidelity(args)
-    from experiments.runner import run
-
-    path = DEMO if args.command == "demo" else args.file
     try:
-        result = run(path, args.overrides, out=args.out, progress=not args.quiet, runtime=args.runtime)
+        if args.command == "fidelity":
+            return _fidelity(args)
+        return _run(args)
     except ConfigError as e:
         print(f"farflung: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("farflung: interrupted; no run folder was completed", file=sys.stderr)
+        print("farflung: interrupted; nothing was completed (a run folder is renamed only once whole)", file=sys.stderr)
         return 130
+
+
+def _run(args) -> int:
+    from experiments.runner import run
+
+    path = DEMO if args.command == "demo" else args.file
+    result = run(path, args.overrides, out=args.out, progress=not args.quiet, runtime=args.runtime)
     print_summary(result.summary)
     print(result.run_dir)
     return 0
@@ -54,24 +58,20 @@ def main(argv: list[str] | None = None) -> int:
 def _fidelity(args) -> int:
     from experiments.fidelity import fidelity
 
-    try:
-        out = fidelity(args.file, args.overrides, args.out)
-    except ConfigError as e:
-        print(f"farflung: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("farflung: interrupted; the fidelity comparison was not completed", file=sys.stderr)
-        return 130
+    out = fidelity(args.file, args.overrides, args.out)
     result = json.loads((out / "fidelity.json").read_text())
     print(f"{'arm':12} {'figure':20} {'predicted':>12} {'measured':>12} {'ratio':>7}")
     for arm, figures in result["arms"].items():
         for key, row in figures.items():
-            def fmt(v):
-                return "-" if v is None else f"{v:.4g}"
             flag = "  <-- off by more than 25 %" if row["flagged"] else ""
-            print(f"{arm:12} {key:20} {fmt(row['predicted']):>12} {fmt(row['measured']):>12} {fmt(row['ratio']):>7}{flag}")
+            print(f"{arm:12} {key:20} {_figure(row['predicted']):>12} {_figure(row['measured']):>12} "
+                  f"{_figure(row['ratio']):>7}{flag}")
     print(out)
     return 0
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def print_summary(summary: dict) -> None:

@@ -56,9 +56,8 @@ def measure_device(spec: ExperimentSpec, steps: int = 5) -> DeviceProfile:
 
 
 def fidelity(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None) -> Path:
-    spec = load_spec(path, overrides)
-    if spec.run.mode != "real":
-        spec = load_spec(path, [*overrides, 'run.mode="real"', 'run.runtime="ray"'])
+    # The file may be a simulator experiment: its real counterpart is the same file in real mode.
+    spec = load_spec(path, [*overrides, 'run.mode="real"', 'run.runtime="ray"'])
     out_dir = Path(out) if out else Path("results") / spec.name / f"fidelity-{time.strftime('%Y%m%d-%H%M%S')}"
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"--out: {out_dir} already holds files; give a new or empty folder")
