@@ -1,4 +1,5 @@
-"""`farflung run FILE`, `farflung demo`: the command line over `experiments.run`."""
+"""`farflung run FILE`, `demo`, `fidelity FILE`, `join`, `doctor`: the command line over `experiments.run` and the
+real mode's volunteer commands (`cluster.real.join`, `cluster.real.doctor`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def parser() -> argparse.ArgumentParser:
     fid.add_argument("file", help="experiment file (.toml); its arms must run in real mode (ddp, diloco)")
     fid.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     fid.add_argument("--out", help="folder to create (default results/<experiment>/fidelity-<timestamp>)")
+    from cluster.real import doctor, join
+
+    join.add_arguments(sub.add_parser("join", help="join a running real experiment from this machine (no Ray needed)"))
+    doctor.add_arguments(sub.add_parser("doctor", help="check that this machine can take part in a real run"))
     for s in (run, demo):
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a setting, e.g. run.tokens=200000 or arm.diloco-home.device=h100 (repeatable)")
@@ -36,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fidelity":
             return _fidelity(args)
+        if args.command in ("join", "doctor"):
+            from cluster.real import doctor, join
+
+            return {"join": join, "doctor": doctor}[args.command].main(args)
         return _run(args)
     except ConfigError as e:
         print(f"farflung: error: {e}", file=sys.stderr)

@@ -15,8 +15,9 @@ from cluster.collectives import butterfly_allreduce
 from cluster.network import Link, Network
 
 SHAPING = ("relay", "none")
-# What the real mode runs so far: lockstep strategies whose exchanges are blocking, dense and among all workers.
-REAL_ALGORITHMS = ("ddp", "diloco")
+# What the real mode runs: lockstep strategies whose exchanges are blocking, dense and among all workers (averaged
+# by a DecentralizedAverager), and the hivemind.Optimizer strategies (cluster.real.swarm).
+REAL_ALGORITHMS = ("ddp", "diloco", "collaborative", "local-updates")
 DENSE_CODECS = ("none", "fp16", "scaled-fp16", "uint8", "quantile8", "blockwise8")
 # A link this fast is "unshaped": the Python relay moves a few hundred MB/s at most, far below it.
 UNSHAPED_BPS = 1e15
@@ -31,12 +32,14 @@ class RealOptions:
     every peer (it is what counts bytes) but at an unlimited rate and no added delay.
     `host`: the address peers listen on and announce (loopback by default: every peer on this machine).
     `max_attempts`: averaging rounds tried (all peers together) before the run stops with an error.
-    `startup_timeout_s`: for building a peer (replica, relay, DHT, averager) and for the swarm's readiness barrier."""
+    `startup_timeout_s`: for building a peer (replica, relay, DHT, averager) and for the swarm's readiness barrier.
+    `swarm_timeout_s`: the longest a swarm arm (collaborative, local-updates) may train before it is stopped."""
 
     shaping: str = "relay"
     host: str = "127.0.0.1"
     max_attempts: int = 3
     startup_timeout_s: float = 120.0
+    swarm_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.shaping not in SHAPING:

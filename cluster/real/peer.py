@@ -108,6 +108,16 @@ def _process_tree(pid: int) -> list:
         return []
 
 
+def _ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray: a peer that joined from elsewhere)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # not in a Ray worker
+        return ""
+
+
 class RealPeer:
     """Built in two steps so that a driver can build every peer at once and only then join them into one swarm:
     `RealPeer(...)` builds the replica and starts the relay; `join(initial_peers)` starts the DHT (None: this peer is
@@ -282,7 +292,8 @@ class RealPeer:
 
     def describe(self) -> dict:
         return {"worker": self.spec.worker, "dial_address": self.dial_address, "maddrs": self.visible_maddrs(),
-                "relay_address": tuple(self.relay.address), "pid": os.getpid(), "hostname": socket.gethostname()}
+                "relay_address": tuple(self.relay.address), "pid": os.getpid(), "hostname": socket.gethostname(),
+                "node_id": _ray_node_id()}
 
     # --- evaluation, as in the simulator -------------------------------------------------------------
     def params(self) -> np.ndarray:

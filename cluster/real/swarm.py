@@ -1,0 +1,347 @@
+"""The real mode's swarm arms: `hivemind.Optimizer` peers that train at their own pace (collaborative, local updates).
+
+Lockstep arms (ddp, diloco; `cluster.real.runtime.RealArm`) are driven step by step. Here each peer runs its own
+training loop in a thread of its Ray actor, exactly as a hivemind volunteer would: forward/backward on its shard, then
+`hivemind.Optimizer.step()`, which reports progress to the DHT, and when the swarm's samples reach the target batch
+averages (gradients for collaborative, parameters for local updates) and starts the next epoch. The driver only polls
+progress, asks peer 0 for parameter snapshots at the evaluation points (evaluated after training, so evaluation takes
+no time from it), reads the relays' byte counters whenever every peer has closed an epoch, and tells the peers to stop
+once the swarm has trained the arm's token budget (they finish the epoch they are in, so they end on one model).
+
+How the simulator's settings map onto hivemind.Optimizer:
+
+| simulator (`trainer.strategies`)             | hivemind.Optimizer                                                   |
+|----------------------------------------------|----------------------------------------------------------------------|
+| collaborative `target_batch_size`            | `target_batch_size`, `batch_size_per_step` = the run's batch size     |
+| collaborative `matchmaking_time`             | `matchmaking_time` (the averagers' `min_matchmaking_time`)           |
+| collaborative `averaging_timeout`            | `averaging_timeout`                                                   |
+| collaborative `progress_refresh_s`           | `tracker_opts.min_refresh_period`                                    |
+| collaborative: gradients averaged only       | `average_state_every` = never (hivemind would also average the state)|
+| local-updates `average_state_every` (steps)  | `use_local_updates`, one epoch = that many steps of every peer        |
+| local-updates `delay_state_averaging`        | `delay_state_averaging` (hivemind's delta rule)                       |
+| the run's codec                               | `grad_compression`, `state_averaging_compression`                    |
+| AdamW + clipping + warmup/cosine by step      | the same AdamW (clipping in its `step`), the schedule by epoch       |
+
+The schedule: hivemind steps a scheduler once per epoch, so epoch e gets the learning rate of the lockstep step
+e x (samples per epoch / samples per lockstep step), as the simulator's collaborative arm does with the swarm's sample
+count. With local updates the rate is constant within an epoch (the simulator changes it every step).
+
+The swarm is joinable: peer 0 publishes the arm's configuration in the DHT (`CONFIG_KEY`) and lists the run under
+`RUNS_KEY`, so `farflung join` on another machine can build the same model and optimizer, load the current state from
+the peers and contribute. The run marks itself finished under `DONE_KEY` so that joined peers leave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from cluster.real.peer import RealPeer
+
+SWARM_ALGORITHMS = ("collaborative", "local-updates")
+CONFIG_KEY = "{run_id}_config"  # the arm's configuration, JSON, for joining peers
+RUNS_KEY = "farflung_runs"  # subkey run id -> one line describing the run: how `join` finds a run without --run-id
+DONE_KEY = "{run_id}_done"
+NEVER = 2**31 - 1  # an epoch period that never comes: hivemind's `average_state_every` for collaborative arms
+
+
+@dataclass(frozen=True)
+class SwarmSetup:
+    """What a peer passes to `hivemind.Optimizer`, derived from an arm's strategy settings (see the module table)."""
+
+    target_batch_size: int
+    batch_size: int
+    use_local_updates: bool
+    delay_state_averaging: bool
+    average_state_every: int
+    matchmaking_time_s: float
+    averaging_timeout_s: float
+    progress_refresh_s: float
+    lockstep_steps_per_epoch: float  # places epoch e on the arm's learning-rate schedule
+    codec: str
+
+    @classmethod
+    def of(cls, algorithm: str, settings, n_workers: int, batch_size: int, codec: str) -> SwarmSetup:
+        if algorithm == "collaborative":
+            return cls(
+                target_batch_size=settings.target_batch_size, batch_size=batch_size, use_local_updates=False,
+                delay_state_averaging=False, average_state_every=NEVER,
+                matchmaking_time_s=settings.matchmaking_time, averaging_timeout_s=settings.averaging_timeout,
+                progress_refresh_s=settings.progress_refresh_s,
+                lockstep_steps_per_epoch=settings.target_batch_size / (n_workers * batch_size), codec=codec,
+            )
+        if algorithm == "local-updates":
+            # hivemind's defaults for what the simulator's local-updates arm does not set.
+            return cls(
+                target_batch_size=settings.average_state_every * n_workers * batch_size, batch_size=batch_size,
+                use_local_updates=True, delay_state_averaging=settings.delay_state_averaging, average_state_every=1,
+                matchmaking_time_s=5.0, averaging_timeout_s=60.0, progress_refresh_s=0.5,
+                lockstep_steps_per_epoch=float(settings.average_state_every), codec=codec,
+            )
+        raise ValueError(f"algorithm: {algorithm!r} is not a swarm algorithm ({', '.join(SWARM_ALGORITHMS)})")
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One peer's view of one epoch it closed."""
+
+    worker: int
+    epoch: int  # the epoch that closed
+    samples: int  # this peer's samples in it
+    loss: float | None  # mean microbatch loss (None if it ran none: it loaded state instead)
+    compute_s: float  # forward/backward and local optimizer time
+    step_s: float  # the `Optimizer.step` call that closed the epoch: waiting for the round and averaging
+    time_s: float  # this peer's clock when the epoch closed
+    swarm_peers: int  # peers the progress tracker saw in the swarm
+    loaded_state: bool  # this peer caught up by downloading the state from its peers instead of averaging
+
+
+class _ClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips its gradients' global norm first: the replica's `optimizer_step`, inside hivemind."""
+
+    def __init__(self, params, grad_clip: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.grad_clip = grad_clip
+
+    def step(self, closure=None):
+        if self.grad_clip > 0:
+            grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, self.grad_clip)
+        return super().step(closure)
+
+
+def _codec(name: str):
+    from cluster.real.peer import _compression
+
+    return _compression(name)
+
+
+def arm_config(spec, setup: SwarmSetup, arm: str) -> str:
+    """The JSON a joining peer rebuilds the arm's replica and optimizer from."""
+    return json.dumps({
+        "arm": arm, "algorithm": spec.algorithm, "n_workers": spec.n_workers, "seed": spec.seed,
+        "model": dataclasses.asdict(spec.model), "data": dataclasses.asdict(spec.data),
+        "optim": dataclasses.asdict(spec.optim), "batch_size": spec.batch_size, "total_steps": spec.total_steps,
+        "settings": dataclasses.asdict(spec.settings), "codec": spec.codec, "eval_batches": spec.eval_batches,
+        "setup": dataclasses.asdict(setup),
+    }, sort_keys=True)
+
+
+class SwarmPeer(RealPeer):
+    """A `RealPeer` whose exchanges are `hivemind.Optimizer`'s: `start_optimizer` instead of `start_averaging`, then
+    `train` (blocking), or `start_training` (in a thread, so that a Ray actor can answer `progress`, `stop_after` and
+    `snapshot` meanwhile) and `training_records` once `progress()["done"]`.
+
+    hivemind's averagers must be created in the main thread (they set signal handlers), so the optimizer is built by
+    a plain call and only the training loop runs in a thread."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.opt = None
+        self._lock = threading.Lock()  # held while parameters change: a snapshot never sees half an update
+        self._stop_after: int | None = None
+        self._stop_now = threading.Event()
+        self._samples = 0
+        self._loads = 0
+        self._thread: threading.Thread | None = None
+        self._records: list[EpochRecord] = []
+        self._error: BaseException | None = None
+
+    def start_optimizer(self, setup: SwarmSetup, request_timeout_s: float, bandwidth_mbps: float | None) -> int:
+        import hivemind
+        from hivemind.optim.grad_averager import GradientAverager
+        from torch.optim.lr_scheduler import LambdaLR
+
+        # hivemind logs every matchmaking retry at INFO; a run's output should show farflung's progress.
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
+        self.setup = setup
+        o, spec = self.spec.optim, self.spec
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in self.replica.optimizer.param_groups]
+
+        def lr_factor(epoch: int) -> float:
+            return o.lr_at(int(epoch * setup.lockstep_steps_per_epoch), spec.total_steps) / o.lr
+
+        # hivemind needs each matchmaking request to time out well before a leader stops gathering its group.
+        averager_opts = {"request_timeout": min(request_timeout_s, 0.5 * setup.matchmaking_time_s) or None,
+                         "bandwidth": bandwidth_mbps}
+        averager_opts = {k: v for k, v in averager_opts.items() if v is not None}
+        # Optimizer hands averager_opts to its state averager only; the gradient averager gets them here.
+        grad_averager = None if setup.use_local_updates else partial(GradientAverager, **averager_opts)
+        self.opt = hivemind.Optimizer(
+            dht=self.dht, run_id=self.run_id, params=groups,
+            optimizer=lambda params: _ClippedAdamW(params, grad_clip=o.grad_clip, lr=o.lr, betas=(o.beta1, o.beta2),
+                                                   foreach=False),
+            scheduler=lambda opt: LambdaLR(opt, lr_factor),
+            target_batch_size=setup.target_batch_size, batch_size_per_step=setup.batch_size,
+            matchmaking_time=setup.matchmaking_time_s, averaging_timeout=setup.averaging_timeout_s,
+            use_local_updates=setup.use_local_updates, delay_state_averaging=setup.delay_state_averaging,
+            average_state_every=setup.average_state_every,
+            grad_compression=_codec(setup.codec), state_averaging_compression=_codec(setup.codec),
+            averager_opts=averager_opts, grad_averager_factory=grad_averager,
+            tracker_opts={"min_refresh_period": setup.progress_refresh_s},
+            shutdown_timeout=5.0, verbose=False,
+        )
+        from cluster.real.peer import _process_tree
+
+        # The optimizer's averagers and tracker are processes of their own; shutdown's pid sweep covers them too.
+        for part in (self.opt.state_averager, self.opt.grad_averager, self.opt.tracker):
+            if part is not None and getattr(part, "pid", None):
+                self._owned += _process_tree(part.pid)
+        original_load = self.opt.load_state_from_peers
+
+        def counting_load(**kwargs):
+            self._loads += 1
+            return original_load(**kwargs)
+
+        self.opt.load_state_from_peers = counting_load
+        return self.replica.num_params()
+
+    def sync_progress(self, n_peers: int, timeout_s: float) -> int:
+        """Wait until this peer's progress tracker sees `n_peers` peers; returns how many it sees.
+
+        hivemind's tracker fetches the swarm's progress every few seconds and, seeing nobody, estimates the epoch's
+        end from this peer's own speed. Peers that start together would each close their first epochs alone (and
+        average with nobody) until their next fetch. Here every peer reports first, then has its tracker fetch again
+        (through the tracker's own wake-up event) until it sees the whole swarm. The tracker publishes nothing for a
+        peer that has not accumulated a sample yet, so each peer reports one placeholder sample, withdrawn before
+        training starts."""
+        tracker = self.opt.tracker
+        tracker.report_local_progress(self.opt.local_epoch, 1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if tracker.global_progress.num_peers >= n_peers:
+                break
+            tracker.global_progress.next_fetch_time = 0.0
+            tracker.global_state_updated.set()
+            time.sleep(0.2)
+        seen = int(tracker.global_progress.num_peers)
+        tracker.report_local_progress(self.opt.local_epoch, 0)
+        return seen
+
+    def publish(self, config: str, arm: str) -> bool:
+        """List this run in the DHT with its configuration, for peers that join from elsewhere."""
+        from hivemind.utils import get_dht_time
+
+        expires = get_dht_time() + 24 * 3600
+        stored = self.dht.store(CONFIG_KEY.format(run_id=self.run_id), config, expires)
+        listed = self.dht.store(RUNS_KEY, f"{arm} ({self.spec.algorithm}, {self.spec.n_workers} peers)", expires,
+                                subkey=self.run_id)
+        return bool(stored and listed)
+
+    def mark_done(self) -> bool:
+        from hivemind.utils import get_dht_time
+
+        return bool(self.dht.store(DONE_KEY.format(run_id=self.run_id), True, get_dht_time() + 3600))
+
+    def swarm_done(self) -> bool:
+        found = self.dht.get(DONE_KEY.format(run_id=self.run_id), latest=True)
+        return found is not None and bool(found.value)
+
+    # --- the training loop ------------------------------------------------------------------------
+    def train(self, max_wall_s: float, max_epochs: int | None = None,
+              on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+        """Train until `stop_after`'s epoch is closed, `stop` is called, `max_epochs` epochs closed or `max_wall_s`
+        passed; returns one record per epoch this peer closed."""
+        opt, model, sampler, batch = self.opt, self.replica.model, self.replica.sampler, self.spec.batch_size
+        self._resume_clock()
+        records: list[EpochRecord] = []
+        losses: list[float] = []
+        compute_s = 0.0
+        samples = 0
+        deadline = time.monotonic() + max_wall_s
+        while not self._stop_now.is_set() and time.monotonic() < deadline:
+            if self._stop_after is not None and opt.local_epoch > self._stop_after:
+                break
+            if max_epochs is not None and len(records) >= max_epochs:
+                break
+            t0 = time.perf_counter()
+            x, y = sampler.next_batch()
+            model.train()
+            _, loss = model(x, y)
+            loss.backward()
+            t1 = time.perf_counter()
+            epoch, loads = opt.local_epoch, self._loads
+            swarm_peers = int(opt.tracker.global_progress.num_peers)  # before the step: an epoch's end resets it
+            with self._lock:
+                opt.step()
+                opt.zero_grad()
+            t2 = time.perf_counter()
+            loaded = self._loads != loads
+            if not loaded:  # a peer that loads state drops this microbatch (it was computed on stale parameters)
+                losses.append(loss.item())
+                samples += batch
+                self._samples += batch
+            if opt.local_epoch == epoch:
+                compute_s += t2 - t0  # with local updates this includes the local AdamW step
+                continue
+            compute_s += t1 - t0
+            record = EpochRecord(
+                worker=self.spec.worker, epoch=epoch, samples=samples,
+                loss=float(np.mean(losses)) if losses else None, compute_s=compute_s, step_s=t2 - t1,
+                time_s=self.clock_s(), swarm_peers=swarm_peers, loaded_state=loaded,
+            )
+            records.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            losses, compute_s, samples = [], 0.0, 0
+        self._paused_at = time.perf_counter()
+        return records
+
+    def start_training(self, max_wall_s: float) -> None:
+        def loop():
+            try:
+                self._records = self.train(max_wall_s)
+            except BaseException as e:  # handed to the driver by training_records
+                self._error = e
+
+        self._thread = threading.Thread(target=loop, name="farflung-swarm-training", daemon=True)
+        self._thread.start()
+
+    def training_records(self) -> list[EpochRecord]:
+        assert self._thread is not None, "training_records called before start_training"
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._records
+
+    def progress(self) -> dict:
+        return {"samples": self._samples, "epoch": self.opt.local_epoch if self.opt is not None else 0,
+                "time_s": self.clock_s(), "done": self._thread is not None and not self._thread.is_alive()}
+
+    def stop_after(self, epoch: int) -> None:
+        self._stop_after = epoch
+
+    def stop(self) -> None:
+        self._stop_now.set()
+
+    def snapshot(self) -> tuple[int, float, np.ndarray]:
+        """(epoch, this peer's clock, parameters), taken between two optimizer steps."""
+        with self._lock:
+            return self.opt.local_epoch, self.clock_s(), self.replica.params()
+
+    def shutdown(self) -> None:
+        self._stop_now.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60.0)
+        if self.opt is not None:
+            try:
+                self.opt.shutdown()
+            except Exception:  # keep going: RealPeer.shutdown's pid sweep still stops its processes
+                pass
+            self.opt = None
+        super().shutdown()
+
+
+def steps_for_budget(budget_samples: int, setup: SwarmSetup) -> int:
+    """Epochs the swarm needs, at least, for a budget (for progress bars and estimates: epochs overshoot the target)."""
+    return max(1, math.ceil(budget_samples / setup.target_batch_size))
