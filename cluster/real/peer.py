@@ -147,14 +147,17 @@ class RealPeer:
             raise
 
     # --- swarm ---------------------------------------------------------------------------------
-    def join(self, initial_peers: list[str] | None) -> list[str]:
-        """Start the DHT (and its p2pd) behind the relay; returns this peer's announced multiaddrs."""
+    def join(self, initial_peers: list[str] | None, client_mode: bool = False) -> list[str]:
+        """Start the DHT (and its p2pd) behind the relay; returns this peer's announced multiaddrs.
+
+        A client-mode peer (behind NAT) accepts no connections: it announces nothing and its relay stays unused."""
         import hivemind
 
         host = self.options.host
         self.dht = hivemind.DHT(
             initial_peers=initial_peers, start=False, host_maddrs=[f"/ip4/{host}/tcp/{self._p2p_port}"],
-            announce_maddrs=[f"/ip4/{host}/tcp/{self.relay.address[1]}"],
+            announce_maddrs=[] if client_mode else [f"/ip4/{host}/tcp/{self.relay.address[1]}"],
+            client_mode=client_mode,
         )
         try:  # started only once it is held here, so that shutdown can stop it even if it fails to come up
             self.dht.run_in_background(await_ready=True, timeout=self.options.startup_timeout_s)

@@ -249,9 +249,11 @@ class SwarmPeer(RealPeer):
 
     # --- the training loop ------------------------------------------------------------------------
     def train(self, max_wall_s: float, max_epochs: int | None = None,
-              on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
-        """Train until `stop_after`'s epoch is closed, `stop` is called, `max_epochs` epochs closed or `max_wall_s`
-        passed; returns one record per epoch this peer closed."""
+              on_epoch: Callable[[EpochRecord], None] | None = None,
+              keep_going: Callable[[], bool] = lambda: True) -> list[EpochRecord]:
+        """Train until `stop_after`'s epoch is closed, `stop` is called, `max_epochs` epochs closed, `max_wall_s`
+        passed or `keep_going()` (asked before every microbatch) is false; returns one record per epoch this peer
+        closed."""
         opt, model, sampler, batch = self.opt, self.replica.model, self.replica.sampler, self.spec.batch_size
         self._resume_clock()
         records: list[EpochRecord] = []
@@ -262,7 +264,9 @@ class SwarmPeer(RealPeer):
         while not self._stop_now.is_set() and time.monotonic() < deadline:
             if self._stop_after is not None and opt.local_epoch > self._stop_after:
                 break
-            if max_epochs is not None and len(records) >= max_epochs:
+            if max_epochs is not None and sum(not r.loaded_state for r in records) >= max_epochs:
+                break
+            if not keep_going():
                 break
             t0 = time.perf_counter()
             x, y = sampler.next_batch()

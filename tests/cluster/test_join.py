@@ -1,0 +1,130 @@
+"""A machine elsewhere joins: `farflung join`, started as a separate process, finds a running collaborative arm, loads
+its state from the peers, catches up to the swarm's epoch and averages with it.
+
+One test, 40-80 s on a 2-core machine: a 2-peer swarm on Ray (loopback, unshaped) trains until the joiner has left;
+the joiner is a subprocess with no Ray. Also checks that the joiner's processes are gone and that a bad address or run
+id is a one-line error with exit 2.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.devices import get_device
+from cluster.network import Link, Network
+from cluster.real import RealOptions, run_real_arm
+from cluster.sim import ArmPlan
+from trainer.data import DataConfig
+from trainer.model import PRESETS
+from trainer.replica import OptimConfig, ReplicaSpec
+from trainer.strategies.collaborative import CollaborativeSettings
+
+REPO = Path(__file__).resolve().parents[2]
+N = 2
+
+
+def _swarm_arm(steps: int):
+    link = Link(uplink_bps=1e9, downlink_bps=1e9, one_way_latency_s=0.0)
+    plan = ArmPlan(name="collab-join", n_workers=N, network=Network(links=(link,) * N),
+                   devices=(get_device("laptop-cpu"),) * N, speed_factors=(1.0,) * N, codec="none",
+                   total_steps=steps, tokens_per_step=N * 4 * 32, eval_every_steps=steps, seed=3)
+    settings = CollaborativeSettings(target_batch_size=16, matchmaking_time=2.0, averaging_timeout=20.0)
+    specs = [ReplicaSpec(worker=w, n_workers=N, seed=3, model=PRESETS["tiny"],
+                         data=DataConfig(corpus="synthetic", synthetic_bytes=200_000), optim=OptimConfig(lr=3e-3),
+                         batch_size=4, total_steps=steps, algorithm="collaborative", settings=settings, eval_batches=2,
+                         torch_threads=1) for w in range(N)]
+    return plan, specs
+
+
+def _join(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.cli", "join", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_count):
+    plan, specs = _swarm_arm(steps=100_000)  # far more than it will train: the test stops it
+    records: list[dict] = []
+    swarm: list = []
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    epochs_seen = [0]
+
+    def run():
+        try:
+            run_real_arm(plan, specs, records.append, options=RealOptions(shaping="none"), on_swarm=swarm.append,
+                         should_stop=stop.is_set, on_step=lambda: epochs_seen.__setitem__(0, epochs_seen[0] + 1))
+        except BaseException as e:  # reported by the main thread
+            failure.append(e)
+
+    before = p2pd_count.pids()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 180
+        # Join once the swarm has closed a few epochs, so that there is something to catch up to.
+        while epochs_seen[0] < 3 and not failure and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert swarm and epochs_seen[0] >= 3, f"the swarm did not get going: {failure}"
+        info = swarm[0]
+        joined = _join("--initial-peers", info.initial_peers[0], "--run-id", info.run_id, "--epochs", "3",
+                       "--threads", "1", timeout=240)
+    finally:
+        stop.set()
+        thread.join(timeout=240)
+    assert not failure, failure
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    out = joined.stdout
+    # It starts at epoch 0; its first step finds the swarm ahead, and it downloads the swarm's state.
+    caught = re.search(r"caught up: loaded the swarm's state, epoch (\d+) -> (\d+)", out)
+    assert caught, out
+    assert int(caught.group(1)) == 0 and int(caught.group(2)) >= 3, out
+    # Then it closes three epochs, one after another, from the one it caught up to (or the next, if the swarm moved
+    # on while it loaded: it then loads again, which shows as a second "caught up" line).
+    closed = [(int(e), int(p), int(s)) for e, p, s in re.findall(r"epoch (\d+): (\d+) peers, (\d+) samples", out)]
+    assert len(closed) == 3, out
+    first = closed[0][0]
+    assert first >= int(caught.group(2)) and [e for e, _, _ in closed] == [first, first + 1, first + 2], out
+    # It contributes: its samples go into those epochs, which the swarm's own peers closed with three peers.
+    assert sum(s for _, _, s in closed) > 0, out
+    rounds = {r["round"]: r for r in records if r["kind"] == "comm"}
+    assert all(e in rounds for e, _, _ in closed), (closed, sorted(rounds))
+    assert any(rounds[e]["swarm_peers"] == N + 1 for e, _, _ in closed), [rounds[e] for e, _, _ in closed]
+    # The arm's own peers end on one model.
+    final = [r for r in records if r["kind"] == "eval"][-1]
+    assert final["param_spread"] < 1e-5, final
+    left = p2pd_count.new_since(before)
+    assert not left, f"p2pd processes outlived the swarm or the joiner: {left}"
+
+
+def test_join_rejects_a_bad_address_with_one_line():
+    bad = _join("--initial-peers", "/ip4/127.0.0.1/tcp/9", timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "--initial-peers" in bad.stderr and "/p2p/" in bad.stderr
+
+
+class _P2pd:
+    @staticmethod
+    def pids() -> set[int]:
+        import psutil
+
+        return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "p2pd"}
+
+    def new_since(self, before: set[int], grace_s: float = 10.0) -> set[int]:
+        """p2pd processes started since `before` that are still running after a grace period for their shutdown."""
+        deadline = time.monotonic() + grace_s
+        while (left := self.pids() - before) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return left
+
+
+@pytest.fixture
+def p2pd_count():
+    return _P2pd()
