@@ -7,6 +7,7 @@ it is written, so a crash or Ctrl-C never leaves something that looks like a fin
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -85,9 +86,10 @@ def run(
                 if real:
                     run_real_arm(
                         arm_plan(spec, arm), replica_specs(spec, arm), emit, on_step=lambda: bar.update(1),
-                        options=RealOptions(shaping=spec.run.shaping),
-                        on_swarm=lambda s, name=arm.name: print(
-                            f"{name}: swarm {s.initial_peers[0]} run id {s.run_id}", file=sys.stderr, flush=True),
+                        # On a Ray cluster (RAY_ADDRESS) peers on different machines reach each other by node address.
+                        options=RealOptions(shaping=spec.run.shaping,
+                                            host="auto" if os.environ.get("RAY_ADDRESS") else "127.0.0.1"),
+                        on_swarm=lambda s, name=arm.name: _announce_swarm(manifest, name, s),
                     )
                     wall[arm.name] = round(time.perf_counter() - t0, 3)
                     continue
@@ -157,6 +159,16 @@ def arm_plan(spec: ExperimentSpec, arm: ArmConfig) -> ArmPlan:
         eval_every_steps=spec.eval_every_steps, seed=spec.run.seed,
         client_mode=tuple(w in arm.client_mode for w in range(spec.run.workers)),
     )
+
+
+def _announce_swarm(manifest: dict, arm: str, swarm) -> None:
+    """Print where a machine elsewhere joins an arm, and record it (and where each peer runs) in the manifest."""
+    joinable = " (join with: farflung join --initial-peers ADDRESS --run-id ID)" if swarm.joinable else ""
+    print(f"{arm}: swarm {swarm.initial_peers[0]} run id {swarm.run_id}{joinable}", file=sys.stderr, flush=True)
+    manifest.setdefault("swarms", {})[arm] = {
+        "run_id": swarm.run_id, "initial_peers": list(swarm.initial_peers), "ray_nodes": list(swarm.placement),
+        "joinable": swarm.joinable,
+    }
 
 
 class _NoProgress:

@@ -30,7 +30,8 @@ RELAY_FLOOR_BPS = 100e6
 class RealOptions:
     """`shaping`: "relay" shapes each peer's access link with a userspace relay; "none" still puts a relay in front of
     every peer (it is what counts bytes) but at an unlimited rate and no added delay.
-    `host`: the address peers listen on and announce (loopback by default: every peer on this machine).
+    `host`: the address peers listen on and announce: loopback by default (every peer on this machine); "auto" is
+    the address of the Ray node each peer runs on (a Ray cluster at RAY_ADDRESS).
     `max_attempts`: averaging rounds tried (all peers together) before the run stops with an error.
     `startup_timeout_s`: for building a peer (replica, relay, DHT, averager) and for the swarm's readiness barrier.
     `swarm_timeout_s`: the longest a swarm arm (collaborative, local-updates) may train before it is stopped."""

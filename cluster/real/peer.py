@@ -108,6 +108,16 @@ def _process_tree(pid: int) -> list:
         return []
 
 
+def resolve_host(host: str) -> str:
+    """`options.host`, with "auto" meaning the address of the Ray node this peer runs on (how peers on different
+    machines of a Ray cluster reach each other)."""
+    if host != "auto":
+        return host
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
 def _ray_node_id() -> str:
     """The Ray node this process runs on ("" outside Ray: a peer that joined from elsewhere)."""
     try:
@@ -136,7 +146,7 @@ class RealPeer:
         self.start_clock()
         try:
             self.replica = Replica(spec)
-            host = options.host
+            host = self.host = resolve_host(options.host)
             self._p2p_port = _free_port(host)
             self.dial_address: Address = (host, self._p2p_port)  # where this p2pd's outgoing connections come from
             relay = CountingRelay.from_link(link, (host, self._p2p_port), seed=spec.seed * 1009 + spec.worker,
@@ -153,7 +163,7 @@ class RealPeer:
         A client-mode peer (behind NAT) accepts no connections: it announces nothing and its relay stays unused."""
         import hivemind
 
-        host = self.options.host
+        host = self.host
         self.dht = hivemind.DHT(
             initial_peers=initial_peers, start=False, host_maddrs=[f"/ip4/{host}/tcp/{self._p2p_port}"],
             announce_maddrs=[] if client_mode else [f"/ip4/{host}/tcp/{self.relay.address[1]}"],
@@ -163,6 +173,9 @@ class RealPeer:
             self.dht.run_in_background(await_ready=True, timeout=self.options.startup_timeout_s)
         finally:
             self._owned += _process_tree(self.dht.pid)
+        from cluster.real.doctor import serve_probe
+
+        serve_probe(self.dht)  # `farflung doctor` elsewhere can measure its link to this peer
         return self.visible_maddrs()
 
     def visible_maddrs(self) -> list[str]:

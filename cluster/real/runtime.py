@@ -42,6 +42,7 @@ class SwarmInfo:
     run_id: str
     initial_peers: tuple[str, ...]
     placement: tuple[str, ...] = ()  # the Ray node id each worker runs on, in worker order
+    joinable: bool = False  # a swarm arm: `farflung join` can add a peer from elsewhere
 
 
 @dataclass(frozen=True)
@@ -375,7 +376,7 @@ def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[di
         else:
             peers.call("start_averaging", [(timeouts, b) for b in bandwidths], timeout_s=wait_s)
         _barrier(peers, plan.n_workers, wait_s)
-        info = SwarmInfo(run_id, tuple(bootstrap), tuple(d["node_id"] for d in described))
+        info = SwarmInfo(run_id, tuple(bootstrap), tuple(d["node_id"] for d in described), joinable=swarm)
         if on_swarm is not None:
             on_swarm(info)
         dial_addresses = [tuple(d["dial_address"]) for d in described]

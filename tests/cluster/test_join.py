@@ -98,8 +98,9 @@ def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_co
     assert all(e in rounds for e, _, _ in closed), (closed, sorted(rounds))
     assert any(rounds[e]["swarm_peers"] == N + 1 for e, _, _ in closed), [rounds[e] for e, _, _ in closed]
     # The arm's own peers end on one model.
-    final = [r for r in records if r["kind"] == "eval"][-1]
-    assert final["param_spread"] < 1e-5, final
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals[-1]["param_spread"] < 1e-5, evals[-1]
+    assert evals[-1]["loss"] < evals[0]["loss"]
     left = p2pd_count.new_since(before)
     assert not left, f"p2pd processes outlived the swarm or the joiner: {left}"
 

@@ -1,0 +1,647 @@
+"""`farflung doctor`: can this machine take part in a real run? Each check prints one line, "ok"/"FAIL"/"skip" and
+what it measured; a failure adds one line saying what to do.
+
+    p2pd       hivemind's bundled libp2p daemon starts here (the binary fits this platform, the port is free).
+    dht        a hivemind DHT node on that daemon joins `--initial-peers` and has a peer in its routing table.
+    reachable  can others dial this machine? An initial peer dials each address this peer announces, from a fresh
+               libp2p identity (so a new connection, not the one this peer opened), and reports which answered.
+               p2pd's control API does not expose AutoNAT's verdict; a dial-back is the same test, made on purpose.
+               Without initial peers the addresses are only classified (loopback, private, public).
+    latency    median round trip of small messages on one libp2p stream to each initial peer.
+    upload     `--bytes` sent on one libp2p stream, timed from the first byte until the receiver acknowledges the
+    download   last; and the same the other way. One measured round trip is in that span (first byte out, last ack
+               back); it is subtracted. This is the rate of one stream, which is what hivemind's all-reduce uses
+               between two peers; libp2p's multiplexer caps the bytes in flight per stream, so over a long round trip
+               it is below the link's rate (one stream at 20 Mbit/s and 100 ms RTT: ~17 Mbit/s), and `--streams 4`
+               measures the link itself, comparable with an experiment file's `uplink`/`downlink`.
+
+The far end of these checks is `serve_probe(dht)`: handlers on a running DHT's daemon. Real-run peers serve them, so
+doctor can measure to the "swarm" address a run prints; `farflung doctor --serve` runs a standalone probe peer.
+Every daemon doctor starts is stopped before it returns, on failure and Ctrl-C too.
+
+Timeouts: `--timeout` bounds the daemon's start, each connection, the DHT join, the dial-back (per address, all at
+once) and the latency probe; a transfer gets `--timeout` plus the time `--bytes` take at 1 Mbit/s, the slowest link
+worth training over (a slower one fails its check rather than hang).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import statistics
+import sys
+import time
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+
+ECHO, SINK, SOURCE, DIALBACK = (f"/farflung/doctor/{name}/1.0.0" for name in ("echo", "sink", "source", "dialback"))
+HEADER_BYTES = 8  # big-endian length prefix of a sink/source request
+PING_BYTES = 32
+ROUNDS = 9  # timed round trips, after one untimed that opens the stream
+ACK = b"\x06"
+BLOCK_BYTES = 1 << 20
+DEFAULT_BYTES = 4_000_000
+MAX_PROBE_BYTES = 1 << 30  # what a probe server agrees to move for one request
+MIN_USEFUL_BPS = 1e6
+MAX_DIALBACK_ADDRS = 8  # each address gets its own short-lived daemon on the server
+MAX_DIALBACK_TIMEOUT_S = 30.0
+OK, FAIL, SKIP = "ok", "FAIL", "skip"
+CGNAT = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: not RFC 1918, still not reachable from outside
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # OK, FAIL or SKIP
+    figure: str  # what was measured, for a person
+    fix: str = ""  # what to do, one line; for SKIP, how to run the check
+    peer: str = ""  # the initial peer measured, host:port
+    values: dict = field(default_factory=dict)  # the figures as numbers, for --json
+
+
+# --- the probe server ----------------------------------------------------------------------------------------------
+def serve_probe(dht, timeout_s: float = 30.0) -> None:
+    """Register the doctor's probe handlers on a running `hivemind.DHT`'s daemon.
+
+    They are registered from inside the DHT's own process (`run_coroutine`) and run on its event loop, so they answer
+    for as long as the DHT lives and need no event loop in the caller (a Ray actor has none). A replica from
+    `dht.replicate_p2p()` would serve only while the caller kept an event loop running."""
+    dht.run_coroutine(_serve_in_dht, return_future=True).result(timeout_s)
+
+
+async def _serve_in_dht(_dht, node) -> None:
+    await add_probe_handlers(node.p2p)
+
+
+async def add_probe_handlers(p2p) -> None:
+    """Echo (RTT), sink + ack (upload), source (download) and dial-back (reachability) on a `hivemind.p2p.P2P`."""
+    dialbacks = asyncio.Semaphore(2)  # a flood of dial-back requests must not start a flood of daemons
+
+    async def echo(info, reader, writer):
+        while True:
+            writer.write(await reader.readexactly(PING_BYTES))
+            await writer.drain()
+
+    async def sink(info, reader, writer):
+        left = _requested_bytes(await reader.readexactly(HEADER_BYTES))
+        while left:
+            chunk = await reader.read(min(left, BLOCK_BYTES))
+            if not chunk:
+                return
+            left -= len(chunk)
+        writer.write(ACK)
+        await writer.drain()
+
+    async def source(info, reader, writer):
+        left, block = _requested_bytes(await reader.readexactly(HEADER_BYTES)), memoryview(bytes(BLOCK_BYTES))
+        while left:
+            writer.write(block[:min(left, BLOCK_BYTES)])
+            await writer.drain()
+            left -= min(left, BLOCK_BYTES)
+
+    async def dialback(info, reader, writer):
+        from hivemind.p2p import P2P
+
+        request = json.loads(await P2P.receive_raw_data(reader))
+        timeout_s = min(float(request["timeout_s"]), MAX_DIALBACK_TIMEOUT_S)
+        async with dialbacks:
+            # The peer id is the caller's, never one it names: the server only ever confirms who is asking.
+            results = await asyncio.gather(*(_dial_back(info.peer_id, str(maddr), timeout_s)
+                                             for maddr in request["maddrs"][:MAX_DIALBACK_ADDRS]))
+        await P2P.send_raw_data(json.dumps({"observed": str(info.addr), "results": results}).encode(), writer)
+
+    for name, handler in ((ECHO, echo), (SINK, sink), (SOURCE, source), (DIALBACK, dialback)):
+        await p2p.add_binary_stream_handler(name, _quietly_closed(handler))
+
+
+def _quietly_closed(handler):
+    async def wrapped(info, reader, writer):
+        with closing(writer):
+            try:
+                await handler(info, reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError, ValueError, KeyError, TypeError):
+                pass  # the caller went away or sent garbage; it sees the stream close
+    return wrapped
+
+
+def _requested_bytes(header: bytes) -> int:
+    nbytes = int.from_bytes(header, "big")
+    if nbytes > MAX_PROBE_BYTES:
+        raise ValueError(f"asked for {nbytes} bytes, more than {MAX_PROBE_BYTES}")
+    return nbytes
+
+
+async def _dial_back(peer_id, maddr: str, timeout_s: float) -> dict:
+    """Dial `peer_id` at `maddr` from a new, listen-less daemon: its peerstore knows no other address to fall back on
+    and it has no connection to reuse, so success means this address answers with that identity."""
+    from hivemind.p2p import P2P
+    from hivemind.utils.multiaddr import Multiaddr
+
+    start, dialer, error = time.perf_counter(), None, ""
+    try:
+        address = Multiaddr(maddr)
+        if "p2p" in address:
+            address = address.decapsulate(Multiaddr(f"/p2p/{address['p2p']}"))
+        dialer = await P2P.create(no_listen=True, auto_nat=False, nat_port_map=False, use_relay=False,
+                                  dht_mode="client", startup_timeout=timeout_s)
+        await asyncio.wait_for(dialer._client.connect(peer_id, [address]), timeout_s)  # P2P has no public connect
+    except asyncio.TimeoutError:
+        error = f"no answer within {timeout_s:g} s"
+    except Exception as e:  # p2pd's, asyncio's and the multiaddr parser's errors all mean "did not answer"
+        error = _dial_error(e)
+    finally:
+        if dialer is not None:
+            await dialer.shutdown()
+    return {"maddr": maddr, "ok": not error, "seconds": time.perf_counter() - start, "error": error}
+
+
+# --- the checks ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Peer:
+    maddr: str
+    peer_id: object  # hivemind PeerID
+    address: object  # the multiaddr without /p2p/
+    label: str  # host:port
+
+
+async def diagnose(peers: list[_Peer], host: str, port: int, announce: list[str], timeout_s: float,
+                   nbytes: int, streams: int = 1) -> list[Check]:
+    """The checks, in order, from a new daemon listening on `host:port`; it is stopped before this returns, when
+    cancelled (Ctrl-C) too."""
+    from hivemind.p2p import P2P
+
+    start = time.perf_counter()
+    try:
+        p2p = await P2P.create(host_maddrs=[_listen_maddr(host, port)], announce_maddrs=announce or None,
+                               startup_timeout=timeout_s)
+        startup_s = time.perf_counter() - start
+    except Exception as e:  # the daemon's own errors, and OSError from a binary that cannot run here
+        await asyncio.sleep(0.1)  # let asyncio reap the exited daemon before the loop closes (else it warns)
+        return [Check("p2pd", FAIL, f"did not start: {_one_line(e)}", _p2pd_fix(e, port, timeout_s)),
+                *(Check(name, SKIP, "p2pd did not start") for name in ("dht", "reachable"))]
+    try:
+        from hivemind import __version__
+
+        announced = [str(m) for m in await p2p.get_visible_maddrs(latest=True)]
+        checks = [Check("p2pd", OK, f"started in {startup_s:.2f} s (hivemind {__version__}), peer id {p2p.peer_id}",
+                        values={"startup_s": startup_s})]
+        errors = await asyncio.gather(*(_connect(p2p, p, timeout_s) for p in peers))  # "" where it connected
+        reached = [p for p, error in zip(peers, errors) if not error]
+        checks.append(await _check_dht(p2p, peers, reached, errors, timeout_s))
+        checks.append(await _check_reachable(p2p, announced, peers, reached, timeout_s, port))
+        for peer in reached:
+            checks += await _measure(p2p, peer, timeout_s, nbytes, streams)
+        return checks
+    finally:
+        await p2p.shutdown()
+
+
+async def _connect(p2p, peer: _Peer, timeout_s: float) -> str:
+    """Open a connection to `peer` at exactly its given address; "" or why not."""
+    try:
+        await asyncio.wait_for(p2p._client.connect(peer.peer_id, [peer.address]), timeout_s)
+        return ""
+    except asyncio.TimeoutError:
+        return f"no answer within {timeout_s:g} s"
+    except Exception as e:  # p2pd reports every dial failure as ControlFailure with the socket error inside
+        return _dial_error(e)
+
+
+async def _check_dht(p2p, peers: list[_Peer], reached: list[_Peer], errors: list[str], timeout_s: float) -> Check:
+    from hivemind.dht.node import DHTNode
+
+    if not peers:
+        return Check("dht", SKIP, "no --initial-peers given, nothing to join",
+                     "to test joining, pass --initial-peers with the address a real run prints when it starts "
+                     "('swarm /ip4/.../p2p/... run id ...'), or one `farflung doctor --serve` prints elsewhere")
+    if not reached:
+        answers = "; ".join(f"{p.label}: {error}" for p, error in zip(peers, errors))
+        return Check("dht", FAIL, f"none of {len(peers)} initial peers answered: {answers}",
+                     "check the address (copy the whole 'swarm ...' multiaddr of a run that is still going), and that "
+                     "this machine can open TCP connections to that host and port (firewall, VPN); "
+                     "`farflung doctor --serve --port P` on that machine tests the link without a run")
+    start = time.perf_counter()
+    try:  # hivemind's join: pings answered within bootstrap_timeout, then a search for neighbours up to the same
+        # deadline; twice that leaves the search's last request time to finish
+        node = await asyncio.wait_for(DHTNode.create(p2p=p2p, initial_peers=[p.maddr for p in reached],
+                                                     bootstrap_timeout=timeout_s), 2 * timeout_s)
+    except Exception as e:  # hivemind raises RuntimeError when no initial peer answers a DHT ping
+        return Check("dht", FAIL, f"connected to {len(reached)} of {len(peers)} initial peers, but the DHT did not "
+                     f"join: {_one_line(e) or 'no DHT answer within ' + format(timeout_s, 'g') + ' s'}",
+                     "the peer answers but runs no hivemind DHT: give the 'swarm' address of a real run or of "
+                     "`farflung doctor --serve`, not another service's")
+    try:
+        seen = len(node.protocol.routing_table.peer_id_to_uid)
+    finally:
+        await node.shutdown()
+    seconds = time.perf_counter() - start
+    unreached = "; ".join(f"{p.label}: {error}" for p, error in zip(peers, errors) if error)
+    figure = (f"joined through {len(reached)} of {len(peers)} initial peers in {seconds:.2f} s; {seen} peer(s) in "
+              f"the routing table" + (f"; unreachable: {unreached}" if unreached else ""))
+    if seen == 0:
+        return Check("dht", FAIL, figure, "the swarm answered but shared no peers: it may be shutting down; retry "
+                     "with the address of a run that is going", values={"join_s": seconds, "peers_seen": seen})
+    return Check("dht", OK, figure, values={"join_s": seconds, "peers_seen": seen})
+
+
+async def _check_reachable(p2p, announced: list[str], peers: list[_Peer], reached: list[_Peer], timeout_s: float,
+                           port: int) -> Check:
+    from hivemind.p2p import P2P
+
+    kinds = {maddr: address_kind(maddr) for maddr in announced}
+    listed = ", ".join(f"{_short(m)} ({k})" for m, k in kinds.items())
+    if not reached:
+        why = "no initial peer answered, so none could dial back" if peers else "not verified"
+        how = "" if peers else ("to verify, rerun with --initial-peers of a running run, or of `farflung doctor "
+                                "--serve` on a machine elsewhere: it dials this machine back")
+        return Check("reachable", SKIP, f"announced {listed}; {why}. {what_addresses_mean(kinds.values())}", how,
+                     values={"announced": kinds})
+    asker = reached[0]
+    try:
+        _, reader, writer = await p2p.call_binary_stream_handler(asker.peer_id, DIALBACK)
+        with closing(writer):
+            request = {"maddrs": announced[:MAX_DIALBACK_ADDRS], "timeout_s": timeout_s}
+            await P2P.send_raw_data(json.dumps(request).encode(), writer)
+            # The server starts one daemon per address (up to `timeout_s`), then dials (up to `timeout_s`).
+            reply = json.loads(await asyncio.wait_for(P2P.receive_raw_data(reader), 2 * timeout_s + 5))
+    except Exception as e:  # the peer lacks the handler, or went away
+        return Check("reachable", FAIL, f"{asker.label} did not dial back: {_one_line(e) or 'no reply'}",
+                     _no_probe_fix(asker), asker.label, {"announced": kinds})
+    answered = [r for r in reply["results"] if r["ok"]]
+    results = "; ".join(f"{_short(r['maddr'])} ({kinds.get(r['maddr'], '?')}) "
+                        f"{'answered in %.2f s' % r['seconds'] if r['ok'] else r['error']}" for r in reply["results"])
+    observed = reply.get("observed", "")
+    figure = (f"{len(answered)} of {len(reply['results'])} announced addresses answered {asker.label}'s dial-back: "
+              f"{results}; it sees this machine as {_short(observed)}")
+    values = {"announced": kinds, "dialback": reply["results"], "observed": observed}
+    if not answered:
+        return Check("reachable", FAIL, figure, _unreachable_fix(port, observed), asker.label, values)
+    return Check("reachable", OK, figure, peer=asker.label, values=values)
+
+
+async def _measure(p2p, peer: _Peer, timeout_s: float, nbytes: int, streams: int) -> list[Check]:
+    checks, rtt_s = [], None
+    try:
+        rtts, via = await asyncio.wait_for(_round_trips(p2p, peer), timeout_s)
+        rtt_s = statistics.median(rtts)
+        checks.append(Check("latency", OK, f"median RTT {rtt_s * 1e3:.1f} ms over {len(rtts)} round trips (min "
+                            f"{min(rtts) * 1e3:.1f}, max {max(rtts) * 1e3:.1f} ms){_via(peer, via)}", peer=peer.label,
+                            values={"rtt_ms": rtt_s * 1e3, "rtts_ms": [r * 1e3 for r in rtts], "via": via}))
+    except Exception as e:  # TimeoutError, or p2pd's error for a peer that lacks the handler
+        checks.append(Check("latency", FAIL, f"no echo: {_one_line(e) or f'none within {timeout_s:g} s'}",
+                            _no_probe_fix(peer), peer.label))
+    transfer_timeout_s = timeout_s + nbytes * 8 / MIN_USEFUL_BPS
+    shares = [nbytes // streams + (i < nbytes % streams) for i in range(streams)]
+    for name, transfer in (("upload", _upload), ("download", _download)):
+        start = time.perf_counter()
+        try:
+            vias = await asyncio.wait_for(asyncio.gather(*(transfer(p2p, peer, share) for share in shares)),
+                                          transfer_timeout_s)
+        except asyncio.TimeoutError:
+            checks.append(Check(name, FAIL, f"{nbytes / 1e6:.2f} MB not done within {transfer_timeout_s:.0f} s",
+                                f"the link moves less than {MIN_USEFUL_BPS / 1e6:g} Mbit/s, too slow to train over: "
+                                f"use a wired connection or another network, or measure again with fewer --bytes",
+                                peer.label))
+            continue
+        except Exception as e:  # the peer lacks the handler, or the stream broke
+            checks.append(Check(name, FAIL, f"transfer failed: {_one_line(e)}", _no_probe_fix(peer), peer.label))
+            continue
+        seconds = time.perf_counter() - start
+        wire_s = seconds - rtt_s if rtt_s is not None and seconds > 2 * rtt_s else seconds
+        mbps = nbytes * 8 / wire_s / 1e6
+        checks.append(Check(name, OK, f"{mbps:.1f} Mbit/s ({nbytes / 1e6:.2f} MB on {streams} stream"
+                            f"{'s' if streams > 1 else ''}, acknowledged in {seconds:.3f} s, "
+                            f"{'one RTT' if wire_s != seconds else 'no RTT'} subtracted){_via(peer, vias[0])}",
+                            peer=peer.label, values={"mbit_s": mbps, "bytes": nbytes, "streams": streams,
+                                                     "seconds": seconds, "via": vias[0]}))
+    return checks
+
+
+async def _round_trips(p2p, peer: _Peer) -> tuple[list[float], str]:
+    info, reader, writer = await p2p.call_binary_stream_handler(peer.peer_id, ECHO)
+    with closing(writer):
+        payload, rtts = bytes(PING_BYTES), []
+        for i in range(ROUNDS + 1):  # the first also negotiates the stream's protocol
+            start = time.perf_counter()
+            writer.write(payload)
+            await writer.drain()
+            await reader.readexactly(PING_BYTES)
+            if i:
+                rtts.append(time.perf_counter() - start)
+    return rtts, str(info.addr)
+
+
+async def _upload(p2p, peer: _Peer, nbytes: int) -> str:
+    info, reader, writer = await p2p.call_binary_stream_handler(peer.peer_id, SINK)
+    with closing(writer):
+        left, block = nbytes, memoryview(bytes(BLOCK_BYTES))
+        writer.write(nbytes.to_bytes(HEADER_BYTES, "big"))
+        while left:
+            writer.write(block[:min(left, BLOCK_BYTES)])
+            await writer.drain()
+            left -= min(left, BLOCK_BYTES)
+        if await reader.readexactly(1) != ACK:
+            raise ConnectionError("the receiver did not acknowledge")
+        return str(info.addr)
+
+
+async def _download(p2p, peer: _Peer, nbytes: int) -> str:
+    info, reader, writer = await p2p.call_binary_stream_handler(peer.peer_id, SOURCE)
+    with closing(writer):
+        left = nbytes
+        writer.write(nbytes.to_bytes(HEADER_BYTES, "big"))
+        await writer.drain()
+        while left:
+            chunk = await reader.read(min(left, BLOCK_BYTES))
+            if not chunk:
+                raise ConnectionError(f"the sender closed with {left} of {nbytes} bytes still to come")
+            left -= len(chunk)
+        return str(info.addr)
+
+
+# --- what addresses and errors mean ----------------------------------------------------------------------------------
+def address_kind(maddr: str) -> str:
+    """'loopback', 'private', 'carrier-grade NAT', 'public', 'relayed', 'name' or 'other' for a multiaddr string."""
+    parts = maddr.split("/")
+    if "p2p-circuit" in parts:
+        return "relayed"
+    for proto in ("ip4", "ip6"):
+        if proto in parts and parts.index(proto) + 1 < len(parts):
+            try:
+                ip = ipaddress.ip_address(parts[parts.index(proto) + 1])
+            except ValueError:
+                return "other"
+            if ip.is_loopback:
+                return "loopback"
+            if ip.version == 4 and ip in CGNAT:
+                return "carrier-grade NAT"
+            if ip.is_private or ip.is_link_local:
+                return "private"
+            return "public" if ip.is_global else "other"
+    return "name" if any(p.startswith("dns") for p in parts) else "other"
+
+
+def what_addresses_mean(kinds) -> str:
+    kinds = set(kinds)
+    if kinds & {"public", "name"}:
+        return "A public address is announced: peers anywhere can dial it unless a firewall drops the port."
+    if kinds & {"private", "carrier-grade NAT"}:
+        return ("Private addresses only: machines on the same network or VPN can dial this one, others cannot "
+                "(NAT); to join from elsewhere, forward a TCP port to it and --announce your public address.")
+    if kinds == {"loopback"}:
+        return "Loopback only: only this machine can dial it; listen on --host 0.0.0.0 or this machine's address."
+    return "No address that others can be told of."
+
+
+def _unreachable_fix(port: int, observed: str) -> str:
+    """`observed`: where the dialling peer saw this machine's connection come from, its public address if NATed."""
+    ip = "/".join(observed.split("/")[1:3]) if address_kind(observed) == "public" else "ip4/PUBLIC_IP"
+    where = f"TCP port {port}" if port else "a fixed TCP port (rerun with --port P)"
+    return (f"others cannot open connections to this machine: forward {where} to it on your router/firewall and "
+            f"announce it, --announce /{ip}/tcp/{port or 'P'}; a peer that cannot be dialled could only join in "
+            f"client mode or through a libp2p relay (use_auto_relay), which the real mode does not run yet")
+
+
+def _no_probe_fix(peer: _Peer) -> str:
+    return (f"{peer.label} accepts connections but does not answer the doctor's probes: it runs an older farflung, "
+            f"or is overloaded; run `farflung doctor --serve` on that machine and point --initial-peers at it")
+
+
+def _p2pd_fix(error: Exception, port: int, timeout_s: float) -> str:
+    import platform
+
+    text = str(error).lower()
+    if "address already in use" in text:
+        return f"port {port} is taken: pick another --port, or stop what listens on it"
+    if "failed to start in" in text:
+        return (f"p2pd did not report ready within {timeout_s:g} s: on a loaded machine raise --timeout; "
+                "--verbose shows p2pd's own log")
+    if "not found" in text or "format" in text or isinstance(error, OSError):
+        return ("hivemind's bundled p2pd cannot run here: reinstall it (pip install --force-reinstall --no-deps "
+                f"hivemind==1.1.12); on a platform without a prebuilt p2pd ({platform.system()}/"
+                f"{platform.machine()}), build it: HIVEMIND_BUILDGO=1 pip install hivemind==1.1.12 (needs Go)")
+    return "rerun with --verbose to see p2pd's log; if the binary is damaged, pip install --force-reinstall hivemind"
+
+
+def _dial_error(error: Exception) -> str:
+    """p2pd's 'failed to dial: ... all dials failed\\n * [/ip4/...] dial tcp4 ...: connection refused' -> the cause."""
+    text = str(error).strip()
+    return _one_line(text.rsplit("] ", 1)[-1] if "] " in text else text)
+
+
+def _one_line(error) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def _short(maddr: str) -> str:
+    return maddr.split("/p2p/")[0]
+
+
+def _via(peer: _Peer, via: str) -> str:
+    return "" if via == str(peer.address) else f" (over {via})"
+
+
+def _listen_maddr(host: str, port: int) -> str:
+    return f"/ip{ipaddress.ip_address(host).version}/{host}/tcp/{port}"
+
+
+# --- command line ----------------------------------------------------------------------------------------------------
+def _number(kind, low: float, high: float, hint: str):
+    """An argparse type: `kind(text)` in [low, high] (NaN fails both comparisons)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (low <= value <= high):
+            raise argparse.ArgumentTypeError(f"expected {hint}, got {text!r}")
+        return value
+    return parse
+
+
+def _size(text: str) -> int:
+    from cluster.shaping.verify import parse_size
+
+    size = parse_size(text)
+    if size > MAX_PROBE_BYTES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PROBE_BYTES >> 20} MiB (a probe server refuses more); "
+                                         f"a few MB measure a link, e.g. 4MB")
+    return size
+
+
+def add_arguments(parser) -> None:
+    parser.description = ("Check that this machine can take part in a real run: hivemind's p2pd starts, the DHT "
+                          "joins, others can dial this machine, and the latency and bandwidth to each initial peer.")
+    parser.add_argument("--initial-peers", action="append", default=[], metavar="MULTIADDR",
+                        help="a peer to join and measure to (repeatable): the 'swarm' address a real run prints, or "
+                             "one that `farflung doctor --serve` prints")
+    parser.add_argument("--serve", action="store_true", help="run a probe peer for others' doctors instead")
+    parser.add_argument("--serve-for", type=_number(float, 0.001, 1e9, "seconds, e.g. 600"), metavar="SECONDS",
+                        help="with --serve: stop after this long (default: until Ctrl-C)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all interfaces)")
+    parser.add_argument("--port", type=_number(int, 0, 65535, "a TCP port 0-65535 (0: any free one)"), default=0,
+                        help="TCP port to listen on (default 0: any free one); give the one your real run will use "
+                             "to test that it is reachable")
+    parser.add_argument("--announce", action="append", default=[], metavar="MULTIADDR",
+                        help="address to announce instead of the listening ones, e.g. /ip4/PUBLIC_IP/tcp/PORT for a "
+                             "forwarded port (repeatable)")
+    parser.add_argument("--timeout", type=_number(float, 0.001, 3600, "seconds up to 3600, e.g. 10"), default=10.0,
+                        metavar="SECONDS", help="for starting p2pd, each connection, the DHT join, the dial-back and "
+                                                "the latency probe (default 10); transfers get this plus --bytes at "
+                                                "1 Mbit/s")
+    parser.add_argument("--bytes", type=_size, default=DEFAULT_BYTES, metavar="SIZE",
+                        help="bytes each bandwidth transfer moves, e.g. 4MB (default), 16MiB")
+    parser.add_argument("--streams", type=_number(int, 1, 64, "a number of streams 1-64, e.g. 4"), default=1,
+                        help="parallel streams per transfer (default 1: hivemind's all-reduce uses one per pair of "
+                             "peers); libp2p caps the bytes in flight per stream, so over a long round trip one "
+                             "stream runs below the link's rate and a few measure the link itself")
+    parser.add_argument("--json", action="store_true", help="print the checks as one JSON object")
+    parser.add_argument("--verbose", action="store_true", help="show hivemind's and p2pd's log")
+
+
+def _argument_error(args) -> str:
+    """'--flag: what is wrong and the fix', or ''. Needs hivemind (its multiaddr parser), so runs after parsing."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    try:
+        ipaddress.ip_address(args.host)
+    except ValueError:
+        return f"--host: expected an IP address to listen on, such as 0.0.0.0 or 127.0.0.1, got {args.host!r}"
+    for flag, maddrs in (("--initial-peers", args.initial_peers), ("--announce", args.announce)):
+        for text in maddrs:
+            try:
+                maddr = Multiaddr(text)
+            except Exception:  # the parser raises several classes for malformed text
+                maddr = None
+            if flag == "--initial-peers" and (maddr is None or "p2p" not in maddr):
+                return (f"--initial-peers: {text!r} is not a multiaddr with a peer id; copy the whole address a run "
+                        f"prints after 'swarm', e.g. /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
+            if flag == "--announce" and (maddr is None or "tcp" not in maddr or maddr["tcp"] == "0"):
+                return f"--announce: {text!r} is not a multiaddr with a TCP port, e.g. /ip4/203.0.113.5/tcp/31337"
+    return ""
+
+
+def _peers(initial_peers: list[str]) -> list[_Peer]:
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    peers = []
+    for text in initial_peers:
+        maddr = Multiaddr(text)
+        address = maddr.decapsulate(Multiaddr(f"/p2p/{maddr['p2p']}"))
+        parts = str(address).split("/")
+        label = f"{parts[2]}:{parts[4]}" if len(parts) > 4 else str(address)
+        peers.append(_Peer(text, PeerID.from_base58(maddr["p2p"]), address, label))
+    return peers
+
+
+def main(args) -> int:
+    error = _argument_error(args)
+    if error:
+        print(f"farflung doctor: error: {error}", file=sys.stderr)
+        return 2
+    hivemind_log = logging.getLogger("hivemind")
+    level = hivemind_log.level
+    if not args.verbose:  # hivemind logs every failed dial; doctor's lines say what matters
+        hivemind_log.setLevel(logging.CRITICAL)
+    before = _p2pd_processes()
+    try:
+        if args.serve:
+            return serve(args.host, args.port, args.serve_for, args.initial_peers, args.announce, args.timeout)
+        checks = asyncio.run(diagnose(_peers(args.initial_peers), args.host, args.port, args.announce, args.timeout,
+                                      args.bytes, args.streams))
+    finally:
+        _stop_leftovers(before)
+        hivemind_log.setLevel(level)
+    failed = [c for c in checks if c.status == FAIL]
+    if args.json:
+        print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=1, default=str))
+    else:
+        for c in checks:
+            print(f"{c.status:4} {c.name:9} {c.peer + '  ' if c.peer else ''}{c.figure}")
+            if c.fix:
+                print(f"     {'fix' if c.status == FAIL else 'how'}: {c.fix}")
+        skipped = sum(c.status == SKIP for c in checks)
+        print((f"{len(failed)} check(s) failed" if failed else "all checks passed")
+              + (f", {skipped} skipped" if skipped else ""))
+    return 1 if failed else 0
+
+
+def serve(host: str, port: int, serve_for_s: float | None, initial_peers: list[str], announce: list[str],
+          timeout_s: float) -> int:
+    """A standalone probe peer: a DHT with the probe handlers; prints its multiaddrs (one a line, flushed), serves
+    until the time is up or Ctrl-C (exit 0), then stops the DHT and its daemon."""
+    import hivemind
+
+    before = _p2pd_processes()
+    dht = hivemind.DHT(initial_peers=initial_peers or None, start=False, host_maddrs=[_listen_maddr(host, port)],
+                       announce_maddrs=announce or None, startup_timeout=timeout_s)
+    try:
+        try:
+            dht.run_in_background(await_ready=True, timeout=timeout_s)
+            serve_probe(dht, timeout_s)
+            maddrs = [str(m) for m in dht.get_visible_maddrs()]
+        except Exception as e:  # hivemind's own errors (port taken, bootstrap failed) and a timeout
+            print(f"FAIL serve: could not start a probe peer: {_one_line(e)}\n     fix: "
+                  f"{_p2pd_fix(e, port, timeout_s)}", file=sys.stderr)
+            return 1
+        for maddr in maddrs:
+            print(maddr, flush=True)
+        shown = next((m for m in maddrs if address_kind(m) != "loopback"), maddrs[0])
+        print(f"serving doctor probes {f'for {serve_for_s:g} s' if serve_for_s else 'until Ctrl-C'}; on another "
+              f"machine: farflung doctor --initial-peers {shown}", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + serve_for_s if serve_for_s else float("inf")
+        try:
+            while dht.is_alive() and time.monotonic() < deadline:
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        except KeyboardInterrupt:  # the normal way to stop serving
+            pass
+        if not dht.is_alive():
+            print("FAIL serve: the DHT process died\n     fix: rerun with --verbose to see why", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        # Taken while they are still descendants: a DHT process terminated the hard way orphans its daemon.
+        owned = {pid: p for pid, p in _p2pd_processes().items() if pid not in before}
+        dht.shutdown()
+        _stop_leftovers({}, owned)
+
+
+def _psutil():
+    try:
+        import psutil
+    except ImportError:  # Ray, a dependency, bundles psutil and puts it on sys.path once imported
+        import ray  # noqa: F401
+        import psutil
+    return psutil
+
+
+def _p2pd_processes() -> dict:
+    """This process's descendant p2pd daemons (psutil handles by pid): each P2P's own, and a DHT process's."""
+    psutil = _psutil()
+
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() == "p2pd":
+                found[child.pid] = child
+        except psutil.Error:  # gone since listed
+            pass
+    return found
+
+
+def _stop_leftovers(before: dict, candidates: dict | None = None) -> None:
+    """Kill daemons (`candidates`, default this process's descendant daemons now) not in `before` that outlived their
+    owner's shutdown, e.g. after a Ctrl-C mid-start. A psutil handle refuses to signal a pid since reused."""
+    psutil = _psutil()
+
+    for pid, process in (_p2pd_processes() if candidates is None else candidates).items():
+        if pid not in before:
+            try:
+                process.kill()
+                process.wait(5)
+            except psutil.Error:  # the normal case: its owner's shutdown already stopped it
+                pass
