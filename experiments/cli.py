@@ -20,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="experiment file (.toml)")
     demo = sub.add_parser("demo", help="run experiments/demo.toml")
     fid = sub.add_parser("fidelity", help="run an experiment in the simulator and on real peers, and compare")
-    fid.add_argument("file", help="experiment file (.toml); its arms must run in real mode (ddp, diloco)")
+    fid.add_argument("file", help="experiment file (.toml); its arms must run in real mode (ddp, diloco, collaborative, local-updates)")
     fid.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     fid.add_argument("--out", help="folder to create (default results/<experiment>/fidelity-<timestamp>)")
     from cluster.real import doctor, join

@@ -84,7 +84,7 @@ def compare(sim: list[dict], real: list[dict], arms: list[str]) -> dict[str, dic
     table = {}
     for arm in arms:
         s, r = _figures(sim, arm), _figures(real, arm)
-        table[arm] = {key: _row(s[key], r[key]) for key in s}
+        table[arm] = {key: _row(s[key], r.get(key)) for key in s}
     return table
 
 
@@ -93,11 +93,17 @@ def _figures(records: list[dict], arm: str) -> dict[str, float | None]:
     comm = [x for x in mine if x["kind"] == "comm"]
     steps = [x for x in mine if x["kind"] == "step"]
     evals = [x for x in mine if x["kind"] == "eval"]
+    # Swarm arms' step records are epochs of whatever size the swarm reached: compare compute per sample there.
+    sampled = [x for x in steps if "samples" in x]
+    samples = sum(x["samples"] for x in sampled)
     return {
         "exchange_s": statistics.median(x["comm_s"] for x in comm) if comm else None,
-        "compute_per_step_s": statistics.median(x["compute_s"] for x in steps) if steps else None,
+        "rounds": len({x.get("round") for x in comm}),
+        **({"compute_per_sample_s": sum(x["compute_s"] for x in sampled) / samples if samples else None} if sampled
+           else {"compute_per_step_s": statistics.median(x["compute_s"] for x in steps) if steps else None}),
         "total_s": max((x["time_s"] for x in mine), default=None),
         "bytes_sent": sum(sum(x["bytes_sent"]) for x in comm),
+        "bytes_per_round": sum(sum(x["bytes_sent"]) for x in comm) / len(comm) if comm else None,
         "final_loss": evals[-1]["loss"] if evals else None,
     }
 

@@ -2,12 +2,14 @@
 
 - `peer.RealPeer`: one worker's replica plus its hivemind DHT, averager and relay; answers its strategy's exchanges
   with real all-reduces.
-- `runtime.run_real_arm`: starts the peers, waits until the swarm is whole, drives them in lockstep and emits the
-  simulator's record kinds with measured times and bytes.
+- `runtime.run_real_arm`: starts the peers, waits until the swarm is whole, drives them (in lockstep, or polls a
+  swarm arm) and emits the simulator's record kinds with measured times and bytes.
 - `accounting`: which bytes the relays count and how they are credited to the peers.
 - `options`: shaping on/off, where peers listen, and hivemind's timeouts derived from the arm's links.
+- `swarm`: collaborative and local-updates arms on `hivemind.Optimizer`, each peer training at its own pace.
+- `join`, `doctor`: the volunteer's commands: join a running swarm arm from elsewhere; check this machine first.
 
-What runs here so far: lockstep strategies whose exchanges are blocking, dense and among all workers (ddp, diloco).
+Lockstep arms (ddp, diloco) have blocking, dense exchanges among all workers, answered by a `DecentralizedAverager`.
 """
 
 from cluster.real.options import (REAL_ALGORITHMS, SHAPING, AveragingTimeouts, RealOptions, averaging_timeouts,

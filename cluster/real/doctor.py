@@ -401,8 +401,8 @@ def _unreachable_fix(port: int, observed: str) -> str:
     ip = "/".join(observed.split("/")[1:3]) if address_kind(observed) == "public" else "ip4/PUBLIC_IP"
     where = f"TCP port {port}" if port else "a fixed TCP port (rerun with --port P)"
     return (f"others cannot open connections to this machine: forward {where} to it on your router/firewall and "
-            f"announce it, --announce /{ip}/tcp/{port or 'P'}; a peer that cannot be dialled could only join in "
-            f"client mode or through a libp2p relay (use_auto_relay), which the real mode does not run yet")
+            f"announce it, --announce /{ip}/tcp/{port or 'P'}; or join with `farflung join --client-mode` (it then "
+            f"dials out only, and collaborative arms accept it)")
 
 
 def _no_probe_fix(peer: _Peer) -> str:

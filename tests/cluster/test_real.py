@@ -15,6 +15,7 @@ import uuid
 
 import numpy as np
 import pytest
+from proctools import TAG, tagged_processes
 
 from cluster.devices import get_device
 from cluster.network import Link, Network, build_network
@@ -27,9 +28,6 @@ from trainer.data import DataConfig
 from trainer.model import PRESETS, count_params
 from trainer.replica import OptimConfig, ReplicaSpec
 from trainer.strategies.diloco import DiLoCoSettings
-
-TAG = "FARFLUNG_REAL_TEST_TAG"
-
 
 def _plan(n: int, steps: int, network: Network, eval_every: int) -> ArmPlan:
     return ArmPlan(name="diloco-real", n_workers=n, network=network, devices=(get_device("laptop-cpu"),) * n,
@@ -122,23 +120,6 @@ def test_check_real_arm_rejects_what_the_real_mode_cannot_run():
 
 
 # --- end to end -------------------------------------------------------------------------------------------------
-def _tagged_processes(tag: str) -> dict[int, str]:
-    """Processes (other than this one) whose environment carries `tag`: everything this test started, by descent."""
-    import ray  # noqa: F401  (psutil ships inside Ray's thirdparty_files, which importing ray puts on sys.path)
-    import psutil
-
-    found = {}
-    for process in psutil.process_iter(["pid", "name"]):
-        if process.pid == os.getpid():
-            continue
-        try:
-            if process.environ().get(TAG) == tag:
-                found[process.pid] = process.info["name"]
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-    return found
-
-
 @pytest.fixture
 def p2pd_works():
     import hivemind
@@ -175,7 +156,7 @@ def test_three_real_peers_train_diloco_and_leave_nothing_running(p2pd_works, fre
     records, running = [], {}
 
     def on_swarm(swarm):
-        running.update(_tagged_processes(fresh_ray))
+        running.update(tagged_processes(fresh_ray))
         assert swarm.run_id.startswith("farflung-diloco-real-") and swarm.initial_peers[0].startswith("/ip4/127.0.0.1/")
 
     result = run_real_arm(plan, specs, records.append, on_swarm=on_swarm)
@@ -185,12 +166,12 @@ def test_three_real_peers_train_diloco_and_leave_nothing_running(p2pd_works, fre
     assert any(name.startswith("ray::") for name in running.values())
     # run_real_arm stops the hivemind processes and waits for its actors to exit (their processes, and the hivemind
     # ones forked from them, are titled ray::RealPeer...); Ray's daemons and idle workers get a grace to stop.
-    left = _tagged_processes(fresh_ray)
+    left = tagged_processes(fresh_ray)
     assert not [name for name in left.values() if name == "p2pd" or name.startswith("ray::RealPeer")], left
     deadline = time.monotonic() + 10
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
-        left = _tagged_processes(fresh_ray)
+        left = tagged_processes(fresh_ray)
     assert left == {}
 
     steps_seen = sorted({r["step"] for r in records if r["kind"] == "step"})
