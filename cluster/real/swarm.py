@@ -189,7 +189,9 @@ class SwarmPeer(RealPeer):
             grad_compression=_codec(setup.codec), state_averaging_compression=_codec(setup.codec),
             averager_opts=averager_opts, grad_averager_factory=grad_averager,
             tracker_opts={"min_refresh_period": setup.progress_refresh_s},
-            shutdown_timeout=5.0, verbose=False,
+            # hivemind 1.1.12 leaves its own client_mode unset unless it is passed (its default of None stays None),
+            # and then asks a client-mode averager to share its state, which raises.
+            client_mode=self.dht.client_mode, shutdown_timeout=5.0, verbose=False,
         )
         from cluster.real.peer import _process_tree
 

@@ -48,7 +48,8 @@ def _join(*args: str, timeout: float) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_count):
+@pytest.mark.parametrize("mode", [[], ["--client-mode"]], ids=["listening", "client-mode"])
+def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_count, mode):
     plan, specs = _swarm_arm(steps=100_000)  # far more than it will train: the test stops it
     records: list[dict] = []
     swarm: list = []
@@ -75,7 +76,7 @@ def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_co
         assert swarm and epochs_seen[0] >= 3, f"the swarm did not get going: {failure}"
         info = swarm[0]
         joined = _join("--initial-peers", info.initial_peers[0], "--run-id", info.run_id, "--epochs", "3",
-                       "--threads", "1", timeout=240)
+                       "--threads", "1", *mode, timeout=240)
     finally:
         stop.set()
         thread.join(timeout=240)
