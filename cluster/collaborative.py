@@ -5,18 +5,27 @@ Each epoch, on the virtual clock:
 2. the epoch is complete at T_target, the first microbatch completion at which the swarm's samples
    (counted at completions) reach `target_batch_size`;
 3. peers learn it after a progress refresh and one DHT lookup (`progress_refresh_s` plus
-   ceil(log2 N) + 1 round trips), and the pre-scheduled group confirms the round with one round
-   trip to its leader: the all-reduce starts at T_start;
-4. every microbatch finished by T_start is in this epoch; a peer that began one before T_start is
-   still computing it during the all-reduce, and its samples go into the next epoch;
-5. the butterfly all-reduce of the peers' mean gradients, weighted by samples, takes D from the
-   network model; if D exceeds `averaging_timeout` the round fails at T_start + averaging_timeout
-   and each peer steps on its own gradients (hivemind's fallback);
-6. each peer steps when both the round and its own microbatch are done.
+   ceil(log2 N) + 1 round trips) and confirm with their group's leader (one round trip): at
+   T_ready every peer has stopped accumulating and waits for the round;
+4. every microbatch finished by T_ready is in this epoch; a peer that began one before T_ready is
+   still computing it while it waits, and its samples go into the next epoch;
+5. matchmaking: hivemind.Optimizer pre-schedules the round (begins looking for a group) in its
+   `step`, which a peer calls after each microbatch, once the ETA to the epoch's end is at most
+   `matchmaking_time`. The first peer to do so, at T_match, leads: its group assembles at
+   T_match + min(matchmaking_time, averaging_timeout), when its declared expiration comes (the
+   step's deadline caps it). The round starts at T_start = max(T_ready, that). With a
+   `target_group_size` the swarm fits, the leader starts once everyone has joined: T_start = T_ready;
+6. the butterfly all-reduce of the peers' mean gradients, weighted by samples, takes D from the
+   network model; a peer waits at most `averaging_timeout` from T_ready, so if the matchmaking wait
+   plus D exceeds it the round fails at T_ready + averaging_timeout and each peer steps on its own
+   gradients (hivemind's fallback);
+7. each peer steps when both the round and its own microbatch are done.
 
-A peer with no completed microbatch joins with weight 0. Every peer joins the pre-scheduled group,
-so it is full and hivemind's leader starts at once: `matchmaking_time`, the longest a leader waits
-for missing peers, does not bind here (it will with churn, when peers can be missing).
+The ETA is the true close, min(T_target, T_ready): hivemind estimates it from the peers' reported
+speeds at each progress refresh and has none from an epoch's start to the next refresh, so real
+peers may begin matchmaking up to a refresh later. A peer with no completed microbatch joins with weight
+0. Every peer joins the one group; in hivemind a peer that begins looking after the leader's window
+has closed (a microbatch longer than `matchmaking_time`) would miss the round.
 """
 
 from __future__ import annotations
@@ -67,17 +76,19 @@ class CollaborativeSimulation(ArmSimulation):
         dt = [self.seconds_per_microbatch(w) for w in range(n)]
         start = list(self.clock.now_s)
         t_target = self.target_time(start, dt, batch)
-        t_start = t_target + self.notice_delay_s() + 2 * self.max_pair_latency_s()
-        completed = [self.completions_by(start[w], dt[w], t_start) for w in range(n)]
+        t_ready = t_target + self.notice_delay_s() + 2 * self.max_pair_latency_s()
+        completed = [self.completions_by(start[w], dt[w], t_ready) for w in range(n)]
         left = (budget - self.tokens) // self.microbatch_tokens
         if sum(completed) >= left:
-            # The token budget runs out before the round would start: peers stop there, and the
-            # round starts when the last budgeted microbatch is done.
-            completed, t_start = self.first_completions(start, dt, max(left, 1))
+            # The token budget runs out before the peers would notice the epoch: they stop there, and
+            # are ready when the last budgeted microbatch is done.
+            completed, t_ready = self.first_completions(start, dt, max(left, 1))
             allow_late = False
-        late = [allow_late and start[w] + completed[w] * dt[w] < t_start for w in range(n)]
+        late = [allow_late and start[w] + completed[w] * dt[w] < t_ready for w in range(n)]
+        t_match = self.matchmaking_start_s(start, dt, min(t_target, t_ready))
+        t_start = max(t_ready, self.group_assembled_s(t_match))
 
-        # Phase 1: microbatches until the round starts; every peer answers Report after each one.
+        # Phase 1: microbatches until the peers are ready; every peer answers Report after each one.
         remaining = list(completed)
         compute_s = [0.0] * n
         replies: list = [None] * n
@@ -101,14 +112,15 @@ class CollaborativeSimulation(ArmSimulation):
             pending = still
         self.microbatches_done += sum(completed)
 
-        # Phase 2: the round, in the background of any late microbatch.
+        # Phase 2: matchmaking's wait and the round, in the background of any late microbatch.
         group = tuple(range(n))
         result, record = self.reduce(group, [requests[w] for w in group])
         self.round += 1
         duration = record["comm_s"]
-        failed = duration > settings.averaging_timeout
-        t_end = t_start + (settings.averaging_timeout if failed else duration)
-        self.clock.overlap(group, t_end - t_start)
+        # Peers wait for the round from when they are ready, matchmaking included (hivemind's averaging_timeout).
+        failed = (t_start - t_ready) + duration > settings.averaging_timeout
+        t_end = t_ready + settings.averaging_timeout if failed else t_start + duration
+        self.clock.overlap(group, max(0.0, t_end - t_start))
         events = self.runtime.call("advance", [(epoch + 1, None, False)] * n)  # ack the non-blocking exchange
         assert all(isinstance(e[0], ReportRequest) for e in events)
         events = self.runtime.call("advance", [(epoch + 1, late[w], False) for w in range(n)])
@@ -128,7 +140,8 @@ class CollaborativeSimulation(ArmSimulation):
         self.emit(
             {
                 **record, "idle_s": waits, "time_s": t_end, "staleness": 0, "failed": failed,
-                "samples": [int(requests[w].weight) for w in range(n)], "epoch_closed_s": t_target, "round_start_s": t_start,
+                "samples": [int(requests[w].weight) for w in range(n)], "epoch_closed_s": t_target,
+                "ready_s": t_ready, "matchmaking_start_s": t_match, "round_start_s": t_start,
             }
         )
         for w, evs in enumerate(events):
@@ -155,6 +168,27 @@ class CollaborativeSimulation(ArmSimulation):
         while k > 0 and start + k * dt > t:
             k -= 1
         return k
+
+    @classmethod
+    def first_completion_from(cls, start: float, dt: float, t: float) -> float:
+        """The first microbatch completion at or after time t (the first, if t comes before it)."""
+        k = cls.completions_by(start, dt, t)
+        if k == 0 or start + k * dt < t:
+            k += 1
+        return start + k * dt
+
+    def matchmaking_start_s(self, start: list[float], dt: list[float], t_close: float) -> float:
+        """When the first peer pre-schedules the round: at its first `step` (after a microbatch) with the
+        epoch due within matchmaking_time (hivemind.Optimizer._maybe_schedule_gradient_averaging)."""
+        due = t_close - self.settings.matchmaking_time
+        return min(self.first_completion_from(start[w], dt[w], due) for w in range(len(start)))
+
+    def group_assembled_s(self, t_match: float) -> float:
+        """When the leader who began looking at t_match begins the round, if everyone is ready by then."""
+        settings = self.settings
+        if settings.target_group_size:
+            return -math.inf  # a full group: the leader starts once every peer has joined, before they are ready
+        return t_match + min(settings.matchmaking_time, settings.averaging_timeout)
 
     @staticmethod
     def first_completions(start: list[float], dt: list[float], count: int) -> tuple[list[int], float]:

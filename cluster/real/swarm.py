@@ -16,6 +16,7 @@ How the simulator's settings map onto hivemind.Optimizer:
 | collaborative `matchmaking_time`             | `matchmaking_time` (the averagers' `min_matchmaking_time`)           |
 | collaborative `averaging_timeout`            | `averaging_timeout`                                                   |
 | collaborative `progress_refresh_s`           | `tracker_opts.min_refresh_period`                                    |
+| collaborative `target_group_size` (0: None)  | the averagers' `target_group_size`                                    |
 | collaborative: gradients averaged only       | `average_state_every` = never (hivemind would also average the state)|
 | local-updates `average_state_every` (steps)  | `use_local_updates`, one epoch = that many steps of every peer        |
 | local-updates `delay_state_averaging`        | `delay_state_averaging` (hivemind's delta rule)                       |
@@ -67,6 +68,7 @@ class SwarmSetup:
     matchmaking_time_s: float
     averaging_timeout_s: float
     progress_refresh_s: float
+    target_group_size: int  # 0: hivemind's default (None): a leader gathers its group for matchmaking_time
     lockstep_steps_per_epoch: float  # places epoch e on the arm's learning-rate schedule
     codec: str
 
@@ -77,7 +79,7 @@ class SwarmSetup:
                 target_batch_size=settings.target_batch_size, batch_size=batch_size, use_local_updates=False,
                 delay_state_averaging=False, average_state_every=NEVER,
                 matchmaking_time_s=settings.matchmaking_time, averaging_timeout_s=settings.averaging_timeout,
-                progress_refresh_s=settings.progress_refresh_s,
+                progress_refresh_s=settings.progress_refresh_s, target_group_size=settings.target_group_size,
                 lockstep_steps_per_epoch=settings.target_batch_size / (n_workers * batch_size), codec=codec,
             )
         if algorithm == "local-updates":
@@ -85,7 +87,7 @@ class SwarmSetup:
             return cls(
                 target_batch_size=settings.average_state_every * n_workers * batch_size, batch_size=batch_size,
                 use_local_updates=True, delay_state_averaging=settings.delay_state_averaging, average_state_every=1,
-                matchmaking_time_s=5.0, averaging_timeout_s=60.0, progress_refresh_s=0.5,
+                matchmaking_time_s=5.0, averaging_timeout_s=60.0, progress_refresh_s=0.5, target_group_size=0,
                 lockstep_steps_per_epoch=float(settings.average_state_every), codec=codec,
             )
         raise ValueError(f"algorithm: {algorithm!r} is not a swarm algorithm ({', '.join(SWARM_ALGORITHMS)})")
@@ -173,7 +175,7 @@ class SwarmPeer(RealPeer):
 
         # hivemind needs each matchmaking request to time out well before a leader stops gathering its group.
         averager_opts = {"request_timeout": min(request_timeout_s, 0.5 * setup.matchmaking_time_s) or None,
-                         "bandwidth": bandwidth_mbps}
+                         "bandwidth": bandwidth_mbps, "target_group_size": setup.target_group_size or None}
         averager_opts = {k: v for k, v in averager_opts.items() if v is not None}
         # Optimizer hands averager_opts to its state averager only; the gradient averager gets them here.
         grad_averager = None if setup.use_local_updates else partial(GradientAverager, **averager_opts)

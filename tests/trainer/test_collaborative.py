@@ -5,10 +5,11 @@ import pytest
 import torch
 from simtools import SEED, TINY, TINY_DATA, TINY_OPTIM, simulate
 
+from cluster.devices import get_device
 from cluster.network import Link, Network
 from trainer.data import ShardSampler, load_corpus
-from trainer.model import GPT
-from trainer.strategies.collaborative import CollaborativeSettings
+from trainer.model import GPT, training_flops_per_token
+from trainer.strategies.collaborative import Collaborative, CollaborativeSettings
 
 INSTANT = CollaborativeSettings(target_batch_size=16, progress_refresh_s=0.0)
 
@@ -55,13 +56,16 @@ def test_a_peer_twice_as_fast_contributes_two_thirds_of_each_epoch():
 def test_latency_delays_the_round_and_late_microbatches_go_to_the_next_epoch():
     # The round starts a refresh plus DHT lookups after the target is reached, so peers overshoot
     # the target, and the slow peer is mid-microbatch when the round begins. Slow devices keep the
-    # overshoot to a few microbatches (tiny's microbatch takes 7 ms and 14 ms here).
-    settings = CollaborativeSettings(target_batch_size=24, progress_refresh_s=0.002)
+    # overshoot to a few microbatches (tiny's microbatch takes 7 ms and 14 ms here). The group is
+    # full (target_group_size), so matchmaking adds no wait.
+    settings = CollaborativeSettings(target_batch_size=24, progress_refresh_s=0.002, target_group_size=2)
     network = {"bandwidth": "1Gbit", "latency": "0.5ms"}
     run = simulate(2, 2, 48, "collaborative", settings, network=network, speed_factors=(0.02, 0.01))
     comm = run.of("comm")
     assert all(sum(r["samples"]) >= 24 for r in comm)
-    assert all(r["round_start_s"] > r["epoch_closed_s"] for r in comm)
+    # Refresh 2 ms, DHT lookup ceil(log2 2) + 1 = 2 round trips of 2 x 1 ms, one round trip to the leader.
+    notice_s = 0.002 + 2 * 2 * 0.001 + 2 * 0.001
+    assert [r["round_start_s"] - r["epoch_closed_s"] for r in comm] == [pytest.approx(notice_s)] * len(comm)
     fast_share = sum(r["samples"][0] for r in comm) / sum(sum(r["samples"]) for r in comm)
     assert 0.6 < fast_share < 0.75
     steps = run.of("step")
@@ -82,11 +86,92 @@ def test_the_token_budget_caps_an_epoch_that_latency_would_stretch():
 
 def test_a_round_slower_than_averaging_timeout_fails_and_peers_step_alone():
     # 50 kbit/s links: averaging tiny's 136 kB gradient takes tens of seconds, beyond a 1 s timeout.
-    settings = CollaborativeSettings(target_batch_size=8, progress_refresh_s=0.0, averaging_timeout=1.0)
+    # A full group (target_group_size) starts at once, so the timeout is all the all-reduce's.
+    settings = CollaborativeSettings(target_batch_size=8, progress_refresh_s=0.0, averaging_timeout=1.0,
+                                     target_group_size=2)
     network = {"bandwidth": "50kbit", "latency": "1ms"}
     run = simulate(2, 2, 4, "collaborative", settings, network=network)
     comm = run.of("comm")
     assert comm and all(r["failed"] for r in comm)
+    assert all(r["round_start_s"] == r["ready_s"] for r in comm)
     assert all(r["time_s"] - r["round_start_s"] == pytest.approx(1.0) for r in comm)
     first, second = run.runtime.call("params")
     assert not np.allclose(first, second)  # each peer applied its own gradients
+
+
+# Two equal peers of 2 sequences, target 16: each finishes 4 microbatches of d seconds, the epoch
+# closes at its start + 4d and, without latency, the peers are ready then. 10 Mbit/s links: in the
+# butterfly all-reduce each of 2 peers sends and receives the whole gradient message (hivemind's
+# serialization: 4 bytes a parameter and a few bytes of framing), so it takes D = 8 * bytes / 1e7 s.
+D_ = training_flops_per_token(TINY) * 2 * TINY.block_size / get_device("laptop-cpu").effective_flops
+PARAMS = sum(p.numel() for p in GPT(TINY).parameters())
+MESSAGE_BYTES = 4 * PARAMS + 18  # float32 values + the protobuf's framing
+D_ALLREDUCE = 8 * MESSAGE_BYTES / 10e6
+
+
+def ten_mbit(n):
+    return Network(tuple(Link(10e6, 10e6, 0.0) for _ in range(n)))
+
+
+@pytest.mark.parametrize(
+    # hivemind pre-schedules at its first step (after a microbatch) with the epoch due within
+    # matchmaking_time; the leader begins matchmaking_time later. In units of d from the epoch's start:
+    "matchmaking_time, target_group_size, match_d, start_d",
+    [
+        (0.5, 0, 1, None),  # M >> the epoch: looking from the first microbatch, the round at d + M
+        (2.5 * D_, 0, 2, 4.5),  # due at 1.5d: looking from microbatch 2, the round at 2d + M = 4.5d
+        (0.5 * D_, 0, 4, 4.5),  # due at 3.5d: looking from microbatch 4 (the close), the round at 4d + M
+        (0.0, 0, 4, 4),  # M = 0: looking from the close, the round starts when the peers are ready
+        (0.5, 2, 1, 4),  # the group of 2 is full: the leader starts when the peers are ready
+    ],
+)
+def test_the_round_waits_for_the_leaders_matchmaking_window(matchmaking_time, target_group_size, match_d, start_d):
+    settings = CollaborativeSettings(target_batch_size=16, progress_refresh_s=0.0, matchmaking_time=matchmaking_time,
+                                     target_group_size=target_group_size)
+    epochs = 3
+    run = simulate(2, 2, epochs * 16 // 4, "collaborative", settings, network=ten_mbit(2))
+    comm, steps = run.of("comm"), run.of("step")
+    assert len(comm) == epochs and len(steps) == 2 * epochs
+    t = 0.0  # every epoch starts when the previous round ends: no peer is mid-microbatch then
+    for e, r in enumerate(comm):
+        closed = t + 4 * D_
+        round_start = t + (start_d * D_ if start_d is not None else D_ + matchmaking_time)
+        end = round_start + D_ALLREDUCE
+        assert r["samples"] == [8, 8] and not r["failed"]
+        assert r["message_bytes"] == MESSAGE_BYTES
+        assert r["comm_s"] == pytest.approx(D_ALLREDUCE, rel=1e-9)
+        assert r["epoch_closed_s"] == pytest.approx(closed, rel=1e-9)
+        assert r["ready_s"] == pytest.approx(closed, rel=1e-9)
+        assert r["matchmaking_start_s"] == pytest.approx(t + match_d * D_, rel=1e-9)
+        assert r["round_start_s"] == pytest.approx(round_start, rel=1e-9)
+        assert r["time_s"] == pytest.approx(end, rel=1e-9)
+        assert r["idle_s"] == [pytest.approx(end - closed, rel=1e-9)] * 2
+        for step in steps[2 * e: 2 * e + 2]:
+            assert step["time_s"] == pytest.approx(end, rel=1e-9)
+            assert step["compute_s"] == pytest.approx(4 * D_, rel=1e-9)
+        t = end
+
+
+def test_the_matchmaking_wait_counts_against_averaging_timeout():
+    # M = 0.5 s, timeout 0.3 s: the leader's window ends at the deadline, d + 0.3 s. Ready at 4d, the
+    # peers would have the round at d + 0.3 + D, more than 0.3 s after 4d (D = 0.109 s > 3d), so
+    # they give up at 4d + 0.3 and step on their own gradients.
+    settings = CollaborativeSettings(target_batch_size=16, progress_refresh_s=0.0, matchmaking_time=0.5,
+                                     averaging_timeout=0.3)
+    run = simulate(2, 2, 4, "collaborative", settings, network=ten_mbit(2))
+    (r,) = run.of("comm")
+    assert r["failed"]
+    assert r["round_start_s"] == pytest.approx(D_ + 0.3, rel=1e-9)
+    assert r["time_s"] == pytest.approx(4 * D_ + 0.3, rel=1e-9)
+    assert [s["time_s"] for s in run.of("step")] == [pytest.approx(4 * D_ + 0.3, rel=1e-9)] * 2
+    first, second = run.runtime.call("params")
+    assert not np.allclose(first, second)
+
+
+def test_a_target_group_smaller_than_the_swarm_is_rejected_with_the_fix():
+    with pytest.raises(ValueError, match=r"^target_group_size: 2 would split the 3 peers.*set it to 3 or more"):
+        Collaborative.check_arm(CollaborativeSettings(target_group_size=2), 3, "none")
+    Collaborative.check_arm(CollaborativeSettings(target_group_size=3), 3, "none")
+    Collaborative.check_arm(CollaborativeSettings(), 3, "none")  # 0: hivemind's default None
+    with pytest.raises(ValueError, match=r"^target_group_size: must be an integer >= 0"):
+        CollaborativeSettings(target_group_size=-1).check()

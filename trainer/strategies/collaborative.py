@@ -4,11 +4,18 @@ Peers train at their own speeds and report the samples they have accumulated; wh
 samples reach `target_batch_size` the epoch closes, the peers average their accumulated gradients
 (hivemind's butterfly all-reduce, each peer weighted by its samples) and all take the optimizer
 step for that epoch. A fast peer contributes more samples; a microbatch still running when the
-round starts belongs to the next epoch (it was computed on the old parameters: one step stale).
+peers stop to average belongs to the next epoch (it was computed on the old parameters: one step
+stale).
 
 The strategy only accumulates and answers the cluster's questions; when an epoch closes, how long
 the progress reports and matchmaking take, and who is still computing, are decided in
 `cluster.collaborative` from the links and the peers' speeds.
+
+`matchmaking_time` binds: with hivemind's default `target_group_size` (None, here 0) a leader gathers
+its group for `matchmaking_time` from when it began looking, and hivemind.Optimizer begins looking
+once the epoch is due within `matchmaking_time`. An epoch shorter than that lasts its first
+microbatch, then `matchmaking_time`, then the all-reduce. A `target_group_size` the whole swarm fits
+lets the leader start as soon as every peer has joined.
 """
 
 from __future__ import annotations
@@ -23,9 +30,13 @@ from trainer.strategies.base import Await, Exchange, Report, Settings, StepGener
 @dataclass(frozen=True)
 class CollaborativeSettings(Settings):
     target_batch_size: int = 256  # samples (sequences) per epoch over the whole swarm
-    # hivemind.Optimizer's defaults: how long a peer looks for a group, and how long an all-reduce may take.
+    # hivemind.Optimizer's defaults: how long a leader gathers its group (the averagers' min_matchmaking_time),
+    # and how long a peer waits for the round once it has noticed the epoch's end.
     matchmaking_time: float = 15.0
     averaging_timeout: float = 60.0
+    # The averager's target_group_size: a leader starts as soon as its group has this many peers. 0 stands for
+    # hivemind's default None (no target: the leader gathers for matchmaking_time); else at least run.workers.
+    target_group_size: int = 0
     # How often peers refresh the swarm's progress from the DHT (hivemind's ProgressTracker
     # min_refresh_period): the epoch is noticed up to this late, plus one DHT lookup.
     progress_refresh_s: float = 0.5
@@ -35,6 +46,11 @@ class CollaborativeSettings(Settings):
         number_in("matchmaking_time", self.matchmaking_time, 0.0, 3600.0)
         number_in("averaging_timeout", self.averaging_timeout, 0.0, 86400.0, low_open=True)
         number_in("progress_refresh_s", self.progress_refresh_s, 0.0, 3600.0)
+        if isinstance(self.target_group_size, bool) or not isinstance(self.target_group_size, int) or (
+            self.target_group_size < 0
+        ):
+            raise ValueError(f"target_group_size: must be an integer >= 0 (0: hivemind's default None), "
+                             f"got {self.target_group_size!r}")
 
 
 class Collaborative(Strategy):
@@ -42,8 +58,19 @@ class Collaborative(Strategy):
     Settings = CollaborativeSettings
     schedule = "collaborative"
 
+    @classmethod
+    def check_arm(cls, settings: CollaborativeSettings, n_workers: int, codec: str) -> None:
+        if 0 < settings.target_group_size < n_workers:
+            raise ValueError(
+                f"target_group_size: {settings.target_group_size} would split the {n_workers} peers into several "
+                "groups, each averaging on its own, and the simulator forms one group per epoch; set it to "
+                f"{n_workers} or more (the leader starts once everyone has joined) or leave it at 0 (hivemind's "
+                "default: the leader gathers for matchmaking_time)"
+            )
+
     def __init__(self, settings: CollaborativeSettings, replica):
         super().__init__(settings, replica)
+        self.check_arm(settings, replica.spec.n_workers, replica.spec.codec)
         self.accumulated = torch.zeros_like(replica.flat_params())  # sum of per-sample gradients
         self.samples = 0
         self.carried_losses: list[float] = []
