@@ -87,7 +87,7 @@ def run(
                     run_real_arm(
                         arm_plan(spec, arm), replica_specs(spec, arm), emit, on_step=lambda: bar.update(1),
                         # On a Ray cluster (RAY_ADDRESS) peers on different machines reach each other by node address.
-                        options=RealOptions(shaping=spec.run.shaping,
+                        options=RealOptions(shaping=spec.run.shaping, allreduce=arm.allreduce,
                                             host="auto" if os.environ.get("RAY_ADDRESS") else "127.0.0.1"),
                         on_swarm=lambda s, name=arm.name: _announce_swarm(manifest, name, s),
                     )

@@ -22,7 +22,7 @@ from typing import Any
 from cluster.devices import DEVICES, get_device
 from cluster.heterogeneity import speed_factors
 from cluster.network import Network, build_network, regions_table
-from cluster.real.options import SHAPING, check_real_arm
+from cluster.real.options import ALLREDUCE, SHAPING, check_real_arm
 from experiments.fields import ConfigError, boolean, check_keys, choice, integer, number, string
 from trainer.compression import check_codec
 from trainer.data import DataConfig
@@ -63,6 +63,7 @@ class ArmConfig:
     codec: str = "none"
     baseline: bool = False
     client_mode: tuple[int, ...] = ()  # workers without inbound connections (reduce no butterfly part)
+    allreduce: str = "hivemind"  # real mode, lockstep arms: "hivemind" (DecentralizedAverager) or "gloo"
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ def parse_spec(raw: dict) -> ExperimentSpec:
     if run.mode == "real":
         for arm in arms:
             try:
-                check_real_arm(arm.algorithm, arm.codec, arm.network, arm.client_mode, arm.speed_factors, run.shaping)
+                check_real_arm(arm.algorithm, arm.codec, arm.network, arm.client_mode, arm.speed_factors, run.shaping,
+                               arm.allreduce)
             except ValueError as e:
                 raise ConfigError(f"arm.{arm.name}.{e}") from None
     spec = ExperimentSpec(name, str(raw.get("description", "")), model, data, optim, run, arms)
@@ -257,7 +259,7 @@ def parse_arms(arms: Any, n_workers: int, seed: int = 0) -> tuple[ArmConfig, ...
     return tuple(parsed)
 
 
-ARM_KEYS = ["name", "algorithm", "network", "device", "speed_factors", "codec", "baseline", "client_mode"]
+ARM_KEYS = ["name", "algorithm", "network", "device", "speed_factors", "codec", "baseline", "client_mode", "allreduce"]
 
 
 def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0) -> ArmConfig:
@@ -304,9 +306,13 @@ def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0) -> ArmConfig
         STRATEGIES[algorithm].check_arm(settings, n_workers, codec)
     except ValueError as e:
         raise ConfigError(f"{path}.algorithm.{e}" if not str(e).startswith("codec") else f"{path}.{e}") from None
+    allreduce = string(f"{path}.allreduce", table.get("allreduce", "hivemind"))
+    if allreduce not in ALLREDUCE:
+        raise ConfigError(f"{path}.allreduce: must be one of {', '.join(ALLREDUCE)} (real mode, ddp and diloco arms), "
+                          f"got {allreduce!r}")
     return ArmConfig(
         name, algorithm, settings, network, label, device, speed, codec,
-        boolean(f"{path}.baseline", table.get("baseline", False)), tuple(sorted(set(client))),
+        boolean(f"{path}.baseline", table.get("baseline", False)), tuple(sorted(set(client))), allreduce,
     )
 
 
@@ -350,6 +356,7 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
                 "speed_factors": list(a.speed_factors),
                 "codec": a.codec,
                 "client_mode": list(a.client_mode),
+                "allreduce": a.allreduce,
             }
             for a in spec.arms
         ],

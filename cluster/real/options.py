@@ -15,6 +15,7 @@ from cluster.collectives import butterfly_allreduce
 from cluster.network import Link, Network
 
 SHAPING = ("relay", "none")
+ALLREDUCE = ("hivemind", "gloo")  # what averages a lockstep arm's exchanges
 # What the real mode runs: lockstep strategies whose exchanges are blocking, dense and among all workers (averaged
 # by a DecentralizedAverager), and the hivemind.Optimizer strategies (cluster.real.swarm).
 REAL_ALGORITHMS = ("ddp", "diloco", "collaborative", "local-updates")
@@ -34,17 +35,22 @@ class RealOptions:
     the address of the Ray node each peer runs on (a Ray cluster at RAY_ADDRESS).
     `max_attempts`: averaging rounds tried (all peers together) before the run stops with an error.
     `startup_timeout_s`: for building a peer (replica, relay, DHT, averager) and for the swarm's readiness barrier.
-    `swarm_timeout_s`: the longest a swarm arm (collaborative, local-updates) may train before it is stopped."""
+    `swarm_timeout_s`: the longest a swarm arm (collaborative, local-updates) may train before it is stopped.
+    `allreduce`: the arm's `allreduce`: "hivemind" (a DecentralizedAverager per peer) or "gloo"
+    (torch.distributed, unshaped: the datacenter baseline) for lockstep arms (ddp, diloco)."""
 
     shaping: str = "relay"
     host: str = "127.0.0.1"
     max_attempts: int = 3
     startup_timeout_s: float = 120.0
     swarm_timeout_s: float = 3600.0
+    allreduce: str = "hivemind"
 
     def __post_init__(self) -> None:
         if self.shaping not in SHAPING:
             raise ValueError(f"shaping: must be one of {', '.join(SHAPING)}, got {self.shaping!r}")
+        if self.allreduce not in ALLREDUCE:
+            raise ValueError(f"allreduce: must be one of {', '.join(ALLREDUCE)}, got {self.allreduce!r}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts: must be at least 1, got {self.max_attempts}")
 
@@ -56,7 +62,7 @@ class RealOptions:
 
 
 def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Sequence[int | bool] = (),
-                   speed_factors: Sequence[float] = (), shaping: str = "relay") -> None:
+                   speed_factors: Sequence[float] = (), shaping: str = "relay", allreduce: str = "hivemind") -> None:
     """Raise ValueError('field: what is wrong and the fix') for an arm the real mode cannot run as configured.
 
     The experiment file's parser can call this for `mode = "real"` so that a bad arm fails before any peer starts;
@@ -76,6 +82,18 @@ def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Se
                          "speed_factors or use mode = 'sim'")
     if shaping not in SHAPING:
         raise ValueError(f"shaping: must be one of {', '.join(SHAPING)}, got {shaping!r}")
+    if allreduce not in ALLREDUCE:
+        raise ValueError(f"allreduce: must be one of {', '.join(ALLREDUCE)}, got {allreduce!r}")
+    if allreduce == "gloo":
+        if algorithm not in ("ddp", "diloco"):
+            raise ValueError(f"allreduce: 'gloo' averages lockstep arms (ddp, diloco); {algorithm!r} runs "
+                             "hivemind.Optimizer; remove allreduce or set it to 'hivemind'")
+        if codec != "none":
+            raise ValueError(f"codec: gloo's all-reduce sends float32; set codec = 'none' or allreduce = "
+                             f"'hivemind' (got {codec!r})")
+        if shaping != "none":
+            raise ValueError("allreduce: gloo's sockets bypass the shaping relays; set run.shaping = 'none' (gloo is "
+                             "the unshaped, datacenter baseline) or allreduce = 'hivemind'")
     if shaping == "none":
         return
     if network.latency_matrix_s is not None or network.region_of is not None:

@@ -64,6 +64,9 @@ class ExchangeOutcome:
     comm_s: float  # from this peer's first attempt at this exchange to the end of this attempt
     idle_s: float  # from reaching the exchange to starting it (waiting for the slowest peer to get there too)
     end_s: float  # this peer's arm clock at the end of this attempt
+    # Counted by the kernel for a gloo all-reduce (cluster.real.gloo); None when the relays count the bytes.
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
 
 
 class _Quiet(logging.Filter):
@@ -136,7 +139,7 @@ class RealPeer:
     def __init__(self, spec: ReplicaSpec, link: Link, options: RealOptions, run_id: str):
         logging.getLogger("hivemind.averaging.key_manager").addFilter(_Quiet())
         self.spec, self.options, self.run_id = spec, options, run_id
-        self.dht = self.averager = self.relay = None
+        self.dht = self.averager = self.relay = self.gloo = None
         self._owned: list = []  # the hivemind processes this peer started (psutil handles), for shutdown's last resort
         self._pending: ExchangeRequest | None = None
         self._reply: np.ndarray | None = None
@@ -200,6 +203,20 @@ class RealPeer:
         finally:
             self._owned += _process_tree(self.averager.pid)
         return self.replica.num_params()
+
+    def gloo_port(self) -> int:
+        """A free port on this peer's host for the gloo rendezvous store (asked of rank 0)."""
+        from cluster.real.gloo import free_port
+
+        return free_port(self.host)
+
+    def start_gloo(self, host: str, port: int, timeout_s: float) -> int:
+        """Join the arm's gloo process group (every rank at once); returns the gloo sockets found for byte counting."""
+        from cluster.real.gloo import GlooGroup
+
+        self.timeouts = None
+        self.gloo = GlooGroup(self.spec.worker, self.spec.n_workers, host, port, timeout_s)
+        return len(self.gloo.fds)
 
     def announce(self) -> bool:
         """List this peer's multiaddrs in the DHT under the run's key: how the barrier (and a joining machine) finds it."""
@@ -287,6 +304,11 @@ class RealPeer:
         start_s = self.clock_s()
         if attempt == 0:
             self._idle_s, self._comm_started_s = start_s - self._arrived_s, start_s
+        if self.gloo is not None:
+            self._reply, sent, received = self.gloo.weighted_mean(request.tensor, request.weight)
+            end_s = self.clock_s()
+            return ExchangeOutcome(True, "", self.spec.n_workers, end_s - self._comm_started_s, self._idle_s, end_s,
+                                   sent, received)
         with self.averager.get_tensors() as tensors:
             tensors[0].copy_(torch.from_numpy(np.asarray(request.tensor, dtype=np.float32)))
         group_size, error = 0, ""
@@ -324,6 +346,12 @@ class RealPeer:
     # --- teardown ----------------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Stop the averager, the DHT (and its p2pd) and the relay; kill by pid any child process that outlived them."""
+        if self.gloo is not None:
+            try:
+                self.gloo.close()
+            except Exception:  # a rank whose peers are gone cannot leave the group cleanly; the process still exits
+                pass
+            self.gloo = None
         for name in ("averager", "dht"):
             process = getattr(self, name, None)
             if process is not None and process.is_alive():

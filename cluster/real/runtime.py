@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.real.accounting import attribute, counters_delta
+from cluster.real.accounting import RoundBytes, attribute, counters_delta
 from cluster.real.options import AveragingTimeouts, RealOptions, averaging_timeouts, check_real_arm
 from cluster.real.peer import ExchangeOutcome, MeasuredStep, PendingExchange, RealPeer
 from cluster.real.swarm import SWARM_ALGORITHMS, EpochRecord, SwarmPeer, SwarmSetup, arm_config
@@ -160,13 +160,18 @@ class RealArm:
                 f"network ({self.timeouts})")
         after = self.peers.call("relay_counters")
         moved = attribute([counters_delta(b, a) for b, a in zip(before, after)], self.dial_addresses)
+        gloo = outcomes[0].bytes_sent is not None
+        if gloo:  # gloo's sockets bypass the relays; the kernel counted them
+            moved = RoundBytes(tuple(o.bytes_sent for o in outcomes), tuple(o.bytes_received for o in outcomes), 0)
         end_s = max(o.end_s for o in outcomes)
         self.time_s = max(self.time_s, end_s)
         self.emit({
             "kind": "comm", "arm": self.plan.name, "round": self.round, "group": 0, "step": self.steps_completed,
-            # What ran: hivemind's butterfly all-reduce, whatever the strategy would have liked.
-            "collective": "butterfly", "requested_collective": first.collective, "payload": first.payload,
-            "participants": list(range(n)), "message_bytes": max(r.nbytes for r in requests),
+            # What ran: hivemind's butterfly all-reduce (or gloo's), whatever the strategy would have liked.
+            "collective": "gloo_allreduce" if gloo else "butterfly", "requested_collective": first.collective,
+            "payload": first.payload, "participants": list(range(n)),
+            # gloo sends the float32 tensor and its weight, whatever the codec (the file must say codec = "none").
+            "message_bytes": 4 * (first.numel + 1) if gloo else max(r.nbytes for r in requests),
             "raw_bytes": max(r.raw_nbytes for r in requests),
             "bytes_sent": list(moved.bytes_sent), "bytes_received": list(moved.bytes_received),
             "bytes_unattributed": moved.unattributed,
@@ -342,7 +347,7 @@ def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[di
     assert len(specs) == plan.n_workers and [s.worker for s in specs] == list(range(plan.n_workers))
     try:
         check_real_arm(specs[0].algorithm, plan.codec, plan.network, plan.client_mode, plan.speed_factors,
-                       options.shaping)
+                       options.shaping, options.allreduce)
     except ValueError as e:
         raise ValueError(f"arm {plan.name!r}: {e}") from None
     run_id = new_run_id(plan.name)
@@ -373,6 +378,10 @@ def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[di
             if not peers.call("publish", [(arm_config(specs[0], setup, plan.name), plan.name)], workers=[0],
                               timeout_s=wait_s)[0]:
                 raise RuntimeError("peer 0 could not store the arm's configuration in the DHT")
+        elif options.allreduce == "gloo":
+            port = peers.call("gloo_port", workers=[0], timeout_s=wait_s)[0]
+            host0 = peers.call("describe", workers=[0], timeout_s=wait_s)[0]["dial_address"][0]
+            peers.call("start_gloo", [(host0, port, wait_s)] * plan.n_workers, timeout_s=wait_s + 30)
         else:
             peers.call("start_averaging", [(timeouts, b) for b in bandwidths], timeout_s=wait_s)
         _barrier(peers, plan.n_workers, wait_s)

@@ -91,6 +91,10 @@ MALFORMED = {
                      "arm.x.algorithm.target_group_size"),
     "demo-codec": (experiment(arm='codec = "fp16"').replace('algorithm = "ddp"', 'algorithm = "demo"'), "arm.x.codec"),
     "topk-fraction": (experiment(arm='codec = "topk:2"'), "arm.x.codec"),
+    "allreduce": (experiment(arm='allreduce = "nccl"'), "arm.x.allreduce"),
+    # gloo's sockets cannot go through the shaping relays (run.shaping defaults to "relay").
+    "gloo-shaped": (experiment(run='mode = "real"', arm='allreduce = "gloo"').replace('runtime = "local"', 'runtime = "ray"'),
+                    "arm.x.allreduce"),
 }
 
 
