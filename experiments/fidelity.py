@@ -96,8 +96,12 @@ def _figures(records: list[dict], arm: str) -> dict[str, float | None]:
     # Swarm arms' step records are epochs of whatever size the swarm reached: compare compute per sample there.
     sampled = [x for x in steps if "samples" in x]
     samples = sum(x["samples"] for x in sampled)
+    if sampled:  # a swarm arm: the blocking time at an epoch's end, matchmaking wait and all-reduce together
+        exchange = {"epoch_wait_s": statistics.median(max(x["idle_s"]) for x in comm) if comm else None}
+    else:
+        exchange = {"exchange_s": statistics.median(x["comm_s"] for x in comm) if comm else None}
     return {
-        "exchange_s": statistics.median(x["comm_s"] for x in comm) if comm else None,
+        **exchange,
         "rounds": len({x.get("round") for x in comm}),
         **({"compute_per_sample_s": sum(x["compute_s"] for x in sampled) / samples if samples else None} if sampled
            else {"compute_per_step_s": statistics.median(x["compute_s"] for x in steps) if steps else None}),

@@ -288,6 +288,7 @@ class SwarmArm:
             samples += sum(r.samples for r in records)
             moved = bytes_by_epoch.get(epoch)
             zeros = (0,) * n
+            step_s = [next((r.step_s for r in records if r.worker == w), 0.0) for w in range(n)]
             self.emit({
                 "kind": "comm", "arm": plan.name, "round": epoch, "group": 0, "step": epoch,
                 "collective": "butterfly", "requested_collective": "butterfly",
@@ -297,8 +298,10 @@ class SwarmArm:
                 "bytes_received": list(moved.bytes_received if moved else zeros),
                 "bytes_unattributed": moved.unattributed if moved else 0,
                 "comm_s": max(r.step_s for r in records),
-                "comm_s_per_worker": [next((r.step_s for r in records if r.worker == w), 0.0) for w in range(n)],
-                "blocking": not self.setup.delay_state_averaging, "idle_s": [0.0] * n,
+                "comm_s_per_worker": step_s,
+                # Waiting for the round and averaging, as the simulator's idle_s: from noticing the epoch's end
+                # (entering the step that closes it) to the end of the round.
+                "blocking": not self.setup.delay_state_averaging, "idle_s": step_s,
                 "time_s": max(r.time_s for r in records), "staleness": 0, "attempts": 1, "measured": True,
                 "samples": [next((r.samples for r in records if r.worker == w), 0) for w in range(n)],
                 "swarm_peers": max(r.swarm_peers for r in records),
@@ -307,7 +310,8 @@ class SwarmArm:
             for r in records:
                 self.emit({
                     "kind": "step", "arm": plan.name, "worker": r.worker, "step": epoch, "tokens": samples * seq,
-                    "loss": r.loss, "time_s": r.time_s, "compute_s": r.compute_s, "samples": r.samples,
+                    "loss": r.loss, "time_s": r.time_s, "compute_s": r.compute_s, "optimizer_s": r.optimizer_s,
+                    "samples": r.samples,
                     "late_samples": 0, "staleness": 0,
                 })
 

@@ -101,7 +101,8 @@ class EpochRecord:
     epoch: int  # the epoch that closed
     samples: int  # this peer's samples in it
     loss: float | None  # mean microbatch loss (None if it ran none: it loaded state instead)
-    compute_s: float  # forward/backward and local optimizer time
+    compute_s: float  # forward/backward, plus the Optimizer.step calls that did not close the epoch
+    optimizer_s: float  # those Optimizer.step calls alone (accumulating, reporting progress; local AdamW steps)
     step_s: float  # the `Optimizer.step` call that closed the epoch: waiting for the round and averaging
     time_s: float  # this peer's clock when the epoch closed
     swarm_peers: int  # peers the progress tracker saw in the swarm
@@ -262,7 +263,7 @@ class SwarmPeer(RealPeer):
         self._resume_clock()
         records: list[EpochRecord] = []
         losses: list[float] = []
-        compute_s = 0.0
+        compute_s = optimizer_s = 0.0
         samples = 0
         deadline = time.monotonic() + max_wall_s
         while not self._stop_now.is_set() and time.monotonic() < deadline:
@@ -291,17 +292,19 @@ class SwarmPeer(RealPeer):
                 self._samples += batch
             if opt.local_epoch == epoch:
                 compute_s += t2 - t0  # with local updates this includes the local AdamW step
+                optimizer_s += t2 - t1
                 continue
             compute_s += t1 - t0
             record = EpochRecord(
                 worker=self.spec.worker, epoch=epoch, samples=samples,
-                loss=float(np.mean(losses)) if losses else None, compute_s=compute_s, step_s=t2 - t1,
+                loss=float(np.mean(losses)) if losses else None, compute_s=compute_s, optimizer_s=optimizer_s,
+                step_s=t2 - t1,
                 time_s=self.clock_s(), swarm_peers=swarm_peers, loaded_state=loaded,
             )
             records.append(record)
             if on_epoch is not None:
                 on_epoch(record)
-            losses, compute_s, samples = [], 0.0, 0
+            losses, compute_s, optimizer_s, samples = [], 0.0, 0.0, 0
         self._paused_at = time.perf_counter()
         return records
 

@@ -12,14 +12,12 @@ import threading
 import numpy as np
 import pytest
 
-from cluster.devices import get_device
+from realtools import unshaped_arm
+
 from cluster.network import Link, Network
 from cluster.real import RealOptions, check_real_arm, run_real_arm
 from cluster.real.gloo import tcp_bytes
-from cluster.sim import ArmPlan
-from trainer.data import DataConfig
 from trainer.model import PRESETS, count_params
-from trainer.replica import OptimConfig, ReplicaSpec
 from trainer.strategies.ddp import DDPSettings
 
 
@@ -68,14 +66,7 @@ def test_gloo_is_refused_where_it_cannot_run():
 
 def test_ddp_over_gloo_ends_equal_and_sends_what_a_ring_sends():
     n, steps = 3, 8
-    link = Link(uplink_bps=1e9, downlink_bps=1e9, one_way_latency_s=0.0)
-    plan = ArmPlan(name="ddp-gloo", n_workers=n, network=Network(links=(link,) * n),
-                   devices=(get_device("laptop-cpu"),) * n, speed_factors=(1.0,) * n, codec="none",
-                   total_steps=steps, tokens_per_step=n * 4 * 32, eval_every_steps=steps, seed=1)
-    specs = [ReplicaSpec(worker=w, n_workers=n, seed=1, model=PRESETS["tiny"],
-                         data=DataConfig(corpus="synthetic", synthetic_bytes=200_000),
-                         optim=OptimConfig(lr=3e-3, warmup_steps=2), batch_size=4, total_steps=steps,
-                         algorithm="ddp", settings=DDPSettings(), eval_batches=2, torch_threads=1) for w in range(n)]
+    plan, specs = unshaped_arm("ddp-gloo", n, steps, seed=1, algorithm="ddp", settings=DDPSettings())
     records: list[dict] = []
     result = run_real_arm(plan, specs, records.append, options=RealOptions(shaping="none", allreduce="gloo"))
     assert all(np.array_equal(result.final_params[0], p) for p in result.final_params[1:])

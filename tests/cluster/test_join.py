@@ -17,13 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.devices import get_device
-from cluster.network import Link, Network
+from realtools import unshaped_arm
+
 from cluster.real import RealOptions, run_real_arm
-from cluster.sim import ArmPlan
-from trainer.data import DataConfig
-from trainer.model import PRESETS
-from trainer.replica import OptimConfig, ReplicaSpec
 from trainer.strategies.collaborative import CollaborativeSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,16 +27,8 @@ N = 2
 
 
 def _swarm_arm(steps: int):
-    link = Link(uplink_bps=1e9, downlink_bps=1e9, one_way_latency_s=0.0)
-    plan = ArmPlan(name="collab-join", n_workers=N, network=Network(links=(link,) * N),
-                   devices=(get_device("laptop-cpu"),) * N, speed_factors=(1.0,) * N, codec="none",
-                   total_steps=steps, tokens_per_step=N * 4 * 32, eval_every_steps=steps, seed=3)
     settings = CollaborativeSettings(target_batch_size=16, matchmaking_time=2.0, averaging_timeout=20.0)
-    specs = [ReplicaSpec(worker=w, n_workers=N, seed=3, model=PRESETS["tiny"],
-                         data=DataConfig(corpus="synthetic", synthetic_bytes=200_000), optim=OptimConfig(lr=3e-3),
-                         batch_size=4, total_steps=steps, algorithm="collaborative", settings=settings, eval_batches=2,
-                         torch_threads=1) for w in range(N)]
-    return plan, specs
+    return unshaped_arm("collab-join", N, steps, seed=3, algorithm="collaborative", settings=settings)
 
 
 def _join(*args: str, timeout: float) -> subprocess.CompletedProcess:

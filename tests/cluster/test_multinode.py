@@ -10,13 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.devices import get_device
-from cluster.network import Link, Network
+from realtools import unshaped_arm
+
 from cluster.real import RealOptions, run_real_arm
-from cluster.sim import ArmPlan
-from trainer.data import DataConfig
-from trainer.model import PRESETS
-from trainer.replica import OptimConfig, ReplicaSpec
 from trainer.strategies.diloco import DiLoCoSettings
 
 N = 3
@@ -36,16 +32,8 @@ def test_real_peers_run_on_different_ray_nodes():
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == N
 
-        link = Link(uplink_bps=1e9, downlink_bps=1e9, one_way_latency_s=0.0)
-        steps = 12
-        plan = ArmPlan(name="diloco-nodes", n_workers=N, network=Network(links=(link,) * N),
-                       devices=(get_device("laptop-cpu"),) * N, speed_factors=(1.0,) * N, codec="none",
-                       total_steps=steps, tokens_per_step=N * 4 * 32, eval_every_steps=steps, seed=5)
-        specs = [ReplicaSpec(worker=w, n_workers=N, seed=5, model=PRESETS["tiny"],
-                             data=DataConfig(corpus="synthetic", synthetic_bytes=200_000),
-                             optim=OptimConfig(lr=3e-3, warmup_steps=2), batch_size=4, total_steps=steps,
-                             algorithm="diloco", settings=DiLoCoSettings(inner_steps=4), eval_batches=2,
-                             torch_threads=1) for w in range(N)]
+        plan, specs = unshaped_arm("diloco-nodes", N, 12, seed=5, algorithm="diloco",
+                                   settings=DiLoCoSettings(inner_steps=4))
         records: list[dict] = []
         result = run_real_arm(plan, specs, records.append, options=RealOptions(shaping="none"))
 

@@ -33,13 +33,16 @@ def test_compare_takes_medians_and_flags_what_is_off_by_more_than_a_quarter():
 
 def test_swarm_arms_compare_compute_per_sample_and_rounds():
     # Epochs of different sizes: 2 epochs of 64 samples predicted, 1 of 192 measured.
-    sim = [{"kind": "comm", "arm": "c", "round": r, "comm_s": 0.2, "bytes_sent": [50, 50], "time_s": 1.0}
-           for r in (0, 1)]
+    sim = [{"kind": "comm", "arm": "c", "round": r, "comm_s": 0.2, "idle_s": [1.0, w], "bytes_sent": [50, 50],
+            "time_s": 1.0} for r, w in ((0, 1.5), (1, 0.5))]
     sim += [{"kind": "step", "arm": "c", "compute_s": 0.32, "samples": 64, "time_s": 1.0} for _ in (0, 1)]
-    real = [{"kind": "comm", "arm": "c", "round": 0, "comm_s": 3.0, "bytes_sent": [300, 300], "time_s": 4.0},
+    real = [{"kind": "comm", "arm": "c", "round": 0, "comm_s": 3.0, "idle_s": [3.0, 2.5], "bytes_sent": [300, 300],
+             "time_s": 4.0},
             {"kind": "step", "arm": "c", "compute_s": 1.92, "samples": 192, "time_s": 4.0}]
     table = compare(sim, real, ["c"])["c"]
-    assert "compute_per_step_s" not in table
+    assert "compute_per_step_s" not in table and "exchange_s" not in table
+    assert table["epoch_wait_s"]["predicted"] == pytest.approx(1.25)  # the median of the slowest peers' 1.5 and 1.0
+    assert table["epoch_wait_s"]["measured"] == pytest.approx(3.0)
     assert table["compute_per_sample_s"]["predicted"] == pytest.approx(0.005)
     assert table["compute_per_sample_s"]["measured"] == pytest.approx(0.01)
     assert table["rounds"] == {"predicted": 2, "measured": 1, "ratio": 0.5, "flagged": True}
