@@ -1,6 +1,7 @@
 """The real mode on a Ray cluster: three Ray nodes (`ray.cluster_utils.Cluster`, all on this machine, one CPU each),
-one peer per node. The nodes share this machine's loopback, so the peers listen there; on machines at RAY_ADDRESS
-they listen on their node's address (`host = "auto"`).
+one peer per node, the run connecting through RAY_ADDRESS as it would to a real cluster. The nodes share this
+machine's loopback, so the peers listen there; on machines of a real cluster the runner has them listen on their
+node's address (`host = "auto"`).
 
 40-70 s on a 2-core machine: three raylets start before the peers do.
 """
@@ -18,7 +19,7 @@ from trainer.strategies.diloco import DiLoCoSettings
 N = 3
 
 
-def test_real_peers_run_on_different_ray_nodes():
+def test_real_peers_run_on_different_ray_nodes(monkeypatch):
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
@@ -30,7 +31,10 @@ def test_real_peers_run_on_different_ray_nodes():
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, include_dashboard=False, logging_level="ERROR")
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        ray.shutdown()
         assert len(nodes) == N
+        # As on a real cluster: the run connects through RAY_ADDRESS (shipping farflung's packages to the nodes).
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
 
         plan, specs = unshaped_arm("diloco-nodes", N, 12, seed=5, algorithm="diloco",
                                    settings=DiLoCoSettings(inner_steps=4))
