@@ -8,6 +8,7 @@
 - `options`: shaping on/off, where peers listen, and hivemind's timeouts derived from the arm's links.
 - `swarm`: collaborative and local-updates arms on `hivemind.Optimizer`, each peer training at its own pace.
 - `join`, `doctor`: the volunteer's commands: join a running swarm arm from elsewhere; check this machine first.
+- `probe`: the measurement protocol every real peer serves for `doctor` (and `doctor --serve`).
 
 Lockstep arms (ddp, diloco) have blocking, dense exchanges among all workers, answered by a `DecentralizedAverager`.
 """

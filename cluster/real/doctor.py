@@ -15,8 +15,9 @@ what it measured; a failure adds one line saying what to do.
                it is below the link's rate (one stream at 20 Mbit/s and 100 ms RTT: ~17 Mbit/s), and `--streams 4`
                measures the link itself, comparable with an experiment file's `uplink`/`downlink`.
 
-The far end of these checks is `serve_probe(dht)`: handlers on a running DHT's daemon. Real-run peers serve them, so
-doctor can measure to the "swarm" address a run prints; `farflung doctor --serve` runs a standalone probe peer.
+The far end of these checks is the probe protocol of `cluster.real.probe`: handlers on a running DHT's daemon.
+Real-run peers serve them, so doctor can measure to the "swarm" address a run prints; `farflung doctor --serve` runs a
+standalone probe peer.
 Every daemon doctor starts is stopped before it returns, on failure and Ctrl-C too.
 
 Timeouts: `--timeout` bounds the daemon's start, each connection, the DHT join, the dial-back (per address, all at
@@ -37,19 +38,14 @@ import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
-ECHO, SINK, SOURCE, DIALBACK = (f"/farflung/doctor/{name}/1.0.0" for name in ("echo", "sink", "source", "dialback"))
-HEADER_BYTES = 8  # big-endian length prefix of a sink/source request
-PING_BYTES = 32
+from cluster.real.probe import (ACK, BLOCK_BYTES, DIALBACK, ECHO, HEADER_BYTES, MAX_DIALBACK_ADDRS, MAX_PROBE_BYTES,
+                                PING_BYTES, SINK, SOURCE, address_kind, dial_error, listen_maddr, one_line, p2pd_fix,
+                                p2pd_processes, serve, stop_leftovers)
+
 ROUNDS = 9  # timed round trips, after one untimed that opens the stream
-ACK = b"\x06"
-BLOCK_BYTES = 1 << 20
 DEFAULT_BYTES = 4_000_000
-MAX_PROBE_BYTES = 1 << 30  # what a probe server agrees to move for one request
 MIN_USEFUL_BPS = 1e6
-MAX_DIALBACK_ADDRS = 8  # each address gets its own short-lived daemon on the server
-MAX_DIALBACK_TIMEOUT_S = 30.0
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
-CGNAT = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: not RFC 1918, still not reachable from outside
 
 
 @dataclass(frozen=True)
@@ -60,102 +56,6 @@ class Check:
     fix: str = ""  # what to do, one line; for SKIP, how to run the check
     peer: str = ""  # the initial peer measured, host:port
     values: dict = field(default_factory=dict)  # the figures as numbers, for --json
-
-
-# --- the probe server ----------------------------------------------------------------------------------------------
-def serve_probe(dht, timeout_s: float = 30.0) -> None:
-    """Register the doctor's probe handlers on a running `hivemind.DHT`'s daemon.
-
-    They are registered from inside the DHT's own process (`run_coroutine`) and run on its event loop, so they answer
-    for as long as the DHT lives and need no event loop in the caller (a Ray actor has none). A replica from
-    `dht.replicate_p2p()` would serve only while the caller kept an event loop running."""
-    dht.run_coroutine(_serve_in_dht, return_future=True).result(timeout_s)
-
-
-async def _serve_in_dht(_dht, node) -> None:
-    await add_probe_handlers(node.p2p)
-
-
-async def add_probe_handlers(p2p) -> None:
-    """Echo (RTT), sink + ack (upload), source (download) and dial-back (reachability) on a `hivemind.p2p.P2P`."""
-    dialbacks = asyncio.Semaphore(2)  # a flood of dial-back requests must not start a flood of daemons
-
-    async def echo(info, reader, writer):
-        while True:
-            writer.write(await reader.readexactly(PING_BYTES))
-            await writer.drain()
-
-    async def sink(info, reader, writer):
-        left = _requested_bytes(await reader.readexactly(HEADER_BYTES))
-        while left:
-            chunk = await reader.read(min(left, BLOCK_BYTES))
-            if not chunk:
-                return
-            left -= len(chunk)
-        writer.write(ACK)
-        await writer.drain()
-
-    async def source(info, reader, writer):
-        left, block = _requested_bytes(await reader.readexactly(HEADER_BYTES)), memoryview(bytes(BLOCK_BYTES))
-        while left:
-            writer.write(block[:min(left, BLOCK_BYTES)])
-            await writer.drain()
-            left -= min(left, BLOCK_BYTES)
-
-    async def dialback(info, reader, writer):
-        from hivemind.p2p import P2P
-
-        request = json.loads(await P2P.receive_raw_data(reader))
-        timeout_s = min(float(request["timeout_s"]), MAX_DIALBACK_TIMEOUT_S)
-        async with dialbacks:
-            # The peer id is the caller's, never one it names: the server only ever confirms who is asking.
-            results = await asyncio.gather(*(_dial_back(info.peer_id, str(maddr), timeout_s)
-                                             for maddr in request["maddrs"][:MAX_DIALBACK_ADDRS]))
-        await P2P.send_raw_data(json.dumps({"observed": str(info.addr), "results": results}).encode(), writer)
-
-    for name, handler in ((ECHO, echo), (SINK, sink), (SOURCE, source), (DIALBACK, dialback)):
-        await p2p.add_binary_stream_handler(name, _quietly_closed(handler))
-
-
-def _quietly_closed(handler):
-    async def wrapped(info, reader, writer):
-        with closing(writer):
-            try:
-                await handler(info, reader, writer)
-            except (asyncio.IncompleteReadError, ConnectionError, ValueError, KeyError, TypeError):
-                pass  # the caller went away or sent garbage; it sees the stream close
-    return wrapped
-
-
-def _requested_bytes(header: bytes) -> int:
-    nbytes = int.from_bytes(header, "big")
-    if nbytes > MAX_PROBE_BYTES:
-        raise ValueError(f"asked for {nbytes} bytes, more than {MAX_PROBE_BYTES}")
-    return nbytes
-
-
-async def _dial_back(peer_id, maddr: str, timeout_s: float) -> dict:
-    """Dial `peer_id` at `maddr` from a new, listen-less daemon: its peerstore knows no other address to fall back on
-    and it has no connection to reuse, so success means this address answers with that identity."""
-    from hivemind.p2p import P2P
-    from hivemind.utils.multiaddr import Multiaddr
-
-    start, dialer, error = time.perf_counter(), None, ""
-    try:
-        address = Multiaddr(maddr)
-        if "p2p" in address:
-            address = address.decapsulate(Multiaddr(f"/p2p/{address['p2p']}"))
-        dialer = await P2P.create(no_listen=True, auto_nat=False, nat_port_map=False, use_relay=False,
-                                  dht_mode="client", startup_timeout=timeout_s)
-        await asyncio.wait_for(dialer._client.connect(peer_id, [address]), timeout_s)  # P2P has no public connect
-    except asyncio.TimeoutError:
-        error = f"no answer within {timeout_s:g} s"
-    except Exception as e:  # p2pd's, asyncio's and the multiaddr parser's errors all mean "did not answer"
-        error = _dial_error(e)
-    finally:
-        if dialer is not None:
-            await dialer.shutdown()
-    return {"maddr": maddr, "ok": not error, "seconds": time.perf_counter() - start, "error": error}
 
 
 # --- the checks ------------------------------------------------------------------------------------------------------
@@ -175,12 +75,12 @@ async def diagnose(peers: list[_Peer], host: str, port: int, announce: list[str]
 
     start = time.perf_counter()
     try:
-        p2p = await P2P.create(host_maddrs=[_listen_maddr(host, port)], announce_maddrs=announce or None,
+        p2p = await P2P.create(host_maddrs=[listen_maddr(host, port)], announce_maddrs=announce or None,
                                startup_timeout=timeout_s)
         startup_s = time.perf_counter() - start
     except Exception as e:  # the daemon's own errors, and OSError from a binary that cannot run here
         await asyncio.sleep(0.1)  # let asyncio reap the exited daemon before the loop closes (else it warns)
-        return [Check("p2pd", FAIL, f"did not start: {_one_line(e)}", _p2pd_fix(e, port, timeout_s)),
+        return [Check("p2pd", FAIL, f"did not start: {one_line(e)}", p2pd_fix(e, port, timeout_s)),
                 *(Check(name, SKIP, "p2pd did not start") for name in ("dht", "reachable"))]
     try:
         from hivemind import __version__
@@ -207,7 +107,7 @@ async def _connect(p2p, peer: _Peer, timeout_s: float) -> str:
     except asyncio.TimeoutError:
         return f"no answer within {timeout_s:g} s"
     except Exception as e:  # p2pd reports every dial failure as ControlFailure with the socket error inside
-        return _dial_error(e)
+        return dial_error(e)
 
 
 async def _check_dht(p2p, peers: list[_Peer], reached: list[_Peer], errors: list[str], timeout_s: float) -> Check:
@@ -230,7 +130,7 @@ async def _check_dht(p2p, peers: list[_Peer], reached: list[_Peer], errors: list
                                                      bootstrap_timeout=timeout_s), 2 * timeout_s)
     except Exception as e:  # hivemind raises RuntimeError when no initial peer answers a DHT ping
         return Check("dht", FAIL, f"connected to {len(reached)} of {len(peers)} initial peers, but the DHT did not "
-                     f"join: {_one_line(e) or 'no DHT answer within ' + format(timeout_s, 'g') + ' s'}",
+                     f"join: {one_line(e) or 'no DHT answer within ' + format(timeout_s, 'g') + ' s'}",
                      "the peer answers but runs no hivemind DHT: give the 'swarm' address of a real run or of "
                      "`farflung doctor --serve`, not another service's")
     try:
@@ -268,7 +168,7 @@ async def _check_reachable(p2p, announced: list[str], peers: list[_Peer], reache
             # The server starts one daemon per address (up to `timeout_s`), then dials (up to `timeout_s`).
             reply = json.loads(await asyncio.wait_for(P2P.receive_raw_data(reader), 2 * timeout_s + 5))
     except Exception as e:  # the peer lacks the handler, or went away
-        return Check("reachable", FAIL, f"{asker.label} did not dial back: {_one_line(e) or 'no reply'}",
+        return Check("reachable", FAIL, f"{asker.label} did not dial back: {one_line(e) or 'no reply'}",
                      _no_probe_fix(asker), asker.label, {"announced": kinds})
     answered = [r for r in reply["results"] if r["ok"]]
     results = "; ".join(f"{_short(r['maddr'])} ({kinds.get(r['maddr'], '?')}) "
@@ -291,7 +191,7 @@ async def _measure(p2p, peer: _Peer, timeout_s: float, nbytes: int, streams: int
                             f"{min(rtts) * 1e3:.1f}, max {max(rtts) * 1e3:.1f} ms){_via(peer, via)}", peer=peer.label,
                             values={"rtt_ms": rtt_s * 1e3, "rtts_ms": [r * 1e3 for r in rtts], "via": via}))
     except Exception as e:  # TimeoutError, or p2pd's error for a peer that lacks the handler
-        checks.append(Check("latency", FAIL, f"no echo: {_one_line(e) or f'none within {timeout_s:g} s'}",
+        checks.append(Check("latency", FAIL, f"no echo: {one_line(e) or f'none within {timeout_s:g} s'}",
                             _no_probe_fix(peer), peer.label))
     transfer_timeout_s = timeout_s + nbytes * 8 / MIN_USEFUL_BPS
     shares = [nbytes // streams + (i < nbytes % streams) for i in range(streams)]
@@ -307,7 +207,7 @@ async def _measure(p2p, peer: _Peer, timeout_s: float, nbytes: int, streams: int
                                 peer.label))
             continue
         except Exception as e:  # the peer lacks the handler, or the stream broke
-            checks.append(Check(name, FAIL, f"transfer failed: {_one_line(e)}", _no_probe_fix(peer), peer.label))
+            checks.append(Check(name, FAIL, f"transfer failed: {one_line(e)}", _no_probe_fix(peer), peer.label))
             continue
         seconds = time.perf_counter() - start
         wire_s = seconds - rtt_s if rtt_s is not None and seconds > 2 * rtt_s else seconds
@@ -363,27 +263,6 @@ async def _download(p2p, peer: _Peer, nbytes: int) -> str:
 
 
 # --- what addresses and errors mean ----------------------------------------------------------------------------------
-def address_kind(maddr: str) -> str:
-    """'loopback', 'private', 'carrier-grade NAT', 'public', 'relayed', 'name' or 'other' for a multiaddr string."""
-    parts = maddr.split("/")
-    if "p2p-circuit" in parts:
-        return "relayed"
-    for proto in ("ip4", "ip6"):
-        if proto in parts and parts.index(proto) + 1 < len(parts):
-            try:
-                ip = ipaddress.ip_address(parts[parts.index(proto) + 1])
-            except ValueError:
-                return "other"
-            if ip.is_loopback:
-                return "loopback"
-            if ip.version == 4 and ip in CGNAT:
-                return "carrier-grade NAT"
-            if ip.is_private or ip.is_link_local:
-                return "private"
-            return "public" if ip.is_global else "other"
-    return "name" if any(p.startswith("dns") for p in parts) else "other"
-
-
 def what_addresses_mean(kinds) -> str:
     kinds = set(kinds)
     if kinds & {"public", "name"}:
@@ -410,42 +289,12 @@ def _no_probe_fix(peer: _Peer) -> str:
             f"or is overloaded; run `farflung doctor --serve` on that machine and point --initial-peers at it")
 
 
-def _p2pd_fix(error: Exception, port: int, timeout_s: float) -> str:
-    import platform
-
-    text = str(error).lower()
-    if "address already in use" in text:
-        return f"port {port} is taken: pick another --port, or stop what listens on it"
-    if "failed to start in" in text:
-        return (f"p2pd did not report ready within {timeout_s:g} s: on a loaded machine raise --timeout; "
-                "--verbose shows p2pd's own log")
-    if "not found" in text or "format" in text or isinstance(error, OSError):
-        return ("hivemind's bundled p2pd cannot run here: reinstall it (pip install --force-reinstall --no-deps "
-                f"hivemind==1.1.12); on a platform without a prebuilt p2pd ({platform.system()}/"
-                f"{platform.machine()}), build it: HIVEMIND_BUILDGO=1 pip install hivemind==1.1.12 (needs Go)")
-    return "rerun with --verbose to see p2pd's log; if the binary is damaged, pip install --force-reinstall hivemind"
-
-
-def _dial_error(error: Exception) -> str:
-    """p2pd's 'failed to dial: ... all dials failed\\n * [/ip4/...] dial tcp4 ...: connection refused' -> the cause."""
-    text = str(error).strip()
-    return _one_line(text.rsplit("] ", 1)[-1] if "] " in text else text)
-
-
-def _one_line(error) -> str:
-    return " ".join(str(error).split())[:300]
-
-
 def _short(maddr: str) -> str:
     return maddr.split("/p2p/")[0]
 
 
 def _via(peer: _Peer, via: str) -> str:
     return "" if via == str(peer.address) else f" (over {via})"
-
-
-def _listen_maddr(host: str, port: int) -> str:
-    return f"/ip{ipaddress.ip_address(host).version}/{host}/tcp/{port}"
 
 
 # --- command line ----------------------------------------------------------------------------------------------------
@@ -547,14 +396,14 @@ def main(args) -> int:
     level = hivemind_log.level
     if not args.verbose:  # hivemind logs every failed dial; doctor's lines say what matters
         hivemind_log.setLevel(logging.CRITICAL)
-    before = _p2pd_processes()
+    before = p2pd_processes()
     try:
         if args.serve:
             return serve(args.host, args.port, args.serve_for, args.initial_peers, args.announce, args.timeout)
         checks = asyncio.run(diagnose(_peers(args.initial_peers), args.host, args.port, args.announce, args.timeout,
                                       args.bytes, args.streams))
     finally:
-        _stop_leftovers(before)
+        stop_leftovers(before)
         hivemind_log.setLevel(level)
     failed = [c for c in checks if c.status == FAIL]
     if args.json:
@@ -569,79 +418,3 @@ def main(args) -> int:
               + (f", {skipped} skipped" if skipped else ""))
     return 1 if failed else 0
 
-
-def serve(host: str, port: int, serve_for_s: float | None, initial_peers: list[str], announce: list[str],
-          timeout_s: float) -> int:
-    """A standalone probe peer: a DHT with the probe handlers; prints its multiaddrs (one a line, flushed), serves
-    until the time is up or Ctrl-C (exit 0), then stops the DHT and its daemon."""
-    import hivemind
-
-    before = _p2pd_processes()
-    dht = hivemind.DHT(initial_peers=initial_peers or None, start=False, host_maddrs=[_listen_maddr(host, port)],
-                       announce_maddrs=announce or None, startup_timeout=timeout_s)
-    try:
-        try:
-            dht.run_in_background(await_ready=True, timeout=timeout_s)
-            serve_probe(dht, timeout_s)
-            maddrs = [str(m) for m in dht.get_visible_maddrs()]
-        except Exception as e:  # hivemind's own errors (port taken, bootstrap failed) and a timeout
-            print(f"FAIL serve: could not start a probe peer: {_one_line(e)}\n     fix: "
-                  f"{_p2pd_fix(e, port, timeout_s)}", file=sys.stderr)
-            return 1
-        for maddr in maddrs:
-            print(maddr, flush=True)
-        shown = next((m for m in maddrs if address_kind(m) != "loopback"), maddrs[0])
-        print(f"serving doctor probes {f'for {serve_for_s:g} s' if serve_for_s else 'until Ctrl-C'}; on another "
-              f"machine: farflung doctor --initial-peers {shown}", file=sys.stderr, flush=True)
-        deadline = time.monotonic() + serve_for_s if serve_for_s else float("inf")
-        try:
-            while dht.is_alive() and time.monotonic() < deadline:
-                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-        except KeyboardInterrupt:  # the normal way to stop serving
-            pass
-        if not dht.is_alive():
-            print("FAIL serve: the DHT process died\n     fix: rerun with --verbose to see why", file=sys.stderr)
-            return 1
-        return 0
-    finally:
-        # Taken while they are still descendants: a DHT process terminated the hard way orphans its daemon.
-        owned = {pid: p for pid, p in _p2pd_processes().items() if pid not in before}
-        dht.shutdown()
-        _stop_leftovers({}, owned)
-
-
-def _psutil():
-    try:
-        import psutil
-    except ImportError:  # Ray, a dependency, bundles psutil and puts it on sys.path once imported
-        import ray  # noqa: F401
-        import psutil
-    return psutil
-
-
-def _p2pd_processes() -> dict:
-    """This process's descendant p2pd daemons (psutil handles by pid): each P2P's own, and a DHT process's."""
-    psutil = _psutil()
-
-    found = {}
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.name() == "p2pd":
-                found[child.pid] = child
-        except psutil.Error:  # gone since listed
-            pass
-    return found
-
-
-def _stop_leftovers(before: dict, candidates: dict | None = None) -> None:
-    """Kill daemons (`candidates`, default this process's descendant daemons now) not in `before` that outlived their
-    owner's shutdown, e.g. after a Ctrl-C mid-start. A psutil handle refuses to signal a pid since reused."""
-    psutil = _psutil()
-
-    for pid, process in (_p2pd_processes() if candidates is None else candidates).items():
-        if pid not in before:
-            try:
-                process.kill()
-                process.wait(5)
-            except psutil.Error:  # the normal case: its owner's shutdown already stopped it
-                pass

@@ -176,7 +176,7 @@ class RealPeer:
             self.dht.run_in_background(await_ready=True, timeout=self.options.startup_timeout_s)
         finally:
             self._owned += _process_tree(self.dht.pid)
-        from cluster.real.doctor import serve_probe
+        from cluster.real.probe import serve_probe
 
         serve_probe(self.dht)  # `farflung doctor` elsewhere can measure its link to this peer
         return self.visible_maddrs()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.real.doctor import address_kind
+from cluster.real.probe import address_kind
 from cluster.shaping.relay import RelayThread, ShapingRelay
 from experiments import cli
 
