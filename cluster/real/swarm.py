@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -352,7 +351,3 @@ class SwarmPeer(RealPeer):
             self.opt = None
         super().shutdown()
 
-
-def steps_for_budget(budget_samples: int, setup: SwarmSetup) -> int:
-    """Epochs the swarm needs, at least, for a budget (for progress bars and estimates: epochs overshoot the target)."""
-    return max(1, math.ceil(budget_samples / setup.target_batch_size))
