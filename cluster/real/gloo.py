@@ -6,8 +6,8 @@ group instead: rank 0 hosts the rendezvous store, every peer connects to every o
 the result is the weighted mean, the same on every rank.
 
 gloo's sockets do not go through the shaping relays (gloo connects to the addresses its ranks publish in the store),
-so this backend runs unshaped only, and its bytes are counted by the kernel instead: `tcp_info`'s `bytes_sent` and
-`bytes_received` of each TCP socket gloo opened, before and after the all-reduce. That is the TCP payload (gloo's
+so this backend runs unshaped only, and its bytes are counted by the kernel instead: `tcp_info`'s `bytes_sent` (less
+retransmissions) and `bytes_received` of each TCP socket gloo opened, before and after the all-reduce. That is the TCP payload (gloo's
 framing included), as the relays count for hivemind. Linux only (`TCP_INFO`'s layout is Linux's).
 """
 
@@ -21,9 +21,10 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-# struct tcp_info (linux/tcp.h): u64 counters at these offsets. tcpi_bytes_sent (Linux >= 4.19) counts what was sent,
-# retransmissions included; tcpi_bytes_acked (>= 4.1), used on older kernels, lags by what is not yet acknowledged.
-_BYTES_ACKED, _BYTES_RECEIVED, _BYTES_SENT = 120, 128, 200
+# struct tcp_info (linux/tcp.h): u64 counters at these offsets. tcpi_bytes_sent minus tcpi_bytes_retrans (both
+# Linux >= 4.19) is the payload sent once; tcpi_bytes_acked (>= 4.1), used on older kernels, lags by what is not yet
+# acknowledged. tcpi_bytes_received never counts a byte twice.
+_BYTES_ACKED, _BYTES_RECEIVED, _BYTES_SENT, _BYTES_RETRANS = 120, 128, 200, 208
 _TCP_INFO_LEN = 232
 
 
@@ -52,8 +53,11 @@ def tcp_bytes(fd: int) -> tuple[int, int] | None:
         info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
         if len(info) < _BYTES_RECEIVED + 8:
             return None
-        sent = _BYTES_SENT if len(info) >= _BYTES_SENT + 8 else _BYTES_ACKED
-        return struct.unpack_from("Q", info, sent)[0], struct.unpack_from("Q", info, _BYTES_RECEIVED)[0]
+        received = struct.unpack_from("Q", info, _BYTES_RECEIVED)[0]
+        if len(info) >= _BYTES_RETRANS + 8:
+            sent, retransmitted = struct.unpack_from("QQ", info, _BYTES_SENT)
+            return sent - retransmitted, received
+        return struct.unpack_from("Q", info, _BYTES_ACKED)[0], received
     except OSError:
         return None
     finally:
