@@ -14,7 +14,6 @@ TAG = "FARFLUNG_REAL_TEST_TAG"
 
 def tagged_processes(tag: str) -> dict[int, str]:
     """Processes (other than this one) whose environment carries `tag`: everything this test started, by descent."""
-    import ray  # noqa: F401  (psutil ships inside Ray's thirdparty_files, which importing ray puts on sys.path)
     import psutil
 
     found = {}

@@ -6,7 +6,8 @@
   swarm arm) and emits the simulator's record kinds with measured times and bytes.
 - `accounting`: which bytes the relays count and how they are credited to the peers.
 - `options`: shaping on/off, where peers listen, and hivemind's timeouts derived from the arm's links.
-- `swarm`: collaborative and local-updates arms on `hivemind.Optimizer`, each peer training at its own pace.
+- `swarm`, `swarm_arm`: collaborative and local-updates arms on `hivemind.Optimizer`, each peer training at its own
+  pace (the peer, and the driver that polls and stops them).
 - `join`, `doctor`: the volunteer's commands: join a running swarm arm from elsewhere; check this machine first.
 - `probe`: the measurement protocol every real peer serves for `doctor` (and `doctor --serve`).
 

@@ -99,11 +99,9 @@ def _compression(codec: str):
 
 def _process_tree(pid: int) -> list:
     """psutil handles on `pid` and its descendants (the DHT process and its p2pd, say). A handle refuses to signal a
-    pid that has since been reused by another process. Empty if psutil is missing or the process is gone."""
-    try:
-        import psutil
-    except ImportError:  # psutil ships inside Ray; without it shutdown relies on hivemind's own shutdown alone
-        return []
+    pid that has since been reused by another process. Empty if the process is gone."""
+    import psutil
+
     try:
         root = psutil.Process(pid)
         return [root, *root.children(recursive=True)]

@@ -176,18 +176,9 @@ def serve(host: str, port: int, serve_for_s: float | None, initial_peers: list[s
         stop_leftovers({}, owned)
 
 
-def _psutil():
-    try:
-        import psutil
-    except ImportError:  # Ray, a dependency, bundles psutil and puts it on sys.path once imported
-        import ray  # noqa: F401
-        import psutil
-    return psutil
-
-
 def p2pd_processes() -> dict:
     """This process's descendant p2pd daemons (psutil handles by pid): each P2P's own, and a DHT process's."""
-    psutil = _psutil()
+    import psutil
 
     found = {}
     for child in psutil.Process().children(recursive=True):
@@ -202,7 +193,7 @@ def p2pd_processes() -> dict:
 def stop_leftovers(before: dict, candidates: dict | None = None) -> None:
     """Kill daemons (`candidates`, default this process's descendant daemons now) not in `before` that outlived their
     owner's shutdown, e.g. after a Ctrl-C mid-start. A psutil handle refuses to signal a pid since reused."""
-    psutil = _psutil()
+    import psutil
 
     for pid, process in (p2pd_processes() if candidates is None else candidates).items():
         if pid not in before:

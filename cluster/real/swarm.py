@@ -160,9 +160,10 @@ class SwarmPeer(RealPeer):
         self._error: BaseException | None = None
 
     def start_optimizer(self, setup: SwarmSetup, request_timeout_s: float, bandwidth_mbps: float | None) -> int:
-        import hivemind
+        import psutil
         from hivemind.optim.grad_averager import GradientAverager
-        from torch.optim.lr_scheduler import LambdaLR
+
+        from cluster.real.peer import _process_tree
 
         # hivemind logs every matchmaking retry at INFO; a run's output should show farflung's progress.
         logging.getLogger("hivemind").setLevel(logging.WARNING)
@@ -179,7 +180,34 @@ class SwarmPeer(RealPeer):
         averager_opts = {k: v for k, v in averager_opts.items() if v is not None}
         # Optimizer hands averager_opts to its state averager only; the gradient averager gets them here.
         grad_averager = None if setup.use_local_updates else partial(GradientAverager, **averager_opts)
-        self.opt = hivemind.Optimizer(
+        children = {c.pid for c in psutil.Process().children(recursive=True)}
+        try:
+            self.opt = self._optimizer(setup, groups, lr_factor, averager_opts, grad_averager)
+        except BaseException:
+            # A constructor that fails half-way may have started averager processes nobody holds: stop them here.
+            for child in psutil.Process().children(recursive=True):
+                if child.pid not in children:
+                    child.kill()
+            raise
+        # The optimizer's averagers and tracker are processes of their own; shutdown's pid sweep covers them too.
+        for part in (self.opt.state_averager, self.opt.grad_averager, self.opt.tracker):
+            if part is not None and getattr(part, "pid", None):
+                self._owned += _process_tree(part.pid)
+        original_load = self.opt.load_state_from_peers
+
+        def counting_load(**kwargs):
+            self._loads += 1
+            return original_load(**kwargs)
+
+        self.opt.load_state_from_peers = counting_load
+        return self.replica.num_params()
+
+    def _optimizer(self, setup: SwarmSetup, groups, lr_factor, averager_opts: dict, grad_averager):
+        import hivemind
+        from torch.optim.lr_scheduler import LambdaLR
+
+        o = self.spec.optim
+        return hivemind.Optimizer(
             dht=self.dht, run_id=self.run_id, params=groups,
             optimizer=lambda params: _ClippedAdamW(params, grad_clip=o.grad_clip, lr=o.lr, betas=(o.beta1, o.beta2),
                                                    foreach=False),
@@ -195,20 +223,6 @@ class SwarmPeer(RealPeer):
             # and then asks a client-mode averager to share its state, which raises.
             client_mode=self.dht.client_mode, shutdown_timeout=5.0, verbose=False,
         )
-        from cluster.real.peer import _process_tree
-
-        # The optimizer's averagers and tracker are processes of their own; shutdown's pid sweep covers them too.
-        for part in (self.opt.state_averager, self.opt.grad_averager, self.opt.tracker):
-            if part is not None and getattr(part, "pid", None):
-                self._owned += _process_tree(part.pid)
-        original_load = self.opt.load_state_from_peers
-
-        def counting_load(**kwargs):
-            self._loads += 1
-            return original_load(**kwargs)
-
-        self.opt.load_state_from_peers = counting_load
-        return self.replica.num_params()
 
     def sync_progress(self, n_peers: int, timeout_s: float) -> int:
         """Wait until this peer's progress tracker sees `n_peers` peers; returns how many it sees.

@@ -22,11 +22,8 @@ NOBODY = "12D3KooWPoea5ho9VykyKJZs9Fc62Zr7FUyHL5hVg128Z8HVYN1j"
 
 
 def _psutil():
-    try:
-        import psutil
-    except ImportError:  # Ray bundles psutil and puts it on sys.path once imported
-        import ray  # noqa: F401
-        import psutil
+    import psutil
+
     return psutil
 
 
