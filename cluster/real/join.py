@@ -149,7 +149,7 @@ def replica_spec(config: dict, threads: int | None):
 
 
 def join(args: argparse.Namespace) -> int:
-    from cluster.network import Link
+    from cluster.network import Link, Network
     from cluster.real.options import UNSHAPED_BPS, RealOptions, averaging_timeouts
     from cluster.real.swarm import SwarmPeer
 
@@ -162,11 +162,13 @@ def join(args: argparse.Namespace) -> int:
     print(f"joining {config['arm']} ({config['algorithm']}, {config['n_workers']} peers) run id {run_id} as {host}",
           flush=True)
     unshaped = Link(uplink_bps=UNSHAPED_BPS, downlink_bps=UNSHAPED_BPS, one_way_latency_s=0.0)
+    # This machine's link is what it is: unshaped, and hivemind's timeouts derived from nothing else.
+    network = Network(links=(unshaped,) * int(config["n_workers"]))
     peer = SwarmPeer(spec, unshaped, options, run_id)
     out = open(args.out, "w") if args.out else None
     try:
         peer.join(args.initial_peers, client_mode=args.client_mode)
-        timeouts = averaging_timeouts(_network_of(int(config["n_workers"])), 4 * peer.num_params(), options)
+        timeouts = averaging_timeouts(network, 4 * peer.num_params(), options)
         peer.start_optimizer(setup, timeouts.request_timeout_s, None)
         print(f"this peer: {' '.join(peer.visible_maddrs()) or '(client mode)'}", flush=True)
         last_check = [time.monotonic()]
@@ -204,10 +206,3 @@ def join(args: argparse.Namespace) -> int:
             out.close()
         peer.shutdown()
 
-
-def _network_of(n: int):
-    """An unshaped network of n peers: the joining machine derives hivemind's request timeout from nothing else."""
-    from cluster.network import Link, Network
-    from cluster.real.options import UNSHAPED_BPS
-
-    return Network(links=(Link(uplink_bps=UNSHAPED_BPS, downlink_bps=UNSHAPED_BPS, one_way_latency_s=0.0),) * n)

@@ -243,7 +243,7 @@ def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[di
                 raise RuntimeError("peer 0 could not store the arm's configuration in the DHT")
         elif options.allreduce == "gloo":
             port = peers.call("gloo_port", workers=[0], timeout_s=wait_s)[0]
-            host0 = peers.call("describe", workers=[0], timeout_s=wait_s)[0]["dial_address"][0]
+            host0 = described[0]["dial_address"][0]
             peers.call("start_gloo", [(host0, port, wait_s)] * plan.n_workers, timeout_s=wait_s + 30)
         else:
             peers.call("start_averaging", [(timeouts, b) for b in bandwidths], timeout_s=wait_s)
