@@ -26,24 +26,40 @@ speeds at each progress refresh and has none from an epoch's start to the next r
 peers may begin matchmaking up to a refresh later. A peer with no completed microbatch joins with weight
 0. Every peer joins the one group; in hivemind a peer that begins looking after the leader's window
 has closed (a microbatch longer than `matchmaking_time`) would miss the round.
+
+The driver talks to each peer's strategy through the swarm protocol of `trainer.strategies.base` (`Report`, a
+non-blocking `Exchange`, `Await`, answered by type and by where the peer is in its epoch, never by call order); the
+matchmaking and timeout figures are the arm's `SwarmTiming` (`plan.swarm`), the epoch's size is the strategy's.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 
 import numpy as np
 
-from cluster.sim import ArmSimulation
+from cluster.driver import ArmPlan, evaluate_consensus
+from cluster.records import Record, StepRecord
+from cluster.sim import ModelledExchanges
+from cluster.swarm_timing import SwarmTiming
 from trainer.replica import AwaitRequest, ExchangeRequest, ReportRequest, StepDone
+from trainer.strategies.base import EpochAverage
 
 
-class CollaborativeSimulation(ArmSimulation):
+class CollaborativeDriver:
+    def __init__(self, workers, plan: ArmPlan, emit: Callable[[Record], None], on_step: Callable[[], None] = lambda: None):
+        self.workers, self.plan, self.emit, self.on_step = workers, plan, emit, on_step
+        self.exchanges = ModelledExchanges(plan)
+        self.timing = plan.swarm or SwarmTiming()
+        self.steps_completed = 0
+
     def run(self) -> None:
         plan = self.plan
-        info = self.runtime.call("describe", workers=[0])[0]
-        self.settings, self.microbatch_flops, self.batch = info["settings"], info["flops_per_batch"], info["batch_size"]
+        info = self.workers.call("describe", workers=[0])[0]
+        self.target_batch_size = info["settings"].target_batch_size
+        self.microbatch_flops, self.batch = info["flops_per_batch"], info["batch_size"]
         self.microbatch_tokens = plan.tokens_per_step // plan.n_workers
         self.carried = [0] * plan.n_workers  # samples of late microbatches, per peer
         self.microbatches_done = 0
@@ -51,7 +67,7 @@ class CollaborativeSimulation(ArmSimulation):
         budget = plan.total_steps * plan.tokens_per_step
         eval_tokens = plan.eval_every_steps * plan.tokens_per_step
         next_eval = eval_tokens
-        epoch_tokens = math.ceil(self.settings.target_batch_size / self.batch) * self.microbatch_tokens
+        epoch_tokens = math.ceil(self.target_batch_size / self.batch) * self.microbatch_tokens
         self.evaluate(0, tokens=0)
         epoch = 0
         while self.tokens < budget:
@@ -63,6 +79,9 @@ class CollaborativeSimulation(ArmSimulation):
                 while next_eval <= self.tokens:
                     next_eval += eval_tokens
 
+    def evaluate(self, step: int, tokens: int) -> None:
+        self.emit(evaluate_consensus(self.workers, self.plan.name, step, tokens, self.exchanges.now_s))
+
     @property
     def tokens(self) -> int:
         return self.microbatches_done * self.microbatch_tokens
@@ -71,10 +90,10 @@ class CollaborativeSimulation(ArmSimulation):
         return self.microbatch_flops / self.plan.flops_per_second(worker)
 
     def epoch(self, epoch: int, allow_late: bool, budget: int) -> None:
-        plan, settings, n = self.plan, self.settings, self.plan.n_workers
-        batch = self.batch
+        plan, timing, n = self.plan, self.timing, self.plan.n_workers
+        clock, batch = self.exchanges.clock, self.batch
         dt = [self.seconds_per_microbatch(w) for w in range(n)]
-        start = list(self.clock.now_s)
+        start = list(clock.now_s)
         t_target = self.target_time(start, dt, batch)
         t_ready = t_target + self.notice_delay_s() + 2 * self.max_pair_latency_s()
         completed = [self.completions_by(start[w], dt[w], t_ready) for w in range(n)]
@@ -88,76 +107,77 @@ class CollaborativeSimulation(ArmSimulation):
         t_match = self.matchmaking_start_s(start, dt, min(t_target, t_ready))
         t_start = max(t_ready, self.group_assembled_s(t_match))
 
-        # Phase 1: microbatches until the peers are ready; every peer answers Report after each one.
-        remaining = list(completed)
-        compute_s = [0.0] * n
-        replies: list = [None] * n
-        pending = list(range(n))
-        requests: dict[int, ExchangeRequest] = {}
-        while pending:
-            events = self.runtime.call("advance", [(epoch + 1, replies[w], False) for w in pending], workers=pending)
-            still = []
-            for w, evs in zip(pending, events):
-                (request,) = evs
-                spent = request.flops / plan.flops_per_second(w)
-                self.clock.compute(w, spent)
-                compute_s[w] += spent
-                if isinstance(request, ReportRequest):
-                    replies[w] = remaining[w] > 0
-                    remaining[w] -= 1
-                    still.append(w)
-                else:
-                    assert isinstance(request, ExchangeRequest), request
-                    requests[w] = request
-            pending = still
-        self.microbatches_done += sum(completed)
+        requests, compute_s = self.serve_epoch(epoch, completed, late)
+        self.microbatches_done += sum(completed) + sum(late)
 
-        # Phase 2: matchmaking's wait and the round, in the background of any late microbatch.
+        # Matchmaking's wait and the round, in the background of any late microbatch.
         group = tuple(range(n))
-        result, record = self.reduce(group, [requests[w] for w in group])
-        self.round += 1
-        duration = record["comm_s"]
+        reduced = self.exchanges.reduce(group, [requests[w] for w in group])
+        round_ = self.exchanges.round
+        self.exchanges.round += 1
+        duration = reduced.cost.time_s
         # Peers wait for the round from when they are ready, matchmaking included (hivemind's averaging_timeout).
-        failed = (t_start - t_ready) + duration > settings.averaging_timeout
-        t_end = t_ready + settings.averaging_timeout if failed else t_start + duration
-        self.clock.overlap(group, max(0.0, t_end - t_start))
-        events = self.runtime.call("advance", [(epoch + 1, None, False)] * n)  # ack the non-blocking exchange
-        assert all(isinstance(e[0], ReportRequest) for e in events)
-        events = self.runtime.call("advance", [(epoch + 1, late[w], False) for w in range(n)])
-        for w, evs in enumerate(events):
-            (request,) = evs
-            assert isinstance(request, AwaitRequest), request
-            spent = request.flops / plan.flops_per_second(w)
-            self.clock.compute(w, spent)
-            compute_s[w] += spent
-        self.microbatches_done += sum(late)
-        waits = [self.clock.wait_until(w, t_end) for w in range(n)]
-        own = [requests[w].tensor for w in range(n)]
-        # The swarm's samples before this epoch ride along with the average (see the strategy).
-        replies = [np.append(own[w] if failed else result, np.float32(self.samples_done)) for w in range(n)]
-        self.samples_done += sum(int(r.weight) for r in requests.values())
-        events = self.runtime.call("advance", [(epoch + 1, replies[w], False) for w in range(n)])
-        self.emit(
-            {
-                **record, "idle_s": waits, "time_s": t_end, "staleness": 0, "failed": failed,
-                "samples": [int(requests[w].weight) for w in range(n)], "epoch_closed_s": t_target,
-                "ready_s": t_ready, "matchmaking_start_s": t_match, "round_start_s": t_start,
-            }
-        )
+        failed = (t_start - t_ready) + duration > timing.averaging_timeout
+        t_end = t_ready + timing.averaging_timeout if failed else t_start + duration
+        clock.overlap(group, max(0.0, t_end - t_start))
+        waits = [clock.wait_until(w, t_end) for w in range(n)]
+        samples = [int(requests[w].weight) for w in range(n)]
+        replies = [EpochAverage(requests[w].tensor if failed else reduced.result, self.samples_done) for w in range(n)]
+        self.samples_done += sum(samples)
+        events = self.workers.call("advance", [(epoch + 1, replies[w], False) for w in range(n)])
+        self.emit(reduced.record(
+            plan.name, round_, self.steps_completed, idle_s=waits, time_s=t_end, staleness=0, failed=failed,
+            samples=samples, epoch_closed_s=t_target, ready_s=t_ready, matchmaking_start_s=t_match,
+            round_start_s=t_start))
         for w, evs in enumerate(events):
             (done,) = evs
-            assert isinstance(done, StepDone), done
-            self.emit(
-                {
-                    "kind": "step", "arm": plan.name, "worker": w, "step": epoch, "tokens": self.tokens,
-                    "loss": None if math.isnan(done.loss) else done.loss, "time_s": self.clock.now_s[w],
-                    "compute_s": compute_s[w], "samples": int(requests[w].weight), "late_samples": batch * late[w],
-                    "staleness": 1 if self.carried[w] else 0,
-                }
-            )
+            assert isinstance(done, StepDone), f"peer {w} answered its epoch's average with {done!r}"
+            self.emit(StepRecord(
+                arm=plan.name, worker=w, step=epoch, tokens=self.tokens,
+                loss=None if math.isnan(done.loss) else done.loss, time_s=clock.now_s[w], compute_s=compute_s[w],
+                samples=samples[w], late_samples=batch * late[w], staleness=1 if self.carried[w] else 0))
             self.carried[w] = batch * late[w]
         self.on_step()
         self.steps_completed = epoch + 1
+
+    def serve_epoch(self, epoch: int, completed: list[int], late: list[bool]) -> tuple[dict, list[float]]:
+        """Answer every peer's messages until all of them await the round; return their contributions and compute.
+
+        A `Report` before the peer has sent its contribution asks whether to accumulate another microbatch into
+        this epoch (yes for the `completed[w]` it finishes before noticing the epoch's end); one after asks whether
+        to compute while the round travels (`late[w]`, once). The contribution (a non-blocking `Exchange`) is
+        answered at once; an `Await` parks the peer until the round is done.
+        """
+        n, clock = self.plan.n_workers, self.exchanges.clock
+        remaining, late_left = list(completed), list(late)
+        compute_s = [0.0] * n
+        requests: dict[int, ExchangeRequest] = {}
+        replies: list = [None] * n
+        active = list(range(n))
+        while active:
+            events = self.workers.call("advance", [(epoch + 1, replies[w], False) for w in active], workers=active)
+            still = []
+            for w, evs in zip(active, events):
+                (message,) = evs
+                spent = self.exchanges.compute_seconds(w, message.flops)
+                clock.compute(w, spent)
+                compute_s[w] += spent
+                if isinstance(message, ReportRequest):
+                    if w in requests:
+                        replies[w], late_left[w] = late_left[w], False
+                    else:
+                        replies[w] = remaining[w] > 0
+                        remaining[w] -= 1
+                    still.append(w)
+                elif isinstance(message, ExchangeRequest):
+                    assert not message.blocking, f"peer {w}: a swarm's round runs in the background of late compute"
+                    requests[w], replies[w] = message, None
+                    still.append(w)
+                else:
+                    assert isinstance(message, AwaitRequest), f"peer {w} sent {message!r} in the middle of an epoch"
+                    assert w in requests, f"peer {w} awaits a round it never contributed to"
+            active = still
+        return requests, compute_s
 
     @staticmethod
     def completions_by(start: float, dt: float, t: float) -> int:
@@ -180,15 +200,15 @@ class CollaborativeSimulation(ArmSimulation):
     def matchmaking_start_s(self, start: list[float], dt: list[float], t_close: float) -> float:
         """When the first peer pre-schedules the round: at its first `step` (after a microbatch) with the
         epoch due within matchmaking_time (hivemind.Optimizer._maybe_schedule_gradient_averaging)."""
-        due = t_close - self.settings.matchmaking_time
+        due = t_close - self.timing.matchmaking_time
         return min(self.first_completion_from(start[w], dt[w], due) for w in range(len(start)))
 
     def group_assembled_s(self, t_match: float) -> float:
         """When the leader who began looking at t_match begins the round, if everyone is ready by then."""
-        settings = self.settings
-        if settings.target_group_size:
+        timing = self.timing
+        if timing.target_group_size:
             return -math.inf  # a full group: the leader starts once every peer has joined, before they are ready
-        return t_match + min(settings.matchmaking_time, settings.averaging_timeout)
+        return t_match + min(timing.matchmaking_time, timing.averaging_timeout)
 
     @staticmethod
     def first_completions(start: list[float], dt: list[float], count: int) -> tuple[list[int], float]:
@@ -205,7 +225,7 @@ class CollaborativeSimulation(ArmSimulation):
 
     def target_time(self, start: list[float], dt: list[float], batch: int) -> float:
         """When the swarm's counted samples (carried ones included) first reach the target."""
-        target = self.settings.target_batch_size
+        target = self.target_batch_size
         samples = sum(self.carried)
         if samples >= target:
             return max(start)
@@ -222,7 +242,7 @@ class CollaborativeSimulation(ArmSimulation):
         """A progress refresh plus one DHT lookup: ceil(log2 N) + 1 sequential round trips."""
         n = self.plan.n_workers
         hops = math.ceil(math.log2(n)) + 1 if n > 1 else 0
-        return self.settings.progress_refresh_s + hops * 2 * self.median_pair_latency_s()
+        return self.timing.progress_refresh_s + hops * 2 * self.median_pair_latency_s()
 
     def pair_latencies(self) -> list[float]:
         net, n = self.plan.network, self.plan.n_workers

@@ -22,7 +22,8 @@ class LocalRuntime:
     def __init__(self, specs: Sequence[ReplicaSpec]):
         self.replicas = [Replica(spec) for spec in specs]
 
-    def call(self, method: str, args: Sequence[tuple] | None = None, workers: Sequence[int] | None = None) -> list[Any]:
+    def call(self, method: str, args: Sequence[tuple] | None = None, workers: Sequence[int] | None = None,
+             timeout_s: float | None = None) -> list[Any]:
         workers = range(len(self.replicas)) if workers is None else workers
         args = args or [()] * len(workers)
         return [getattr(self.replicas[w], method)(*a) for w, a in zip(workers, args)]
@@ -58,27 +59,38 @@ def start_ray() -> bool:
 
 
 class RayRuntime:
-    """One Ray actor per worker, each holding its replica and optimizer in its own process."""
+    """One Ray actor per worker, each holding its replica (or, in the real mode, its peer) in its own process.
+
+    `actor_cls` is built as `actor_cls(spec, *extra_args[w])`; `actor_options` go to Ray (the real mode spreads its
+    peers over the cluster's nodes). An actor class with a `shutdown` method has it called before its actor is
+    killed (a real peer stops its hivemind processes, which `ray.kill` would leave behind); `local_pids`, if the
+    caller fills it, are the actor processes on this machine that `close` waits to see gone.
+    """
 
     name = "ray"
 
-    def __init__(self, specs: Sequence[ReplicaSpec]):
+    def __init__(self, specs: Sequence[ReplicaSpec], actor_cls: type = Replica, extra_args: Sequence[tuple] = (),
+                 ready_timeout_s: float | None = None, **actor_options: Any):
         import ray
 
         self._started_ray = start_ray()
         self.actors: list = []
+        self.local_pids: list[int] = []
+        self._shutdown = hasattr(actor_cls, "shutdown")
         try:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             # Fractional CPUs let N workers share a small machine; on a big cluster each gets one.
             per_actor = min(1.0, cpus / len(specs))
-            actor_cls = ray.remote(Replica)
-            self.actors = [actor_cls.options(num_cpus=per_actor).remote(spec) for spec in specs]
-            ray.get([a.num_params.remote() for a in self.actors])  # surface construction errors now
+            remote_cls = ray.remote(actor_cls).options(num_cpus=per_actor, **actor_options)
+            extra_args = extra_args or [()] * len(specs)
+            self.actors = [remote_cls.remote(spec, *extra) for spec, extra in zip(specs, extra_args)]
+            self.call("num_params", timeout_s=ready_timeout_s)  # surface construction errors now
         except BaseException:
             self.close()
             raise
 
-    def call(self, method: str, args: Sequence[tuple] | None = None, workers: Sequence[int] | None = None) -> list[Any]:
+    def call(self, method: str, args: Sequence[tuple] | None = None, workers: Sequence[int] | None = None,
+             timeout_s: float | None = None) -> list[Any]:
         import ray
 
         workers = range(len(self.actors)) if workers is None else workers
@@ -94,13 +106,21 @@ class RayRuntime:
             return refs[id(value)]
 
         futures = [getattr(self.actors[w], method).remote(*map(shared, a)) for w, a in zip(workers, args)]
-        return ray.get(futures)
+        try:
+            return ray.get(futures, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{method} did not return on every worker within {timeout_s:.0f} s") from None
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
         import ray
 
+        if self.actors and self._shutdown:
+            refs = [a.shutdown.remote() for a in self.actors]
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         kill_actors(self.actors)
         self.actors = []
+        _wait_for_exit(self.local_pids, timeout_s)
+        self.local_pids = []
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
@@ -123,3 +143,18 @@ def kill_actors(actors) -> None:
 
 
 RUNTIMES = {"local": LocalRuntime, "ray": RayRuntime}
+
+
+def _wait_for_exit(pids: list[int], timeout_s: float) -> None:
+    """ray.kill returns before the process is gone; wait (bounded) so that a caller sees its processes stopped."""
+    if not pids:
+        return
+    import psutil
+
+    processes = []
+    for pid in pids:
+        try:
+            processes.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=timeout_s)

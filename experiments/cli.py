@@ -1,5 +1,5 @@
-"""`farflung run FILE`, `demo`, `fidelity FILE`, `join`, `doctor`: the command line over `experiments.run` and the
-real mode's volunteer commands (`cluster.real.join`, `cluster.real.doctor`)."""
+"""`farflung run FILE`, `demo`, `fidelity FILE`, `algorithms`, `join`, `doctor`: the command line over
+`experiments.run` and the real mode's volunteer commands (`cluster.real.join`, `cluster.real.doctor`)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="experiment file (.toml)")
     demo = sub.add_parser("demo", help="run experiments/demo.toml")
     fid = sub.add_parser("fidelity", help="run an experiment in the simulator and on real peers, and compare")
-    fid.add_argument("file", help="experiment file (.toml); its arms must run in real mode (ddp, diloco, collaborative, local-updates)")
+    fid.add_argument("file", help="experiment file (.toml); its arms must run in real mode (see farflung algorithms)")
     fid.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     fid.add_argument("--out", help="folder to create (default results/<experiment>/fidelity-<timestamp>)")
+    algorithms = sub.add_parser("algorithms", help="list every algorithm with its settings, defaults and ranges")
+    algorithms.add_argument("--json", action="store_true", help="print the list as JSON")
     from cluster.real import doctor, join
 
     join.add_arguments(sub.add_parser("join", help="join a running real experiment from this machine (no Ray needed)"))
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fidelity":
             return _fidelity(args)
+        if args.command == "algorithms":
+            return _algorithms(args)
         if args.command in ("join", "doctor"):
             from cluster.real import doctor, join
 
@@ -77,6 +81,38 @@ def _fidelity(args) -> int:
                   f"{_figure(row['ratio']):>7}{flag}")
     print(out)
     return 0
+
+
+def _algorithms(args) -> int:
+    from experiments.spec import algorithm_catalog
+    from trainer.compression import CODECS, TOPK_HELP
+
+    catalog = algorithm_catalog()
+    if args.json:
+        codecs = [{"name": name, "help": codec.help} for name, codec in CODECS.items()]
+        print(json.dumps({"algorithms": catalog, "codecs": codecs}, indent=1))
+        return 0
+    real = {"lockstep": "lockstep averaging", "swarm": "hivemind.Optimizer swarm", None: "simulator only"}
+    for algorithm in catalog:
+        print(f"{algorithm['name']}: {algorithm['summary'].replace('`', '')}")
+        print(f"  real mode: {real[algorithm['real_mode']]}")
+        rows = [(s["name"], _toml(s["default"]), s["allowed"], s["help"]) for s in algorithm["settings"]]
+        widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
+        for row in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
+        print()
+    print("codecs (an arm's codec):")
+    for name, codec in CODECS.items():
+        print(f"  {name:<15}{codec.help}")
+    print(f"  {'topk:FRACTION':<15}{TOPK_HELP} (simulator only)")
+    return 0
+
+
+def _toml(value) -> str:
+    """A default as an experiment file writes it."""
+    if value is None:
+        return "unset"
+    return json.dumps(value) if isinstance(value, (bool, str)) else str(value)
 
 
 def _figure(value: float | None) -> str:

@@ -21,6 +21,7 @@ import torch
 from matplotlib.figure import Figure
 
 from cluster.devices import DEVICES, DeviceProfile
+from cluster.records import CommRecord, EvalRecord, Record, StepRecord, of_kind
 from experiments.fields import ConfigError
 from experiments.runner import run
 from experiments.spec import ExperimentSpec, load_spec
@@ -79,7 +80,7 @@ def fidelity(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out:
     return out_dir
 
 
-def compare(sim: list[dict], real: list[dict], arms: list[str]) -> dict[str, dict]:
+def compare(sim: list[Record], real: list[Record], arms: list[str]) -> dict[str, dict]:
     """Per arm and figure: predicted (sim), measured (real), their ratio and whether it is off by > 25 %."""
     table = {}
     for arm in arms:
@@ -88,27 +89,26 @@ def compare(sim: list[dict], real: list[dict], arms: list[str]) -> dict[str, dic
     return table
 
 
-def _figures(records: list[dict], arm: str) -> dict[str, float | None]:
-    mine = [x for x in records if x.get("arm") == arm]
-    comm = [x for x in mine if x["kind"] == "comm"]
-    steps = [x for x in mine if x["kind"] == "step"]
-    evals = [x for x in mine if x["kind"] == "eval"]
+def _figures(records: list[Record], arm: str) -> dict[str, float | None]:
+    comm = of_kind(records, CommRecord, arm)
+    steps = of_kind(records, StepRecord, arm)
+    evals = of_kind(records, EvalRecord, arm)
     # Swarm arms' step records are epochs of whatever size the swarm reached: compare compute per sample there.
-    sampled = [x for x in steps if "samples" in x]
-    samples = sum(x["samples"] for x in sampled)
+    sampled = [x for x in steps if x.samples is not None]
+    samples = sum(x.samples for x in sampled)
     if sampled:  # a swarm arm: the blocking time at an epoch's end, matchmaking wait and all-reduce together
-        exchange = {"epoch_wait_s": statistics.median(max(x["idle_s"]) for x in comm) if comm else None}
+        exchange = {"epoch_wait_s": statistics.median(max(x.idle_s) for x in comm) if comm else None}
     else:
-        exchange = {"exchange_s": statistics.median(x["comm_s"] for x in comm) if comm else None}
+        exchange = {"exchange_s": statistics.median(x.comm_s for x in comm) if comm else None}
     return {
         **exchange,
-        "rounds": len({x.get("round") for x in comm}),
-        **({"compute_per_sample_s": sum(x["compute_s"] for x in sampled) / samples if samples else None} if sampled
-           else {"compute_per_step_s": statistics.median(x["compute_s"] for x in steps) if steps else None}),
-        "total_s": max((x["time_s"] for x in mine), default=None),
-        "bytes_sent": sum(sum(x["bytes_sent"]) for x in comm),
-        "bytes_per_round": sum(sum(x["bytes_sent"]) for x in comm) / len(comm) if comm else None,
-        "final_loss": evals[-1]["loss"] if evals else None,
+        "rounds": len({x.round for x in comm}),
+        **({"compute_per_sample_s": sum(x.compute_s for x in sampled) / samples if samples else None} if sampled
+           else {"compute_per_step_s": statistics.median(x.compute_s for x in steps) if steps else None}),
+        "total_s": max((x.time_s for x in [*comm, *steps, *evals]), default=None),
+        "bytes_sent": sum(sum(x.bytes_sent) for x in comm),
+        "bytes_per_round": sum(sum(x.bytes_sent) for x in comm) / len(comm) if comm else None,
+        "final_loss": evals[-1].loss if evals else None,
     }
 
 
@@ -123,8 +123,8 @@ def _loss_plot(out_dir: Path, sim_dir: Path, real_dir: Path, arms: list[str]) ->
     axes = figure.add_subplot()
     for (label, folder, style) in (("sim", sim_dir, "-"), ("real", real_dir, "--")):
         for arm in arms:
-            evals = [x for x in read_metrics(folder / "metrics.jsonl") if x.get("arm") == arm and x["kind"] == "eval"]
-            axes.plot([x["tokens"] for x in evals], [x["loss"] for x in evals], style, marker=".", label=f"{arm} ({label})")
+            evals = of_kind(read_metrics(folder / "metrics.jsonl"), EvalRecord, arm)
+            axes.plot([x.tokens for x in evals], [x.loss for x in evals], style, marker=".", label=f"{arm} ({label})")
     axes.set_xlabel("tokens")
     axes.set_ylabel("held-out loss")
     axes.set_title("Held-out loss: simulator (solid) vs real peers (dashed)")

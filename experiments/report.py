@@ -15,6 +15,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+from cluster.records import EvalRecord, Record
+
 BASELINE_COLOR = "black"
 ARM_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
@@ -55,7 +57,7 @@ def human_seconds(s: float) -> str:
     raise AssertionError("unreachable")
 
 
-def write_report(run_dir: Path, records: list[dict], summary: dict, config_text: str, manifest: dict,
+def write_report(run_dir: Path, records: list[Record], summary: dict, config_text: str, manifest: dict,
                  title: str) -> list[Path]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,12 +111,12 @@ def headline(summary: dict) -> str:
     return " ".join(sentences)
 
 
-def _evals_by_arm(records: list[dict], names: list[str]) -> dict[str, list[dict]]:
-    evals: dict[str, list[dict]] = {name: [] for name in names}
+def _evals_by_arm(records: list[Record], names: list[str]) -> dict[str, list[EvalRecord]]:
+    evals: dict[str, list[EvalRecord]] = {name: [] for name in names}
     for record in records:
-        if record.get("kind") == "eval" and record.get("arm") in evals and math.isfinite(float(record["loss"])):
-            evals[record["arm"]].append(record)
-    return {name: sorted(points, key=lambda r: (r["step"], r["time_s"])) for name, points in evals.items()}
+        if isinstance(record, EvalRecord) and record.arm in evals and math.isfinite(float(record.loss)):
+            evals[record.arm].append(record)
+    return {name: sorted(points, key=lambda r: (r.step, r.time_s)) for name, points in evals.items()}
 
 
 def _styles(summary: dict) -> dict[str, dict]:
@@ -129,22 +131,22 @@ def _styles(summary: dict) -> dict[str, dict]:
     return styles
 
 
-def _loss_figure(evals: dict[str, list[dict]], summary: dict, x_key: str) -> Figure:
+def _loss_figure(evals: dict[str, list[EvalRecord]], summary: dict, x_key: str) -> Figure:
     figure = Figure(figsize=(7.5, 4.5), layout="constrained")
     axes = figure.add_subplot()
     styles = _styles(summary)
     for name, points in evals.items():
         # A log axis cannot place t = 0 (the eval before the first step), so time plots start at the first tick.
-        points = [p for p in points if x_key == "tokens" or p[x_key] > 0]
+        points = [p for p in points if x_key == "tokens" or p.time_s > 0]
         if points:
-            axes.plot([p[x_key] for p in points], [p["loss"] for p in points], marker="o", markersize=3,
+            axes.plot([getattr(p, x_key) for p in points], [p.loss for p in points], marker="o", markersize=3,
                       **styles[name])
     if summary["target_loss"] is not None:
         axes.axhline(summary["target_loss"], color="grey", linestyle="--", linewidth=1,
                      label=f"target {summary['target_loss']:.2f}")
     if x_key == "time_s":
         axes.set_xscale("log")
-        _time_ticks(axes, [p["time_s"] for points in evals.values() for p in points if p["time_s"] > 0])
+        _time_ticks(axes, [p.time_s for points in evals.values() for p in points if p.time_s > 0])
         axes.set_xlabel("simulated time (log scale)")
         axes.set_title("Held-out loss vs simulated time")
     else:
@@ -171,7 +173,7 @@ def _time_ticks(axes, times: list[float]) -> None:
         ticks = [t for t in candidates if low <= t <= high]
         if len(ticks) <= 8:
             break
-    ticks = ticks[::math.ceil(len(ticks) / 8)]
+    ticks = ticks[::max(1, math.ceil(len(ticks) / 8))]  # a run shorter than any round duration has none
     if len(ticks) >= 2:
         axes.xaxis.set_major_locator(FixedLocator(ticks))
 

@@ -11,14 +11,19 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import tomli_w
 
+from cluster.collaborative import CollaborativeDriver
 from cluster.devices import get_device
+from cluster.driver import ArmPlan, LockstepDriver
+from cluster.records import Record
 from cluster.runtime import RUNTIMES, start_ray
-from cluster.sim import ArmPlan, simulation_for
+from cluster.sim import ModelledExchanges
 from experiments.fields import ConfigError
 from experiments.manifest import build_manifest
 from experiments.report import write_report
@@ -63,39 +68,88 @@ def run(
     config_text = tomli_w.dumps(resolved_config(spec))
     (work_dir / "config.toml").write_text(config_text)
     manifest = build_manifest(spec, corpus, runtime_name, PROJECT_ROOT)
-    records: list[dict] = []
-    bar = _progress_bar(spec, progress)
-    wall: dict[str, float] = {}
-    real = spec.run.mode == "real"
-    if real:
-        from cluster.real import RealOptions, describe_shaping, run_real_arm
+    if spec.run.mode == "real":
+        from cluster.real import describe_shaping
 
         manifest["shaping_backend"] = describe_shaping(spec.run.shaping)
         manifest["runtime"] = runtime_name = "ray"
+    records = _run_arms(spec, runtime_name, work_dir / "metrics.jsonl", manifest, progress)
+    summary = _write_results(spec, work_dir, records, manifest, config_text)
+    if run_dir.is_dir():
+        run_dir.rmdir()  # an empty --out folder, checked at the start
+    work_dir.rename(run_dir)
+    return RunResult(run_dir, summary)
+
+
+@dataclass(frozen=True)
+class ArmJob:
+    """One arm to run, with what every driver needs."""
+
+    spec: ExperimentSpec
+    arm: ArmConfig
+    runtime: str  # where the simulator's replicas live ("local", "ray")
+    emit: Callable[[Record], None]
+    on_step: Callable[[], None]
+    manifest: dict
+
+
+def _simulate_lockstep(job: ArmJob) -> None:
+    plan = arm_plan(job.spec, job.arm)
+    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm)) as workers:
+        LockstepDriver(workers, plan, ModelledExchanges(plan), job.emit, job.on_step).run()
+
+
+def _simulate_collaborative(job: ArmJob) -> None:
+    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm)) as workers:
+        CollaborativeDriver(workers, arm_plan(job.spec, job.arm), job.emit, job.on_step).run()
+
+
+def _real_peers(job: ArmJob) -> None:
+    """Real hivemind peers; `run_real_arm` drives them in lockstep or as a swarm, as the strategy runs on real peers."""
+    from cluster.real import RealOptions, run_real_arm
+
+    run_real_arm(
+        arm_plan(job.spec, job.arm), replica_specs(job.spec, job.arm), job.emit, on_step=job.on_step,
+        # On a Ray cluster (RAY_ADDRESS) peers on different machines reach each other by node address.
+        options=RealOptions(shaping=job.spec.run.shaping, allreduce=job.arm.allreduce,
+                            host="auto" if os.environ.get("RAY_ADDRESS") else "127.0.0.1"),
+        on_swarm=lambda s: _announce_swarm(job.manifest, job.arm.name, s),
+    )
+
+
+# The driver of an arm, by mode and by how the strategy runs there: its `schedule` in the simulator, its `real_mode`
+# on real peers (where local-updates runs as a hivemind.Optimizer swarm, not in lockstep).
+DRIVERS: dict[tuple[str, str], Callable[[ArmJob], None]] = {
+    ("sim", "lockstep"): _simulate_lockstep,
+    ("sim", "collaborative"): _simulate_collaborative,
+    ("real", "lockstep"): _real_peers,
+    ("real", "swarm"): _real_peers,
+}
+
+
+def driver_for(mode: str, algorithm: str) -> Callable[[ArmJob], None]:
+    strategy = STRATEGIES[algorithm]
+    return DRIVERS[(mode, strategy.schedule if mode == "sim" else strategy.real_mode)]
+
+
+def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manifest: dict, progress: bool) -> list[Record]:
+    """Run every arm in turn, writing each record to `metrics_path` as it comes; returns them all."""
+    records: list[Record] = []
+    bar = _progress_bar(spec, progress)
+    wall: dict[str, float] = {}
     started_ray = runtime_name == "ray" and start_ray()
     try:
-        with open(work_dir / "metrics.jsonl", "w") as metrics:
+        with open(metrics_path, "w") as metrics:
 
-            def emit(record: dict) -> None:
+            def emit(record: Record) -> None:
                 records.append(record)
-                metrics.write(json.dumps(record) + "\n")
+                metrics.write(json.dumps(record.to_json()) + "\n")
 
             for arm in spec.arms:
                 bar.set_description(arm.name)
                 t0 = time.perf_counter()
-                if real:
-                    run_real_arm(
-                        arm_plan(spec, arm), replica_specs(spec, arm), emit, on_step=lambda: bar.update(1),
-                        # On a Ray cluster (RAY_ADDRESS) peers on different machines reach each other by node address.
-                        options=RealOptions(shaping=spec.run.shaping, allreduce=arm.allreduce,
-                                            host="auto" if os.environ.get("RAY_ADDRESS") else "127.0.0.1"),
-                        on_swarm=lambda s, name=arm.name: _announce_swarm(manifest, name, s),
-                    )
-                    wall[arm.name] = round(time.perf_counter() - t0, 3)
-                    continue
-                with RUNTIMES[runtime_name](replica_specs(spec, arm)) as workers:
-                    simulation = simulation_for(STRATEGIES[arm.algorithm].schedule)
-                    simulation(workers, arm_plan(spec, arm), emit, on_step=lambda: bar.update(1)).run()
+                job = ArmJob(spec, arm, runtime_name, emit, lambda: bar.update(1), manifest)
+                driver_for(spec.run.mode, arm.algorithm)(job)
                 wall[arm.name] = round(time.perf_counter() - t0, 3)
     finally:
         bar.close()
@@ -103,8 +157,13 @@ def run(
             import ray
 
             ray.shutdown()
-
     manifest["wall_s_per_arm"] = wall
+    return records
+
+
+def _write_results(spec: ExperimentSpec, work_dir: Path, records: list[Record], manifest: dict,
+                   config_text: str) -> dict:
+    """summary.json, manifest.json and the report; returns the summary."""
     arms = [
         {"name": a.name, "workers": spec.run.workers, "algorithm": a.algorithm, "network": a.network_label,
          "device": a.device, "codec": a.codec}
@@ -115,10 +174,7 @@ def run(
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (work_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     write_report(work_dir, records, summary, config_text, manifest, title=f"farflung: {spec.name}")
-    if run_dir.is_dir():
-        run_dir.rmdir()  # an empty --out folder, checked at the start
-    work_dir.rename(run_dir)
-    return RunResult(run_dir, summary)
+    return summary
 
 
 def choose_run_dir(spec: ExperimentSpec, out: str | Path | None) -> Path:
@@ -158,6 +214,7 @@ def arm_plan(spec: ExperimentSpec, arm: ArmConfig) -> ArmPlan:
         total_steps=spec.total_steps, tokens_per_step=spec.tokens_per_step,
         eval_every_steps=spec.eval_every_steps, seed=spec.run.seed,
         client_mode=tuple(w in arm.client_mode for w in range(spec.run.workers)),
+        swarm=arm.swarm,
     )
 
 

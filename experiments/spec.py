@@ -10,65 +10,88 @@
 
 Arms share model, data, optimiser, seed and token budget; the arm with `baseline = true` (by
 default the first) is the reference for every ratio.
+
+Every plain key is declared once, with its type, range, default and help, on a dataclass field
+(`trainer.settings.setting`: GPTConfig, DataConfig, OptimConfig, RunConfig, ArmConfig, each
+strategy's Settings, SwarmTiming) and read by the one parser, `parse_settings`. What is parsed here
+by hand is structural: the model preset under its overrides, an arm's network, speed factors,
+client-mode workers, device and codec, and the `algorithm` table that holds a strategy's settings
+and, for a collaborative arm, the swarm's timing.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cluster.devices import DEVICES, get_device
+from cluster.devices import get_device
 from cluster.heterogeneity import speed_factors
 from cluster.network import Network, build_network, regions_table
 from cluster.real.options import ALLREDUCE, SHAPING, check_real_arm
-from experiments.fields import ConfigError, boolean, check_keys, choice, integer, number, string
+from cluster.swarm_timing import SwarmTiming
+from experiments.fields import ConfigError, check_keys, parse_settings, parse_values
 from trainer.compression import check_codec
 from trainer.data import DataConfig
 from trainer.model import PRESETS as MODEL_PRESETS
 from trainer.model import GPTConfig
 from trainer.replica import OptimConfig
-from trainer.strategies import STRATEGIES
+from trainer.settings import Setting, describe, setting, settings_of
+from trainer.strategies import STRATEGIES, Strategy
 from trainer.strategies.base import Settings
 
 MODES = ("sim", "real", "estimate")
 RUNTIMES = ("ray", "local")
-CORPORA = ("stdlib", "text", "synthetic")
+MODEL_PRESET = Setting("the model's size: tiny, small (about 1M parameters), base (about 10M)", default="small",
+                       choices=tuple(MODEL_PRESETS))
+ALGORITHM = Setting("the arm's algorithm (farflung algorithms lists them)", choices=tuple(STRATEGIES))
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    workers: int = 4
-    batch_size: int = 8  # sequences per worker per step
-    tokens: int = 1_000_000  # training tokens over all workers
-    seed: int = 0
-    eval_interval: int = 0  # tokens between held-out evaluations; 0 means ten evaluations per run
-    eval_batches: int = 8
-    target_loss: float | None = None
-    mode: str = "sim"
-    runtime: str = "ray"
-    shaping: str = "relay"  # real mode: how each peer's link is shaped ("relay" or "none")
+    workers: int = setting(4, "workers (peers) in every arm", low=1, high=1024)
+    batch_size: int = setting(8, "sequences per worker per step", low=1, high=65536)
+    tokens: int = setting(1_000_000, "training tokens over all workers", low=1)
+    seed: int = setting(0, "seeds the model, the data and every random draw", low=0, high=2**32 - 1)
+    eval_interval: int = setting(0, "tokens between held-out evaluations; 0: ten evaluations per run", low=0)
+    eval_batches: int = setting(8, "held-out batches per evaluation", low=1, high=10_000)
+    target_loss: float | None = setting(None, "held-out loss for the time-to-target figures", low=0.0, high=100.0,
+                                        low_open=True)
+    mode: str = setting("sim", "sim: the network modelled on a virtual clock; real: real hivemind peers",
+                        choices=MODES)
+    runtime: str = setting("ray", "where workers run: Ray actors, or objects in this process", choices=RUNTIMES)
+    shaping: str = setting("relay", "real mode: how each peer's link is shaped", choices=SHAPING)
+
+    def check(self) -> None:
+        if self.mode == "estimate":
+            raise ValueError("mode: 'estimate' is not available in this version of farflung; use mode = 'sim' or "
+                             "'real'")
+        if self.mode == "real" and self.runtime == "local":
+            raise ValueError("runtime: mode 'real' runs each worker as a Ray actor; set runtime = 'ray' or use "
+                             "mode = 'sim'")
 
 
 @dataclass(frozen=True)
 class ArmConfig:
-    name: str
+    name: str = setting(help="the arm's name in reports and in --set arm.NAME.key=value")
     algorithm: str
     settings: Settings
     network: Network
     network_label: str  # the preset's name, or "custom"
-    device: str = "laptop-cpu"
+    device: str = setting("laptop-cpu", "every worker's device profile (cluster/devices.py)")
     speed_factors: tuple[float, ...] = ()
-    codec: str = "none"
-    baseline: bool = False
+    codec: str = setting("none", "how exchanged tensors are encoded (trainer/compression.py)")
+    baseline: bool = setting(False, "the reference for every ratio (default: the first arm)")
     client_mode: tuple[int, ...] = ()  # workers without inbound connections (reduce no butterfly part)
-    allreduce: str = "hivemind"  # real mode, lockstep arms: "hivemind" (DecentralizedAverager) or "gloo"
+    allreduce: str = setting("hivemind", "real mode, lockstep arms: hivemind's DecentralizedAverager, or gloo",
+                             choices=ALLREDUCE, note="real mode, ddp and diloco arms")
+    swarm: SwarmTiming | None = None  # a collaborative arm's matchmaking and timeouts, from its algorithm table
 
 
 @dataclass(frozen=True)
 class ExperimentSpec:
-    name: str
+    name: str = setting(help="the experiment's name, its folder under results/ (default: the file's stem)")
     description: str
     model: GPTConfig
     data: DataConfig
@@ -92,6 +115,21 @@ class ExperimentSpec:
     def eval_every_steps(self) -> int:
         interval = self.run.eval_interval or self.run.tokens // 10
         return max(1, min(self.total_steps, interval // self.tokens_per_step))
+
+
+def algorithm_settings(strategy: type[Strategy]) -> tuple[type, ...]:
+    """What an arm's `algorithm` table sets: the strategy's settings, and for a swarm its timing (the cluster's)."""
+    return (strategy.Settings, SwarmTiming) if strategy.schedule == "collaborative" else (strategy.Settings,)
+
+
+def algorithm_catalog() -> list[dict[str, Any]]:
+    """Every registered algorithm with what it exchanges, how it runs on real peers and each key of its `algorithm`
+    table (default, what is allowed, help): what `farflung algorithms` prints and the README's table must say."""
+    return [
+        {"name": name, "summary": strategy.summary, "real_mode": strategy.real_mode,
+         "settings": [row for cls in algorithm_settings(strategy) for row in describe(cls)]}
+        for name, strategy in STRATEGIES.items()
+    ]
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
@@ -140,11 +178,11 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 def parse_spec(raw: dict) -> ExperimentSpec:
     check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm"])
-    name = string("name", raw.get("name", "experiment"))
+    name = parse_values("", ExperimentSpec, {"name": raw.get("name", "experiment")})["name"]
     model = parse_model(raw.get("model", {}))
-    data = parse_data(raw.get("data", {}))
-    optim = parse_dataclass("optim", OptimConfig, raw.get("optim", {}))
-    run = parse_run(raw.get("run", {}))
+    data = parse_settings("data", DataConfig, raw.get("data", {}))
+    optim = parse_settings("optim", OptimConfig, raw.get("optim", {}))
+    run = parse_settings("run", RunConfig, raw.get("run", {}))
     arms = parse_arms(raw.get("arm"), run.workers, run.seed)
     if run.mode == "real":
         for arm in arms:
@@ -163,84 +201,14 @@ def parse_spec(raw: dict) -> ExperimentSpec:
 
 
 def parse_model(table: Any) -> GPTConfig:
-    check_keys("model", table, ["preset", *(f.name for f in fields(GPTConfig))])
-    preset = choice("model.preset", table.get("preset", "small"), MODEL_PRESETS)
-    config = replace(MODEL_PRESETS[preset])
-    limits = {"block_size": (8, 4096), "n_layer": (1, 96), "n_head": (1, 128), "n_embd": (8, 16384), "vocab_size": (256, 256)}
-    for key, (low, high) in limits.items():
-        if key in table:
-            config = replace(config, **{key: integer(f"model.{key}", table[key], low, high)})
-    if "dropout" in table:
-        config = replace(config, dropout=number("model.dropout", table["dropout"], 0.0, 0.9))
-    if "bias" in table:
-        config = replace(config, bias=boolean("model.bias", table["bias"]))
+    """A preset, then any of its figures overridden."""
+    check_keys("model", table, ["preset", *settings_of(GPTConfig)])
+    preset = MODEL_PRESET.check("model.preset", table.get("preset", MODEL_PRESET.default))
+    overrides = {k: v for k, v in table.items() if k != "preset"}
+    config = parse_settings("model", GPTConfig, overrides, base=MODEL_PRESETS[preset])
     if config.n_embd % config.n_head:
         raise ConfigError(f"model.n_head: n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
     return config
-
-
-def parse_data(table: Any) -> DataConfig:
-    check_keys("data", table, [f.name for f in fields(DataConfig)])
-    corpus = choice("data.corpus", table.get("corpus", "stdlib"), CORPORA)
-    path = table.get("path")
-    if corpus == "text":
-        path = string("data.path", path) if path is not None else None
-        if path is None:
-            raise ConfigError("data.path: corpus 'text' needs a path to a file or folder of text")
-        if not Path(path).exists():
-            raise ConfigError(f"data.path: {path!r} does not exist; give a file or folder of text")
-    elif path is not None:
-        raise ConfigError(f"data.path: only used with corpus = 'text', not {corpus!r}; remove it or set data.corpus = 'text'")
-    max_bytes = table.get("max_bytes")
-    if max_bytes is not None:
-        integer("data.max_bytes", max_bytes, 1024)
-    return DataConfig(
-        corpus=corpus, path=path, max_bytes=max_bytes,
-        heldout_fraction=number("data.heldout_fraction", table.get("heldout_fraction", 0.05), 0.0, 0.5, low_open=True),
-        synthetic_symbols=integer("data.synthetic_symbols", table.get("synthetic_symbols", 16), 2, 256),
-        synthetic_bytes=integer("data.synthetic_bytes", table.get("synthetic_bytes", 2_000_000), 10_000),
-        synthetic_concentration=number("data.synthetic_concentration", table.get("synthetic_concentration", 0.1), 0.0, 1e3, low_open=True),
-    )
-
-
-_OPTIM_LIMITS = {
-    "lr": (0.0, 1.0, True), "min_lr_ratio": (0.0, 1.0, False), "weight_decay": (0.0, 1.0, False),
-    "beta1": (0.0, 0.9999, False), "beta2": (0.0, 0.99999, False), "grad_clip": (0.0, 1e6, False),
-}
-
-
-def parse_dataclass(section: str, cls: type, table: Any):
-    check_keys(section, table, [f.name for f in fields(cls)])
-    values = {}
-    for key, value in table.items():
-        if key == "warmup_steps":
-            values[key] = integer(f"{section}.{key}", value, 0)
-        else:
-            low, high, low_open = _OPTIM_LIMITS[key]
-            values[key] = number(f"{section}.{key}", value, low, high, low_open=low_open)
-    return cls(**values)
-
-
-def parse_run(table: Any) -> RunConfig:
-    check_keys("run", table, [f.name for f in fields(RunConfig)])
-    target = table.get("target_loss")
-    run = RunConfig(
-        workers=integer("run.workers", table.get("workers", 4), 1, 1024),
-        batch_size=integer("run.batch_size", table.get("batch_size", 8), 1, 65536),
-        tokens=integer("run.tokens", table.get("tokens", 1_000_000), 1),
-        seed=integer("run.seed", table.get("seed", 0), 0, 2**32 - 1),
-        eval_interval=integer("run.eval_interval", table.get("eval_interval", 0), 0),
-        eval_batches=integer("run.eval_batches", table.get("eval_batches", 8), 1, 10_000),
-        target_loss=None if target is None else number("run.target_loss", target, 0.0, 100.0, low_open=True),
-        mode=choice("run.mode", table.get("mode", "sim"), MODES),
-        runtime=choice("run.runtime", table.get("runtime", "ray"), RUNTIMES),
-        shaping=choice("run.shaping", table.get("shaping", "relay"), SHAPING),
-    )
-    if run.mode == "estimate":
-        raise ConfigError("run.mode: 'estimate' is not available in this version of farflung; use mode = 'sim' or 'real'")
-    if run.mode == "real" and run.runtime == "local":
-        raise ConfigError("run.runtime: mode 'real' runs each worker as a Ray actor; set runtime = 'ray' or use mode = 'sim'")
-    return run
 
 
 def parse_arms(arms: Any, n_workers: int, seed: int = 0) -> tuple[ArmConfig, ...]:
@@ -266,23 +234,12 @@ def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0) -> ArmConfig
     check_keys(path, table, ARM_KEYS)
     if "name" not in table:
         raise ConfigError(f"{path}.name: every arm needs a name, e.g. name = \"diloco-home\"")
-    name = string(f"{path}.name", table["name"])
+    name = parse_values(path, ArmConfig, {"name": table["name"]})["name"]
     path = f"arm.{name}"
-    algorithm, settings = parse_algorithm(f"{path}.algorithm", table.get("algorithm"))
-    network_raw = table.get("network")
-    if network_raw is None:
-        raise ConfigError(f"{path}.network: every arm needs a network: a preset name such as 'home-broadband' or a table")
-    try:
-        network = build_network(network_raw, n_workers)
-    except ValueError as e:
-        sep = "." if isinstance(network_raw, dict) else ": "
-        raise ConfigError(f"{path}.network{sep}{e}") from None
-    label = network_raw if isinstance(network_raw, str) else str(network_raw.get("preset", "custom"))
-    device = table.get("device", "laptop-cpu")
-    try:
-        get_device(device)
-    except (ValueError, TypeError):
-        raise ConfigError(f"{path}.device: unknown device {device!r}; known: {', '.join(sorted(DEVICES))}") from None
+    plain = parse_values(path, ArmConfig, {k: table[k] for k in ("device", "codec", "baseline", "allreduce")
+                                           if k in table})
+    algorithm, settings, swarm = parse_algorithm(f"{path}.algorithm", table.get("algorithm"))
+    network, label = parse_network(f"{path}.network", table.get("network"), n_workers)
     speed_raw = table.get("speed_factors", [1.0] * n_workers)
     try:
         speed = speed_factors(speed_raw, n_workers, seed)
@@ -297,40 +254,49 @@ def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0) -> ArmConfig
         raise ConfigError(f"{path}.client_mode: must be a list of worker indices in 0..{n_workers - 1}, got {client!r}")
     if len(set(client)) == n_workers:
         raise ConfigError(f"{path}.client_mode: at least one worker must accept connections to reduce a part")
-    codec = string(f"{path}.codec", table.get("codec", "none"))
+    arm = ArmConfig(name=name, algorithm=algorithm, settings=settings, network=network, network_label=label,
+                    speed_factors=speed, client_mode=tuple(sorted(set(client))), swarm=swarm, **plain)
     try:
-        check_codec(codec)
+        get_device(arm.device)
+    except ValueError as e:
+        raise ConfigError(f"{path}.device: {e}") from None
+    try:
+        check_codec(arm.codec)
     except ValueError as e:
         raise ConfigError(f"{path}.codec: {e}") from None
     try:
-        STRATEGIES[algorithm].check_arm(settings, n_workers, codec)
+        STRATEGIES[algorithm].check_arm(settings, n_workers, arm.codec)
+        if swarm is not None:
+            swarm.check_arm(n_workers)
     except ValueError as e:
         raise ConfigError(f"{path}.algorithm.{e}" if not str(e).startswith("codec") else f"{path}.{e}") from None
-    allreduce = string(f"{path}.allreduce", table.get("allreduce", "hivemind"))
-    if allreduce not in ALLREDUCE:
-        raise ConfigError(f"{path}.allreduce: must be one of {', '.join(ALLREDUCE)} (real mode, ddp and diloco arms), "
-                          f"got {allreduce!r}")
-    return ArmConfig(
-        name, algorithm, settings, network, label, device, speed, codec,
-        boolean(f"{path}.baseline", table.get("baseline", False)), tuple(sorted(set(client))), allreduce,
-    )
+    return arm
 
 
-def parse_algorithm(path: str, value: Any) -> tuple[str, Settings]:
+def parse_network(path: str, value: Any, n_workers: int) -> tuple[Network, str]:
+    """The arm's network and its label: the preset's name, or "custom"."""
+    if value is None:
+        raise ConfigError(f"{path}: every arm needs a network: a preset name such as 'home-broadband' or a table")
+    try:
+        network = build_network(value, n_workers)
+    except ValueError as e:
+        raise ConfigError(f"{path}{'.' if isinstance(value, dict) else ': '}{e}") from None
+    return network, value if isinstance(value, str) else str(value.get("preset", "custom"))
+
+
+def parse_algorithm(path: str, value: Any) -> tuple[str, Settings, SwarmTiming | None]:
+    """The algorithm's name, its settings and, for a swarm, its timing: all keys of the one `algorithm` table."""
     if value is None:
         raise ConfigError(f"{path}: every arm needs an algorithm: one of {', '.join(STRATEGIES)}")
     table = {"name": value} if isinstance(value, str) else value
     if not isinstance(table, dict) or "name" not in table:
         raise ConfigError(f"{path}: must be an algorithm name or a table with name = one of {', '.join(STRATEGIES)}")
-    name = choice(f"{path}.name" if isinstance(value, dict) else path, table["name"], STRATEGIES)
-    settings_cls = STRATEGIES[name].Settings
-    check_keys(path, table, ["name", *settings_cls.field_names()])
-    settings = settings_cls(**{k: v for k, v in table.items() if k != "name"})
-    try:
-        settings.check()
-    except ValueError as e:
-        raise ConfigError(f"{path}.{e}") from None
-    return name, settings
+    name = ALGORITHM.check(f"{path}.name" if isinstance(value, dict) else path, table["name"])
+    strategy = STRATEGIES[name]
+    classes = algorithm_settings(strategy)
+    check_keys(path, table, ["name", *(key for cls in classes for key in settings_of(cls))])
+    parsed = [parse_settings(path, cls, {k: v for k, v in table.items() if k in settings_of(cls)}) for cls in classes]
+    return name, parsed[0], parsed[1] if len(parsed) > 1 else None
 
 
 def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
@@ -350,7 +316,7 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
             {
                 "name": a.name,
                 "baseline": a.baseline,
-                "algorithm": {"name": a.algorithm, **asdict(a.settings)},
+                "algorithm": {"name": a.algorithm, **asdict(a.settings), **(asdict(a.swarm) if a.swarm else {})},
                 "network": network_table(a.network, a.network_label),
                 "device": a.device,
                 "speed_factors": list(a.speed_factors),

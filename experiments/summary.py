@@ -10,9 +10,11 @@ import json
 import math
 from pathlib import Path
 
+from cluster.records import CommRecord, EvalRecord, Record, StepRecord, from_json, of_kind
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """Reads one JSON object per line; blank lines are skipped."""
+
+def read_metrics(path: str | Path) -> list[Record]:
+    """Reads one record per line (see `cluster.records`); blank lines are skipped."""
     path = Path(path)
     records = []
     with path.open(encoding="utf-8") as lines:
@@ -28,11 +30,14 @@ def read_metrics(path: str | Path) -> list[dict]:
                 ) from error
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number} holds a {type(record).__name__}, expected a JSON object")
-            records.append(record)
+            try:
+                records.append(from_json(record))
+            except ValueError as error:
+                raise ValueError(f"{path}:{number}: {error}") from None
     return records
 
 
-def summarize(records: list[dict], arms: list[dict], baseline: str, target_loss: float | None) -> dict:
+def summarize(records: list[Record], arms: list[dict], baseline: str, target_loss: float | None) -> dict:
     names = [arm["name"] for arm in arms]
     if len(set(names)) != len(names):
         raise ValueError(f"arm names must be unique, got {names}; rename the repeated arm in the experiment file")
@@ -40,11 +45,11 @@ def summarize(records: list[dict], arms: list[dict], baseline: str, target_loss:
         raise ValueError(f"baseline {baseline!r} is not one of the arms {names}; set the baseline to one of them")
     target = _finite(target_loss)
 
-    by_arm: dict[str, list[dict]] = {name: [] for name in names}
+    by_arm: dict[str, list[Record]] = {name: [] for name in names}
     for record in records:
         # Records of arms outside this experiment (e.g. a shared metrics file) do not belong in its summary.
-        if record.get("arm") in by_arm:
-            by_arm[record["arm"]].append(record)
+        if record.arm in by_arm:
+            by_arm[record.arm].append(record)
 
     summaries = {arm["name"]: _summarize_arm(arm, by_arm[arm["name"]], target) for arm in arms}
     reference = summaries[baseline]
@@ -71,29 +76,29 @@ def rankings(arms: dict[str, dict]) -> dict[str, list[str]]:
     }
 
 
-def _summarize_arm(arm: dict, records: list[dict], target: float | None) -> dict:
-    steps = [r for r in records if r.get("kind") == "step"]
-    comms = [r for r in records if r.get("kind") == "comm"]
+def _summarize_arm(arm: dict, records: list[Record], target: float | None) -> dict:
+    steps = of_kind(records, StepRecord)
+    comms = of_kind(records, CommRecord)
     # A stable sort keeps the file's order among evals taken at the same step and time.
-    evals = sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: (r["step"], r["time_s"]))
+    evals = sorted(of_kind(records, EvalRecord), key=lambda r: (r.step, r.time_s))
 
     workers = int(arm["workers"])
     # A participant id beyond the declared worker count (a peer that joined mid-run) still gets its own slot.
-    slots = max([workers] + [int(p) + 1 for r in comms for p in r["participants"]])
+    slots = max([workers] + [int(p) + 1 for r in comms for p in r.participants])
     sent_per_worker = [0] * slots
     received_per_worker = [0] * slots
     idle_s = 0.0
     for record in comms:
-        assert len(record["participants"]) == len(record["bytes_sent"]) == len(record["bytes_received"]), record
-        for worker, sent, received in zip(record["participants"], record["bytes_sent"], record["bytes_received"]):
+        assert len(record.participants) == len(record.bytes_sent) == len(record.bytes_received), record
+        for worker, sent, received in zip(record.participants, record.bytes_sent, record.bytes_received):
             sent_per_worker[int(worker)] += int(sent)
             received_per_worker[int(worker)] += int(received)
-        idle_s += sum(float(idle) for idle in record["idle_s"])
+        idle_s += sum(float(idle) for idle in record.idle_s)
 
     # Each worker's clock only moves forward, so the latest timestamp of any kind is when the arm finished.
-    time_s = max((float(r["time_s"]) for r in steps + comms + evals), default=0.0)
-    compute_s = sum(float(r["compute_s"]) for r in steps)
-    losses = [_finite(r["loss"]) for r in evals]
+    time_s = max((float(r.time_s) for r in steps + comms + evals), default=0.0)
+    compute_s = sum(float(r.compute_s) for r in steps)
+    losses = [_finite(r.loss) for r in evals]
     reached = next((r for r, loss in zip(evals, losses) if target is not None and loss is not None and loss <= target),
                    None)
 
@@ -106,20 +111,20 @@ def _summarize_arm(arm: dict, records: list[dict], target: float | None) -> dict
         "final_loss": losses[-1] if losses else None,
         "best_loss": min((loss for loss in losses if loss is not None), default=None),
         "diverged": bool(evals) and losses[-1] is None,
-        "tokens": max((int(r["tokens"]) for r in steps), default=0),
+        "tokens": max((int(r.tokens) for r in steps), default=0),
         "time_s": time_s,
         "bytes_sent": sum(sent_per_worker),
         "bytes_received": sum(received_per_worker),
         "bytes_sent_per_worker": sent_per_worker,
-        "rounds": len({r.get("round") for r in comms}),
+        "rounds": len({r.round for r in comms}),
         # Groups exchanging at once overlap in time: count each record's time once per participant.
-        "comm_s": sum(float(r["comm_s"]) * len(r["participants"]) for r in comms) / max(1, workers),
-        "compression_ratio": _ratio(sum(r.get("raw_bytes", 0) for r in comms), sum(r.get("message_bytes", 0) for r in comms)),
+        "comm_s": sum(float(r.comm_s) * len(r.participants) for r in comms) / max(1, workers),
+        "compression_ratio": _ratio(sum(r.raw_bytes for r in comms), sum(r.message_bytes for r in comms)),
         "idle_s": idle_s,
         "compute_s": compute_s,
         "compute_utilisation": compute_s / (workers * time_s) if workers > 0 and time_s > 0 else None,
-        "time_to_target_s": float(reached["time_s"]) if reached else None,
-        "tokens_to_target": int(reached["tokens"]) if reached else None,
+        "time_to_target_s": float(reached.time_s) if reached else None,
+        "tokens_to_target": int(reached.tokens) if reached else None,
     }
 
 

@@ -2,7 +2,10 @@
 
 A simulated exchange passes every tensor through the same serializer a real hivemind peer uses,
 so the loss sees the codec's rounding and the byte count is the size of the real serialized
-message, not a formula.
+message, not a formula. `CODECS` is the one table of them: the simulator serializes with each
+codec's hivemind compression type, the real mode hands its class to hivemind's averagers and
+Optimizer, and the experiment file accepts its names. Top-k (`topk:FRACTION`) is the one sparse
+codec: hivemind's all-reduce has no counterpart, so it runs in the simulator only.
 """
 
 from __future__ import annotations
@@ -11,20 +14,35 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from hivemind import compression as hc
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
 _CT = runtime_pb2.CompressionType
 
-# name -> (hivemind compression type, what it is)
-CODECS: dict[str, tuple[int, str]] = {
-    "none": (_CT.NONE, "float32, uncompressed"),
-    "fp16": (_CT.FLOAT16, "IEEE half precision"),
-    "scaled-fp16": (_CT.MEANSTD_16BIT, "half precision after mean/std normalisation"),
-    "uint8": (_CT.UNIFORM_8BIT, "8-bit uniform quantisation (256 levels between min and max)"),
-    "quantile8": (_CT.QUANTILE_8BIT, "8-bit quantisation on the tensor's quantiles"),
-    "blockwise8": (_CT.BLOCKWISE_8BIT, "8-bit blockwise quantisation (needs bitsandbytes)"),
+
+@dataclass(frozen=True)
+class Codec:
+    """A dense codec: every element is sent, each in fewer bits (or as float32)."""
+
+    hivemind: type[hc.CompressionBase]  # what hivemind's averagers and Optimizer are given (an instance of it)
+    help: str
+
+    @property
+    def compression_type(self) -> int:
+        """hivemind's CompressionType, which `serialize_torch_tensor` takes."""
+        return self.hivemind.compression_type
+
+
+CODECS: dict[str, Codec] = {
+    "none": Codec(hc.NoCompression, "float32, uncompressed"),
+    "fp16": Codec(hc.Float16Compression, "IEEE half precision"),
+    "scaled-fp16": Codec(hc.ScaledFloat16Compression, "half precision after mean/std normalisation"),
+    "uint8": Codec(hc.Uniform8BitQuantization, "8-bit uniform quantisation (256 levels between min and max)"),
+    "quantile8": Codec(hc.Quantile8BitQuantization, "8-bit quantisation on the tensor's quantiles"),
+    "blockwise8": Codec(hc.BlockwiseQuantization, "8-bit blockwise quantisation (needs bitsandbytes)"),
 }
+TOPK_HELP = "the largest FRACTION of entries with error feedback, sent as index/value pairs by all-gather"
 
 
 @dataclass(frozen=True)
@@ -61,9 +79,15 @@ def check_codec(name: str) -> None:
             raise ValueError("codec 'blockwise8' needs bitsandbytes: pip install bitsandbytes, or use 'uint8'") from None
 
 
+def hivemind_compression(name: str) -> hc.CompressionBase:
+    """The compression a real peer's averager or hivemind.Optimizer applies for a dense codec."""
+    assert name in CODECS, f"codec {name!r} is not dense; check_real_arm refuses it before any peer starts"
+    return CODECS[name].hivemind()
+
+
 def transmit(tensor: torch.Tensor, codec: str) -> Transmitted:
     """Serialize `tensor` as a hivemind peer would and decode it again, as the receiver sees it."""
-    compression_type = CODECS[codec][0]
+    compression_type = CODECS[codec].compression_type
     with warnings.catch_warnings():
         # hivemind's 8-bit codecs use torch.quantize_per_tensor, which warns on every call.
         warnings.simplefilter("ignore")

@@ -18,21 +18,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.settings import setting
+
 # Files are joined with a blank line so that one module's last line never fuses with the next module's first.
 FILE_SEPARATOR = b"\n\n"
 
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
+CORPORA = ("stdlib", "text", "synthetic")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib" | "text" | "synthetic"
-    path: str | None = None  # file or folder, for corpus = "text"
-    max_bytes: int | None = None
-    heldout_fraction: float = 0.05
-    synthetic_symbols: int = 16
-    synthetic_bytes: int = 2_000_000
-    synthetic_concentration: float = 0.1
+    corpus: str = setting("stdlib", "stdlib: this Python's standard library source; text: the files at path; "
+                          "synthetic: a seeded Markov source with a known entropy rate", choices=CORPORA)
+    path: str | None = setting(None, "file or folder of text, for corpus = 'text'")
+    max_bytes: int | None = setting(None, "use at most this many bytes of the corpus (default: all)", low=1024)
+    heldout_fraction: float = setting(0.05, "share of the corpus, at its end, held out for evaluation", low=0.0,
+                                      high=0.5, low_open=True)
+    synthetic_symbols: int = setting(16, "synthetic: alphabet size", low=2, high=256)
+    synthetic_bytes: int = setting(2_000_000, "synthetic: bytes generated", low=10_000)
+    synthetic_concentration: float = setting(0.1, "synthetic: Dirichlet concentration of each transition row "
+                                             "(small: nearly deterministic)", low=0.0, high=1e3, low_open=True)
+
+    def check(self) -> None:
+        """Raise ValueError('field: ...') for a path that the corpus cannot use."""
+        if self.corpus != "text":
+            if self.path is not None:
+                raise ValueError(f"path: only used with corpus = 'text', not {self.corpus!r}; remove it or set "
+                                 "data.corpus = 'text'")
+        elif self.path is None:
+            raise ValueError("path: corpus 'text' needs a path to a file or folder of text")
+        elif not Path(self.path).exists():
+            raise ValueError(f"path: {self.path!r} does not exist; give a file or folder of text")
 
 
 @dataclass(frozen=True)

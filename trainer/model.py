@@ -14,16 +14,18 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from trainer.settings import setting
+
 
 @dataclass(frozen=True)
 class GPTConfig:
-    block_size: int = 128
-    vocab_size: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = False
+    block_size: int = setting(128, "context length in bytes (tokens)", low=8, high=4096)
+    vocab_size: int = setting(256, "bytes: always 256", low=256, high=256)
+    n_layer: int = setting(4, "transformer blocks", low=1, high=96)
+    n_head: int = setting(4, "attention heads per block; must divide n_embd", low=1, high=128)
+    n_embd: int = setting(128, "width of the residual stream", low=8, high=16384)
+    dropout: float = setting(0.0, "dropout probability in training", low=0.0, high=0.9)
+    bias: bool = setting(False, "biases in the linear layers and layer norms")
 
 
 PRESETS: dict[str, GPTConfig] = {

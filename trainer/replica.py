@@ -17,21 +17,22 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from trainer.compression import topk_fraction, transmit, transmit_topk
 from trainer.data import DataConfig, ShardSampler, heldout_batches, load_corpus
 from trainer.model import GPT, GPTConfig, training_flops_per_token
+from trainer.settings import setting
 from trainer.strategies import STRATEGIES
-from trainer.strategies.base import Await, Exchange, Report, Settings
+from trainer.strategies.base import Await, EpochAverage, Exchange, Report, Settings
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """The inner (per-worker) AdamW and its schedule, shared by every arm of an experiment."""
 
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
+    lr: float = setting(1e-3, "peak learning rate, after the linear warmup", low=0.0, high=1.0, low_open=True)
+    min_lr_ratio: float = setting(0.1, "the cosine decay ends at lr x this", low=0.0, high=1.0)
+    warmup_steps: int = setting(10, "steps of linear warmup up to lr", low=0)
+    weight_decay: float = setting(0.1, "AdamW's decoupled weight decay", low=0.0, high=1.0)
+    beta1: float = setting(0.9, "AdamW's first-moment decay", low=0.0, high=0.9999)
+    beta2: float = setting(0.95, "AdamW's second-moment decay", low=0.0, high=0.99999)
+    grad_clip: float = setting(1.0, "largest global gradient norm; 0 disables clipping", low=0.0, high=1e6)
 
     def lr_at(self, step: int, total_steps: int) -> float:
         if step < self.warmup_steps:
@@ -173,6 +174,8 @@ class Replica:
         events: list = []
         if reply is None or isinstance(reply, (bool, np.bool_)):
             send = None if reply is None else bool(reply)
+        elif isinstance(reply, EpochAverage):
+            send = EpochAverage(torch.from_numpy(np.array(reply.tensor, dtype=np.float32)), reply.samples_before)
         else:
             send = torch.from_numpy(np.array(reply, dtype=np.float32))
         while True:

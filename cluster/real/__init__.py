@@ -11,12 +11,13 @@
 - `join`, `doctor`: the volunteer's commands: join a running swarm arm from elsewhere; check this machine first.
 - `probe`: the measurement protocol every real peer serves for `doctor` (and `doctor --serve`).
 
-Lockstep arms (ddp, diloco) have blocking, dense exchanges among all workers, answered by a `DecentralizedAverager`.
+Lockstep arms (a strategy's `real_mode = "lockstep"`: ddp, diloco) have blocking, dense exchanges among all workers,
+answered by a `DecentralizedAverager` (or gloo); swarm arms (`real_mode = "swarm"`) run as `hivemind.Optimizer`.
 """
 
-from cluster.real.options import (REAL_ALGORITHMS, SHAPING, AveragingTimeouts, RealOptions, averaging_timeouts,
-                                  check_real_arm, describe_shaping)
+from cluster.real.options import (SHAPING, AveragingTimeouts, RealOptions, averaging_timeouts, check_real_arm,
+                                  describe_shaping, real_algorithms)
 from cluster.real.runtime import RealArmResult, RealExchangeError, SwarmInfo, run_real_arm
 
-__all__ = ["REAL_ALGORITHMS", "SHAPING", "AveragingTimeouts", "RealArmResult", "RealExchangeError", "RealOptions",
-           "SwarmInfo", "averaging_timeouts", "check_real_arm", "describe_shaping", "run_real_arm"]
+__all__ = ["SHAPING", "AveragingTimeouts", "RealArmResult", "RealExchangeError", "RealOptions", "SwarmInfo",
+           "averaging_timeouts", "check_real_arm", "describe_shaping", "real_algorithms", "run_real_arm"]

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 
 from cluster.collectives import butterfly_allreduce
 from cluster.network import Link, Network
+from trainer.compression import CODECS
+from trainer.strategies import STRATEGIES
 
 SHAPING = ("relay", "none")
 ALLREDUCE = ("hivemind", "gloo")  # what averages a lockstep arm's exchanges
-# What the real mode runs: lockstep strategies whose exchanges are blocking, dense and among all workers (averaged
-# by a DecentralizedAverager), and the hivemind.Optimizer strategies (cluster.real.swarm).
-REAL_ALGORITHMS = ("ddp", "diloco", "collaborative", "local-updates")
-DENSE_CODECS = ("none", "fp16", "scaled-fp16", "uint8", "quantile8", "blockwise8")
 # A link this fast is "unshaped": the Python relay moves a few hundred MB/s at most, far below it.
 UNSHAPED_BPS = 1e15
 # What the userspace relay itself can be relied on to move on a busy 2-core host, bit/s; bounds the all-reduce time
@@ -68,12 +66,13 @@ def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Se
     The experiment file's parser can call this for `mode = "real"` so that a bad arm fails before any peer starts;
     `run_real_arm` calls it again.
     """
-    if algorithm not in REAL_ALGORITHMS:
+    real_mode = STRATEGIES[algorithm].real_mode
+    if real_mode is None:
         raise ValueError(f"algorithm: {algorithm!r} does not run in the real mode yet; use one of "
-                         f"{', '.join(REAL_ALGORITHMS)}, or mode = 'sim'")
-    if codec not in DENSE_CODECS:
+                         f"{', '.join(real_algorithms())}, or mode = 'sim'")
+    if codec not in CODECS:
         raise ValueError(f"codec: {codec!r} cannot run in the real mode (hivemind's all-reduce takes dense codecs "
-                         f"only); use one of {', '.join(DENSE_CODECS)}, or mode = 'sim'")
+                         f"only); use one of {', '.join(CODECS)}, or mode = 'sim'")
     if any(client_mode):
         raise ValueError("client_mode: client-mode peers do not run in the real mode yet; remove client_mode or use "
                          "mode = 'sim'")
@@ -85,9 +84,9 @@ def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Se
     if allreduce not in ALLREDUCE:
         raise ValueError(f"allreduce: must be one of {', '.join(ALLREDUCE)}, got {allreduce!r}")
     if allreduce == "gloo":
-        if algorithm not in ("ddp", "diloco"):
-            raise ValueError(f"allreduce: 'gloo' averages lockstep arms (ddp, diloco); {algorithm!r} runs "
-                             "hivemind.Optimizer; remove allreduce or set it to 'hivemind'")
+        if real_mode != "lockstep":
+            raise ValueError(f"allreduce: 'gloo' averages lockstep arms ({', '.join(real_algorithms('lockstep'))}); "
+                             f"{algorithm!r} runs hivemind.Optimizer; remove allreduce or set it to 'hivemind'")
         if codec != "none":
             raise ValueError(f"codec: gloo's all-reduce sends float32; set codec = 'none' or allreduce = "
                              f"'hivemind' (got {codec!r})")
@@ -102,6 +101,12 @@ def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Se
     if any(link.loss > 0 for link in network.links):
         raise ValueError("network.loss: the relay does not drop packets (TCP would turn loss into delay); set "
                          "loss = 0 for the real mode")
+
+
+def real_algorithms(real_mode: str | None = None) -> list[str]:
+    """The algorithms that run on real peers, lockstep ones first (or those of one real mode: "lockstep", "swarm")."""
+    modes = ("lockstep", "swarm") if real_mode is None else (real_mode,)
+    return [name for mode in modes for name, strategy in STRATEGIES.items() if strategy.real_mode == mode]
 
 
 def describe_shaping(shaping: str) -> str:

@@ -30,15 +30,16 @@ from cluster.network import Link
 from cluster.real.accounting import Address, CountingRelay
 from cluster.real.options import AveragingTimeouts, RealOptions, part_size_bytes
 from cluster.shaping.relay import RelayThread
+from trainer.compression import hivemind_compression
 from trainer.replica import AwaitRequest, ExchangeRequest, Replica, ReplicaSpec, ReportRequest, StepDone
 
 READY_KEY = "{run_id}_peers"  # DHT key under which every peer of a run lists its announced multiaddrs, by worker
 
 
 @dataclass(frozen=True)
-class MeasuredStep:
-    step: int
-    loss: float
+class MeasuredStep(StepDone):
+    """A step as a real peer reports it: its FLOPs, and the wall time it took."""
+
     compute_s: float  # wall seconds this peer computed for the step (its exchange excluded)
     time_s: float  # this peer's arm clock after the step
 
@@ -80,21 +81,6 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _compression(codec: str):
-    """The hivemind codec for the averager's wire format; top-k has no hivemind all-reduce counterpart."""
-    from hivemind import compression as c
-
-    codecs = {
-        "none": c.NoCompression, "fp16": c.Float16Compression, "scaled-fp16": c.ScaledFloat16Compression,
-        "uint8": c.Uniform8BitQuantization, "quantile8": c.Quantile8BitQuantization,
-        "blockwise8": c.BlockwiseQuantization,
-    }
-    if codec not in codecs:
-        raise ValueError(f"codec {codec!r} cannot run in the real mode: hivemind's all-reduce takes only dense codecs "
-                         f"({', '.join(codecs)}); use one of those or mode = 'sim'")
-    return codecs[codec]()
 
 
 def _process_tree(pid: int) -> list:
@@ -193,7 +179,7 @@ class RealPeer:
             target_group_size=n, min_group_size=n, min_matchmaking_time=timeouts.min_matchmaking_time_s,
             request_timeout=timeouts.request_timeout_s, allreduce_timeout=timeouts.allreduce_timeout_s,
             next_chunk_timeout=timeouts.next_chunk_timeout_s,
-            compression=_compression(self.spec.codec), bandwidth=bandwidth_mbps, allow_state_sharing=False,
+            compression=hivemind_compression(self.spec.codec), bandwidth=bandwidth_mbps, allow_state_sharing=False,
             part_size_bytes=part_size_bytes(4 * self.replica.num_params(), n), start=False,
         )
         try:
@@ -245,12 +231,14 @@ class RealPeer:
             self._paused_at = None
 
     # --- training --------------------------------------------------------------------------------
-    def advance(self, until_step: int, finish: bool = False) -> list:
+    def advance(self, until_step: int, reply: None = None, finish: bool = False) -> list:
         """Train up to `until_step` (then the strategy's `finish`, if asked), one step at a time so that each is timed.
 
         Returns `MeasuredStep`s, and last a `PendingExchange` if the strategy is waiting on one: serve it with
-        `exchange`, then call `advance` again, which hands the average to the strategy.
+        `exchange`, then call `advance` again, which hands the average to the strategy. The average never leaves
+        this peer, so a driver's `reply` is always None (the signature is the replica's, for the lockstep driver).
         """
+        assert reply is None, "a real peer holds its exchange's average itself"
         assert self._pending is None or self._reply is not None, "advance called before the pending exchange succeeded"
         self._resume_clock()
         reply, self._reply, self._pending = self._reply, None, None
@@ -263,7 +251,7 @@ class RealPeer:
             reply = None
             for event in out:
                 if isinstance(event, StepDone):
-                    events.append(MeasuredStep(event.step, event.loss, self._step_compute_s, self.clock_s()))
+                    events.append(MeasuredStep(event.step, event.loss, event.flops, self._step_compute_s, self.clock_s()))
                     self._step_compute_s, self._next_step = 0.0, event.step + 1
             if out and not isinstance(out[-1], StepDone):
                 events.append(self._hold(out[-1]))

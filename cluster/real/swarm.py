@@ -1,22 +1,24 @@
 """The real mode's swarm arms: `hivemind.Optimizer` peers that train at their own pace (collaborative, local updates).
 
-Lockstep arms (ddp, diloco; `cluster.real.runtime.RealArm`) are driven step by step. Here each peer runs its own
-training loop in a thread of its Ray actor, exactly as a hivemind volunteer would: forward/backward on its shard, then
-`hivemind.Optimizer.step()`, which reports progress to the DHT, and when the swarm's samples reach the target batch
-averages (gradients for collaborative, parameters for local updates) and starts the next epoch. The driver only polls
-progress, asks peer 0 for parameter snapshots at the evaluation points (evaluated after training, so evaluation takes
-no time from it), reads the relays' byte counters whenever every peer has closed an epoch, and tells the peers to stop
-once the swarm has trained the arm's token budget (they finish the epoch they are in, so they end on one model).
+Lockstep arms (ddp, diloco: `cluster.driver.LockstepDriver` with `cluster.real.lockstep.PeerExchanges`) are driven
+step by step. Here each peer runs its own training loop in a thread of its Ray actor, exactly as a hivemind volunteer
+would: forward/backward on its shard, then `hivemind.Optimizer.step()`, which reports progress to the DHT, and when
+the swarm's samples reach the target batch averages (gradients for collaborative, parameters for local updates) and
+starts the next epoch. The driver only polls progress, asks peer 0 for parameter snapshots at the evaluation points
+(evaluated after training, so evaluation takes no time from it), reads the relays' byte counters whenever every peer
+has closed an epoch, and tells the peers to stop once the swarm has trained the arm's token budget (they finish the
+epoch they are in, so they end on one model).
 
-How the simulator's settings map onto hivemind.Optimizer:
+How the simulator's settings map onto hivemind.Optimizer (a swarm strategy's own part is its `swarm_mapping`, the
+timing is the arm's `SwarmTiming`):
 
-| simulator (`trainer.strategies`)             | hivemind.Optimizer                                                   |
+| simulator                                    | hivemind.Optimizer                                                   |
 |----------------------------------------------|----------------------------------------------------------------------|
 | collaborative `target_batch_size`            | `target_batch_size`, `batch_size_per_step` = the run's batch size     |
-| collaborative `matchmaking_time`             | `matchmaking_time` (the averagers' `min_matchmaking_time`)           |
-| collaborative `averaging_timeout`            | `averaging_timeout`                                                   |
-| collaborative `progress_refresh_s`           | `tracker_opts.min_refresh_period`                                    |
-| collaborative `target_group_size` (0: None)  | the averagers' `target_group_size`                                    |
+| SwarmTiming `matchmaking_time`               | `matchmaking_time` (the averagers' `min_matchmaking_time`)           |
+| SwarmTiming `averaging_timeout`              | `averaging_timeout`                                                   |
+| SwarmTiming `progress_refresh_s`             | `tracker_opts.min_refresh_period`                                    |
+| SwarmTiming `target_group_size` (0: None)    | the averagers' `target_group_size`                                    |
 | collaborative: gradients averaged only       | `average_state_every` = never (hivemind would also average the state)|
 | local-updates `average_state_every` (steps)  | `use_local_updates`, one epoch = that many steps of every peer        |
 | local-updates `delay_state_averaging`        | `delay_state_averaging` (hivemind's delta rule)                       |
@@ -47,17 +49,22 @@ import numpy as np
 import torch
 
 from cluster.real.peer import RealPeer
+from cluster.swarm_timing import SwarmTiming
+from trainer.compression import hivemind_compression
+from trainer.strategies.base import Settings, Strategy
 
-SWARM_ALGORITHMS = ("collaborative", "local-updates")
 CONFIG_KEY = "{run_id}_config"  # the arm's configuration, JSON, for joining peers
 RUNS_KEY = "farflung_runs"  # subkey run id -> one line describing the run: how `join` finds a run without --run-id
 DONE_KEY = "{run_id}_done"
-NEVER = 2**31 - 1  # an epoch period that never comes: hivemind's `average_state_every` for collaborative arms
+# A swarm arm without timing settings of its own (local-updates) keeps these: hivemind's defaults, with the averager's
+# min_matchmaking_time (5 s) rather than hivemind.Optimizer's 15 s.
+UNTIMED = SwarmTiming(matchmaking_time=5.0, averaging_timeout=60.0, target_group_size=0, progress_refresh_s=0.5)
 
 
 @dataclass(frozen=True)
 class SwarmSetup:
-    """What a peer passes to `hivemind.Optimizer`, derived from an arm's strategy settings (see the module table)."""
+    """What a peer passes to `hivemind.Optimizer`, derived from an arm's strategy settings and swarm timing (see the
+    module table); it travels as JSON to joining peers."""
 
     target_batch_size: int
     batch_size: int
@@ -72,24 +79,19 @@ class SwarmSetup:
     codec: str
 
     @classmethod
-    def of(cls, algorithm: str, settings, n_workers: int, batch_size: int, codec: str) -> SwarmSetup:
-        if algorithm == "collaborative":
-            return cls(
-                target_batch_size=settings.target_batch_size, batch_size=batch_size, use_local_updates=False,
-                delay_state_averaging=False, average_state_every=NEVER,
-                matchmaking_time_s=settings.matchmaking_time, averaging_timeout_s=settings.averaging_timeout,
-                progress_refresh_s=settings.progress_refresh_s, target_group_size=settings.target_group_size,
-                lockstep_steps_per_epoch=settings.target_batch_size / (n_workers * batch_size), codec=codec,
-            )
-        if algorithm == "local-updates":
-            # hivemind's defaults for what the simulator's local-updates arm does not set.
-            return cls(
-                target_batch_size=settings.average_state_every * n_workers * batch_size, batch_size=batch_size,
-                use_local_updates=True, delay_state_averaging=settings.delay_state_averaging, average_state_every=1,
-                matchmaking_time_s=5.0, averaging_timeout_s=60.0, progress_refresh_s=0.5, target_group_size=0,
-                lockstep_steps_per_epoch=float(settings.average_state_every), codec=codec,
-            )
-        raise ValueError(f"algorithm: {algorithm!r} is not a swarm algorithm ({', '.join(SWARM_ALGORITHMS)})")
+    def of(cls, strategy: type[Strategy], settings: Settings, timing: SwarmTiming | None, n_workers: int,
+           batch_size: int, codec: str) -> SwarmSetup:
+        assert strategy.real_mode == "swarm", f"{strategy.name!r} does not run as hivemind.Optimizer"
+        mapping = strategy.swarm_mapping(settings, n_workers, batch_size)
+        timing = timing or UNTIMED
+        return cls(
+            target_batch_size=mapping.target_batch_size, batch_size=batch_size,
+            use_local_updates=mapping.use_local_updates, delay_state_averaging=mapping.delay_state_averaging,
+            average_state_every=mapping.average_state_every, matchmaking_time_s=timing.matchmaking_time,
+            averaging_timeout_s=timing.averaging_timeout, progress_refresh_s=timing.progress_refresh_s,
+            target_group_size=timing.target_group_size, lockstep_steps_per_epoch=mapping.lockstep_steps_per_epoch,
+            codec=codec,
+        )
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,6 @@ class _ClippedAdamW(torch.optim.AdamW):
             grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(grads, self.grad_clip)
         return super().step(closure)
-
-
-def _codec(name: str):
-    from cluster.real.peer import _compression
-
-    return _compression(name)
 
 
 def arm_config(spec, setup: SwarmSetup, arm: str) -> str:
@@ -216,7 +212,8 @@ class SwarmPeer(RealPeer):
             matchmaking_time=setup.matchmaking_time_s, averaging_timeout=setup.averaging_timeout_s,
             use_local_updates=setup.use_local_updates, delay_state_averaging=setup.delay_state_averaging,
             average_state_every=setup.average_state_every,
-            grad_compression=_codec(setup.codec), state_averaging_compression=_codec(setup.codec),
+            grad_compression=hivemind_compression(setup.codec),
+            state_averaging_compression=hivemind_compression(setup.codec),
             averager_opts=averager_opts, grad_averager_factory=grad_averager,
             tracker_opts={"min_refresh_period": setup.progress_refresh_s},
             # hivemind 1.1.12 leaves its own client_mode unset unless it is passed (its default of None stays None),

@@ -16,7 +16,8 @@ import numpy as np
 from cluster.real.accounting import RoundBytes, attribute, counters_delta
 from cluster.real.options import RealOptions
 from cluster.real.swarm import EpochRecord, SwarmSetup
-from cluster.sim import ArmPlan, average
+from cluster.driver import ArmPlan, evaluate_consensus
+from cluster.records import CommRecord, Record, StepRecord
 from trainer.replica import ReplicaSpec
 
 
@@ -26,7 +27,7 @@ class SwarmArm:
     POLL_S = 0.2
 
     def __init__(self, peers, plan: ArmPlan, spec: ReplicaSpec, setup: SwarmSetup, options: RealOptions,
-                 dial_addresses: list, emit: Callable[[dict], None], on_step: Callable[[], None] = lambda: None,
+                 dial_addresses: list, emit: Callable[[Record], None], on_step: Callable[[], None] = lambda: None,
                  should_stop: Callable[[], bool] = lambda: False):
         self.peers, self.plan, self.spec, self.setup, self.options = peers, plan, spec, setup, options
         self.dial_addresses, self.emit, self.on_step, self.should_stop = dial_addresses, emit, on_step, should_stop
@@ -87,16 +88,10 @@ class SwarmArm:
         end_s = max((r.time_s for rs in per_worker for r in rs), default=0.0)
         tokens = sum(r.samples for rs in per_worker for r in rs) * seq
         for epoch, at_tokens, time_s, params in evals:
-            loss = self.peers.call("evaluate", [(params,)], workers=[0])[0]
-            self.emit({"kind": "eval", "arm": plan.name, "step": epoch, "tokens": at_tokens, "time_s": time_s,
-                       "loss": loss, "param_spread": 0.0})
+            # Peer 0's snapshot alone: the others' parameters at that moment were not taken.
+            self.emit(evaluate_consensus(self.peers, plan.name, epoch, at_tokens, time_s, [params]))
         params = self.last_params = self.peers.call("params")
-        consensus = average(params)
-        norm = float(np.linalg.norm(consensus)) or 1.0
-        spread = float(np.mean([np.linalg.norm(p - consensus) for p in params])) / norm
-        loss = self.peers.call("evaluate", [(consensus,)], workers=[0])[0]
-        self.emit({"kind": "eval", "arm": plan.name, "step": last + 1, "tokens": tokens, "time_s": end_s,
-                   "loss": loss, "param_spread": spread})
+        self.emit(evaluate_consensus(self.peers, plan.name, last + 1, tokens, end_s, params))
 
     def emit_epochs(self, per_worker: list[list[EpochRecord]], bytes_by_epoch: dict) -> None:
         """One comm record per epoch and one step record per peer that closed it, in epoch order."""
@@ -115,31 +110,27 @@ class SwarmArm:
             moved = bytes_by_epoch.get(epoch)
             zeros = (0,) * n
             step_s = [next((r.step_s for r in records if r.worker == w), 0.0) for w in range(n)]
-            self.emit({
-                "kind": "comm", "arm": plan.name, "round": epoch, "group": 0, "step": epoch,
-                "collective": "butterfly", "requested_collective": "butterfly",
-                "payload": "parameters" if self.setup.use_local_updates else "gradients",
-                "participants": list(range(n)), "message_bytes": message, "raw_bytes": raw,
-                "bytes_sent": list(moved.bytes_sent if moved else zeros),
-                "bytes_received": list(moved.bytes_received if moved else zeros),
-                "bytes_unattributed": moved.unattributed if moved else 0,
-                "comm_s": max(r.step_s for r in records),
-                "comm_s_per_worker": step_s,
+            self.emit(CommRecord(
+                arm=plan.name, round=epoch, group=0, step=epoch, collective="butterfly",
+                requested_collective="butterfly", payload="parameters" if self.setup.use_local_updates else "gradients",
+                participants=list(range(n)), message_bytes=message, raw_bytes=raw,
+                bytes_sent=list(moved.bytes_sent if moved else zeros),
+                bytes_received=list(moved.bytes_received if moved else zeros),
+                bytes_unattributed=moved.unattributed if moved else 0,
+                comm_s=max(r.step_s for r in records), comm_s_per_worker=step_s,
                 # Waiting for the round and averaging, as the simulator's idle_s: from noticing the epoch's end
                 # (entering the step that closes it) to the end of the round.
-                "blocking": not self.setup.delay_state_averaging, "idle_s": step_s,
-                "time_s": max(r.time_s for r in records), "staleness": 0, "attempts": 1, "measured": True,
-                "samples": [next((r.samples for r in records if r.worker == w), 0) for w in range(n)],
-                "swarm_peers": max(r.swarm_peers for r in records),
-                "loaded_state": [r.worker for r in records if r.loaded_state],
-            })
+                blocking=not self.setup.delay_state_averaging, idle_s=step_s,
+                time_s=max(r.time_s for r in records), staleness=0, attempts=1, measured=True,
+                samples=[next((r.samples for r in records if r.worker == w), 0) for w in range(n)],
+                swarm_peers=max(r.swarm_peers for r in records),
+                loaded_state=[r.worker for r in records if r.loaded_state],
+            ))
             for r in records:
-                self.emit({
-                    "kind": "step", "arm": plan.name, "worker": r.worker, "step": epoch, "tokens": samples * seq,
-                    "loss": r.loss, "time_s": r.time_s, "compute_s": r.compute_s, "optimizer_s": r.optimizer_s,
-                    "samples": r.samples,
-                    "late_samples": 0, "staleness": 0,
-                })
+                self.emit(StepRecord(
+                    arm=plan.name, worker=r.worker, step=epoch, tokens=samples * seq, loss=r.loss, time_s=r.time_s,
+                    compute_s=r.compute_s, optimizer_s=r.optimizer_s, samples=r.samples, late_samples=0, staleness=0,
+                ))
 
 
 def _add_bytes(a, b):

@@ -91,6 +91,7 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(10)
 
 
+@pytest.mark.hivemind
 def test_doctor_measures_the_shaped_link(probe_server, capsys):
     before = _p2pd_pids()
     start = time.perf_counter()
@@ -118,6 +119,7 @@ def test_doctor_measures_the_shaped_link(probe_server, capsys):
     assert _p2pd_left_by(before) == set()
 
 
+@pytest.mark.hivemind
 def test_ctrl_c_stops_doctor_and_its_daemon(probe_server):
     psutil = _psutil()
     # 40 MB at 20 Mbit/s is 16 s of transfer: Ctrl-C lands while doctor is measuring.
@@ -139,6 +141,7 @@ def test_ctrl_c_stops_doctor_and_its_daemon(probe_server):
         doctor.communicate()
 
 
+@pytest.mark.hivemind
 def test_probe_server_stops_on_ctrl_c_and_leaves_no_daemon(probe_server):
     server = probe_server["server"]
     assert server.poll() is None, "the probe server stopped early"
@@ -147,6 +150,7 @@ def test_probe_server_stops_on_ctrl_c_and_leaves_no_daemon(probe_server):
     assert _p2pd_left_by(probe_server["before"]) == set()
 
 
+@pytest.mark.hivemind
 def test_unreachable_initial_peer_fails_with_a_fix_within_the_timeout(capsys):
     before = _p2pd_pids()
     start = time.perf_counter()

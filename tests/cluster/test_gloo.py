@@ -64,19 +64,21 @@ def test_gloo_is_refused_where_it_cannot_run():
         check_real_arm("collaborative", "none", net, shaping="none", allreduce="gloo")
 
 
+@pytest.mark.ray
+@pytest.mark.hivemind  # the peers find each other through hivemind's DHT
 def test_ddp_over_gloo_ends_equal_and_sends_what_a_ring_sends():
     n, steps = 3, 8
     plan, specs = unshaped_arm("ddp-gloo", n, steps, seed=1, algorithm="ddp", settings=DDPSettings())
     records: list[dict] = []
     result = run_real_arm(plan, specs, records.append, options=RealOptions(shaping="none", allreduce="gloo"))
     assert all(np.array_equal(result.final_params[0], p) for p in result.final_params[1:])
-    evals = [r for r in records if r["kind"] == "eval"]
-    assert evals[-1]["loss"] < evals[0]["loss"]
-    comms = [r for r in records if r["kind"] == "comm"]
-    assert len(comms) == steps and all(r["collective"] == "gloo_allreduce" for r in comms)
+    evals = [r for r in records if r.kind == "eval"]
+    assert evals[-1].loss < evals[0].loss
+    comms = [r for r in records if r.kind == "comm"]
+    assert len(comms) == steps and all(r.collective == "gloo_allreduce" for r in comms)
     payload = 4 * (count_params(PRESETS["tiny"]) + 1)  # the gradients and the weight, float32
     ring = 2 * (n - 1) / n * payload  # what each rank sends in a ring all-reduce
     for r in comms:
-        assert r["message_bytes"] == payload
-        for sent, received in zip(r["bytes_sent"], r["bytes_received"]):
+        assert r.message_bytes == payload
+        for sent, received in zip(r.bytes_sent, r.bytes_received):
             assert ring <= sent <= 1.05 * ring and ring <= received <= 1.05 * ring, (sent, received, ring)

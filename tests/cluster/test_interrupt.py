@@ -15,6 +15,7 @@ import pytest
 from proctools import TAG, tagged_processes, wait_until_gone
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.ray, pytest.mark.hivemind]
 
 
 def test_ctrl_c_during_a_real_run_stops_every_process(tmp_path):

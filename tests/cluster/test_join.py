@@ -20,6 +20,7 @@ import pytest
 from realtools import unshaped_arm
 
 from cluster.real import RealOptions, run_real_arm
+from cluster.swarm_timing import SwarmTiming
 from trainer.strategies.collaborative import CollaborativeSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,8 +28,9 @@ N = 2
 
 
 def _swarm_arm(steps: int):
-    settings = CollaborativeSettings(target_batch_size=16, matchmaking_time=2.0, averaging_timeout=20.0)
-    return unshaped_arm("collab-join", N, steps, seed=3, algorithm="collaborative", settings=settings)
+    return unshaped_arm("collab-join", N, steps, seed=3, algorithm="collaborative",
+                        settings=CollaborativeSettings(target_batch_size=16),
+                        swarm=SwarmTiming(matchmaking_time=2.0, averaging_timeout=20.0))
 
 
 def _join(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -36,6 +38,8 @@ def _join(*args: str, timeout: float) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+@pytest.mark.ray
+@pytest.mark.hivemind
 @pytest.mark.parametrize("mode", [[], ["--client-mode"]], ids=["listening", "client-mode"])
 def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_count, mode):
     plan, specs = _swarm_arm(steps=100_000)  # far more than it will train: the test stops it
@@ -83,13 +87,13 @@ def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_co
     assert first >= int(caught.group(2)) and [e for e, _, _ in closed] == [first, first + 1, first + 2], out
     # It contributes: its samples go into those epochs, which the swarm's own peers closed with three peers.
     assert sum(s for _, _, s in closed) > 0, out
-    rounds = {r["round"]: r for r in records if r["kind"] == "comm"}
+    rounds = {r.round: r for r in records if r.kind == "comm"}
     assert all(e in rounds for e, _, _ in closed), (closed, sorted(rounds))
-    assert any(rounds[e]["swarm_peers"] == N + 1 for e, _, _ in closed), [rounds[e] for e, _, _ in closed]
+    assert any(rounds[e].swarm_peers == N + 1 for e, _, _ in closed), [rounds[e] for e, _, _ in closed]
     # The arm's own peers end on one model.
-    evals = [r for r in records if r["kind"] == "eval"]
-    assert evals[-1]["param_spread"] < 1e-5, evals[-1]
-    assert evals[-1]["loss"] < evals[0]["loss"]
+    evals = [r for r in records if r.kind == "eval"]
+    assert evals[-1].param_spread < 1e-5, evals[-1]
+    assert evals[-1].loss < evals[0].loss
     left = p2pd_count.new_since(before)
     assert not left, f"p2pd processes outlived the swarm or the joiner: {left}"
 

@@ -17,6 +17,7 @@ from cluster.real import RealOptions, run_real_arm
 from trainer.strategies.diloco import DiLoCoSettings
 
 N = 3
+pytestmark = [pytest.mark.ray, pytest.mark.hivemind]
 
 
 def test_real_peers_run_on_different_ray_nodes(monkeypatch):
@@ -43,8 +44,8 @@ def test_real_peers_run_on_different_ray_nodes(monkeypatch):
 
         placement = result.swarm.placement
         assert len(placement) == N and set(placement) == nodes  # one peer on each node
-        evals = [r for r in records if r["kind"] == "eval"]
-        assert evals[-1]["loss"] < evals[0]["loss"]
+        evals = [r for r in records if r.kind == "eval"]
+        assert evals[-1].loss < evals[0].loss
         assert all(np.allclose(result.final_params[0], p, rtol=1e-5, atol=1e-7) for p in result.final_params[1:])
     finally:
         ray.shutdown()

@@ -23,7 +23,7 @@ from cluster.real import RealOptions, averaging_timeouts, check_real_arm, run_re
 from cluster.real.accounting import CountingRelay, attribute, counters_delta
 from cluster.real.options import part_size_bytes
 from cluster.shaping.relay import RelayThread
-from cluster.sim import ArmPlan
+from cluster.driver import ArmPlan
 from trainer.data import DataConfig
 from trainer.model import PRESETS, count_params
 from trainer.replica import OptimConfig, ReplicaSpec
@@ -144,6 +144,8 @@ def fresh_ray(monkeypatch):
         ray.shutdown()
 
 
+@pytest.mark.ray
+@pytest.mark.hivemind
 def test_three_real_peers_train_diloco_and_leave_nothing_running(p2pd_works, fresh_ray):
     n, steps = 3, 12
     specs = [
@@ -174,27 +176,27 @@ def test_three_real_peers_train_diloco_and_leave_nothing_running(p2pd_works, fre
         left = tagged_processes(fresh_ray)
     assert left == {}
 
-    steps_seen = sorted({r["step"] for r in records if r["kind"] == "step"})
+    steps_seen = sorted({r.step for r in records if r.kind == "step"})
     assert steps_seen == list(range(steps))
-    comms = [r for r in records if r["kind"] == "comm"]
-    assert [c["step"] for c in comms] == [3, 7, 11] and all(c["payload"] == "pseudo_gradient" for c in comms)
+    comms = [r for r in records if r.kind == "comm"]
+    assert [c.step for c in comms] == [3, 7, 11] and all(c.payload == "pseudo_gradient" for c in comms)
     nbytes = 4 * count_params(PRESETS["tiny"])
     for c in comms:
-        assert c["participants"] == [0, 1, 2] and c["measured"] and c["staleness"] == 0
-        assert c["bytes_unattributed"] == 0 and sum(c["bytes_sent"]) == sum(c["bytes_received"])
+        assert c.participants == [0, 1, 2] and c.measured and c.staleness == 0
+        assert c.bytes_unattributed == 0 and sum(c.bytes_sent) == sum(c.bytes_received)
         # Butterfly with equal parts: each peer sends (S - S/3) + 2 S/3 = 4S/3, plus libp2p framing and matchmaking.
         # One peer reducing everything (hivemind's default part size on a small model) would send 2S and the others S.
         # A round that had to be retried also carries what its failed attempts sent.
-        for sent in c["bytes_sent"]:
-            assert 4 / 3 * nbytes <= sent <= 1.7 * nbytes * c["attempts"], (sent, nbytes, c["attempts"])
-        assert c["comm_s"] > 0 and len(c["idle_s"]) == n and all(i >= 0 for i in c["idle_s"])
+        for sent in c.bytes_sent:
+            assert 4 / 3 * nbytes <= sent <= 1.7 * nbytes * c.attempts, (sent, nbytes, c.attempts)
+        assert c.comm_s > 0 and len(c.idle_s) == n and all(i >= 0 for i in c.idle_s)
 
     # After the closing averaging every peer holds the same model, up to the rounding of hivemind's delta updates.
     final = result.final_params
     assert len(final) == n and all(np.allclose(final[0], p, rtol=1e-5, atol=1e-7) for p in final[1:])
-    evals = [r for r in records if r["kind"] == "eval"]
-    assert [e["step"] for e in evals] == [0, 6, 12]
-    assert evals[-1]["loss"] < evals[0]["loss"] - 0.3
-    assert evals[-1]["param_spread"] < 1e-6
-    times = [r["time_s"] for r in records if r["kind"] == "step" and r["worker"] == 0]
+    evals = [r for r in records if r.kind == "eval"]
+    assert [e.step for e in evals] == [0, 6, 12]
+    assert evals[-1].loss < evals[0].loss - 0.3
+    assert evals[-1].param_spread < 1e-6
+    times = [r.time_s for r in records if r.kind == "step" and r.worker == 0]
     assert times == sorted(times) and times[-1] > 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import experiments
-from cluster.sim import ArmSimulation
+from cluster.driver import LockstepDriver
 from experiments import cli
 from trainer.model import GPT, PRESETS
 
@@ -159,6 +159,7 @@ def test_same_file_same_metrics_and_another_seed_differs(local_run, tmp_path):
     assert reseeded.summary["seed"] == 1
 
 
+@pytest.mark.ray
 def test_ray_runtime_gives_the_same_metrics_as_local(local_run, tmp_path):
     ray = pytest.importorskip("ray")
     assert not ray.is_initialized()
@@ -187,7 +188,7 @@ def test_out_folder_with_files_exits_2_and_is_left_alone(tmp_path, capsys):
 
 def test_run_that_fails_midway_leaves_no_run_folder(tmp_path, monkeypatch):
     calls = []
-    evaluate = ArmSimulation.evaluate
+    evaluate = LockstepDriver.evaluate
 
     def fail_after_first(self, step):
         calls.append(step)
@@ -195,7 +196,7 @@ def test_run_that_fails_midway_leaves_no_run_folder(tmp_path, monkeypatch):
             raise RuntimeError("worker lost")
         return evaluate(self, step)
 
-    monkeypatch.setattr(ArmSimulation, "evaluate", fail_after_first)
+    monkeypatch.setattr(LockstepDriver, "evaluate", fail_after_first)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="worker lost"):
         experiments.run(TINY, out=out)

@@ -5,18 +5,31 @@ from pathlib import Path
 
 import pytest
 
+from cluster.records import CommRecord, EvalRecord, StepRecord
 from experiments import cli
 from experiments.fidelity import compare
 
 REAL = Path(__file__).parents[2] / "experiments" / "real-loopback.toml"
 
 
+def comm(arm, round_, comm_s, sent, time_s, idle_s=(0.0, 0.0)):
+    return CommRecord(arm=arm, round=round_, group=0, step=round_, collective="butterfly", payload="gradients",
+                      participants=[0, 1], message_bytes=1, raw_bytes=1, bytes_sent=sent, bytes_received=sent,
+                      comm_s=comm_s, blocking=True, idle_s=list(idle_s), time_s=time_s, staleness=0)
+
+
+def step(arm, compute_s, time_s, samples=None):
+    return StepRecord(arm=arm, worker=0, step=0, tokens=0, loss=3.0, time_s=time_s, compute_s=compute_s,
+                      samples=samples)
+
+
+def evaluation(arm, loss, time_s):
+    return EvalRecord(arm=arm, step=0, tokens=0, time_s=time_s, loss=loss, param_spread=0.0)
+
+
 def records(arm, comm_s, compute_s, time_s, sent, loss):
-    return [
-        {"kind": "comm", "arm": arm, "comm_s": c, "bytes_sent": sent, "time_s": time_s} for c in comm_s
-    ] + [
-        {"kind": "step", "arm": arm, "compute_s": c, "time_s": time_s} for c in compute_s
-    ] + [{"kind": "eval", "arm": arm, "loss": 9.0, "time_s": 0.0}, {"kind": "eval", "arm": arm, "loss": loss, "time_s": time_s}]
+    return ([comm(arm, i, c, sent, time_s) for i, c in enumerate(comm_s)] + [step(arm, c, time_s) for c in compute_s]
+            + [evaluation(arm, 9.0, 0.0), evaluation(arm, loss, time_s)])
 
 
 def test_compare_takes_medians_and_flags_what_is_off_by_more_than_a_quarter():
@@ -33,12 +46,9 @@ def test_compare_takes_medians_and_flags_what_is_off_by_more_than_a_quarter():
 
 def test_swarm_arms_compare_compute_per_sample_and_rounds():
     # Epochs of different sizes: 2 epochs of 64 samples predicted, 1 of 192 measured.
-    sim = [{"kind": "comm", "arm": "c", "round": r, "comm_s": 0.2, "idle_s": [1.0, w], "bytes_sent": [50, 50],
-            "time_s": 1.0} for r, w in ((0, 1.5), (1, 0.5))]
-    sim += [{"kind": "step", "arm": "c", "compute_s": 0.32, "samples": 64, "time_s": 1.0} for _ in (0, 1)]
-    real = [{"kind": "comm", "arm": "c", "round": 0, "comm_s": 3.0, "idle_s": [3.0, 2.5], "bytes_sent": [300, 300],
-             "time_s": 4.0},
-            {"kind": "step", "arm": "c", "compute_s": 1.92, "samples": 192, "time_s": 4.0}]
+    sim = [comm("c", r, 0.2, [50, 50], 1.0, idle_s=(1.0, w)) for r, w in ((0, 1.5), (1, 0.5))]
+    sim += [step("c", 0.32, 1.0, samples=64) for _ in (0, 1)]
+    real = [comm("c", 0, 3.0, [300, 300], 4.0, idle_s=(3.0, 2.5)), step("c", 1.92, 4.0, samples=192)]
     table = compare(sim, real, ["c"])["c"]
     assert "compute_per_step_s" not in table and "exchange_s" not in table
     assert table["epoch_wait_s"]["predicted"] == pytest.approx(1.25)  # the median of the slowest peers' 1.5 and 1.0
@@ -57,6 +67,8 @@ def test_fidelity_of_an_algorithm_without_a_real_counterpart_exits_2(tmp_path, c
     assert "arm.ddp.algorithm" in capsys.readouterr().err
 
 
+@pytest.mark.ray
+@pytest.mark.hivemind
 def test_fidelity_runs_sim_and_real_and_writes_its_report(tmp_path, capsys):
     out = tmp_path / "fid"
     # One DiLoCo arm, 20 steps: two real exchanges over shaped loopback links.

@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from cluster.records import CommRecord, EvalRecord, StepRecord
 from experiments.report import human_bytes, human_seconds, write_report
 from experiments.summary import read_metrics, summarize
 
@@ -14,18 +15,18 @@ ARMS = [
 
 
 def step(arm, worker, n, tokens, time_s, compute_s, loss=3.0):
-    return {"kind": "step", "arm": arm, "worker": worker, "step": n, "tokens": tokens, "loss": loss,
-            "time_s": time_s, "compute_s": compute_s}
+    return StepRecord(arm=arm, worker=worker, step=n, tokens=tokens, loss=loss, time_s=time_s, compute_s=compute_s)
 
 
-def comm(arm, n, sent, received, comm_s, idle, time_s):
-    return {"kind": "comm", "arm": arm, "round": n, "step": n, "collective": "ring_all_reduce", "payload": "gradient",
-            "participants": [0, 1], "bytes_sent": sent, "bytes_received": received, "comm_s": comm_s,
-            "idle_s": idle, "time_s": time_s, "staleness": 0}
+def comm(arm, n, sent, received, comm_s, idle, time_s, *, raw_bytes=100, message_bytes=100):
+    return CommRecord(arm=arm, round=n, group=0, step=n, collective="ring_allreduce", payload="gradients",
+                      participants=[0, 1], message_bytes=message_bytes, raw_bytes=raw_bytes, bytes_sent=sent,
+                      bytes_received=received, comm_s=comm_s, blocking=True, idle_s=idle, time_s=time_s,
+                      staleness=0)
 
 
 def evaluation(arm, n, tokens, time_s, loss):
-    return {"kind": "eval", "arm": arm, "step": n, "tokens": tokens, "time_s": time_s, "loss": loss}
+    return EvalRecord(arm=arm, step=n, tokens=tokens, time_s=time_s, loss=loss, param_spread=0.0)
 
 
 def records():
@@ -119,7 +120,7 @@ def test_null_cases():
     assert missed_baseline["ddp-dc"]["time_to_target_ratio"] is None
 
     # A baseline that sent nothing gives no bytes ratio rather than a division by zero.
-    silent = [r for r in records() if not (r["arm"] == "ddp-dc" and r["kind"] == "comm")]
+    silent = [r for r in records() if not (r.arm == "ddp-dc" and r.kind == "comm")]
     arms = summarize(silent, ARMS, "ddp-dc", 2.5)["arms"]
     assert arms["ddp-dc"]["bytes_sent"] == 0 and arms["ddp-dc"]["bytes_sent_per_worker"] == [0, 0]
     assert arms["diloco-home"]["bytes_ratio"] is None
@@ -146,11 +147,28 @@ def test_unknown_baseline_names_the_arms():
 
 def test_read_metrics_round_trip(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in records()) + "\n\n")
+    path.write_text("\n".join(json.dumps(r.to_json()) for r in records()) + "\n\n")
     assert read_metrics(path) == records()
-    path.write_text(json.dumps(records()[0]) + "\n{\"kind\": \"st")
+    path.write_text(json.dumps(records()[0].to_json()) + "\n{\"kind\": \"st")
     with pytest.raises(ValueError, match="metrics.jsonl:2"):
         read_metrics(path)
+    # A line that is JSON but no record names its line and what is wrong with it.
+    path.write_text(json.dumps({**records()[0].to_json(), "colour": "red"}) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: a eval record has unknown fields \['colour'\]"):
+        read_metrics(path)
+
+
+def test_record_lines_keep_the_documented_field_order():
+    # results/README.md documents these fields in this order; the real mode's extras appear only when set.
+    line = comm("a", 3, [1, 2], [2, 1], 0.5, [0.0, 0.1], 4.0).to_json()
+    assert list(line) == ["kind", "arm", "round", "group", "step", "collective", "payload", "participants",
+                          "message_bytes", "raw_bytes", "bytes_sent", "bytes_received", "comm_s", "blocking",
+                          "idle_s", "time_s", "staleness"]
+    assert list(step("a", 0, 1, 10, 1.0, 1.0).to_json()) == ["kind", "arm", "worker", "step", "tokens", "loss",
+                                                             "time_s", "compute_s"]
+    swarm = StepRecord(arm="a", worker=0, step=0, tokens=1, loss=None, time_s=1.0, compute_s=1.0, samples=4,
+                       late_samples=0, staleness=0).to_json()
+    assert list(swarm)[-4:] == ["compute_s", "samples", "late_samples", "staleness"] and swarm["loss"] is None
 
 
 def test_write_report(tmp_path):
@@ -223,11 +241,18 @@ def test_rankings_put_arms_that_reached_the_target_first_then_by_final_loss():
 def test_compression_ratio_is_raw_over_message_bytes():
     from experiments.summary import summarize
 
-    comm = {"kind": "comm", "arm": "x", "round": 0, "participants": [0, 1], "bytes_sent": [5, 5],
-            "bytes_received": [5, 5], "idle_s": [0.0, 0.0], "comm_s": 1.0, "time_s": 1.0}
-    records = [{**comm, "raw_bytes": 4000, "message_bytes": 1000}, {**comm, "round": 1, "raw_bytes": 4000,
-                                                                     "message_bytes": 3000}]
+    records = [comm("x", 0, [5, 5], [5, 5], 1.0, [0.0, 0.0], 1.0, raw_bytes=4000, message_bytes=1000),
+               comm("x", 1, [5, 5], [5, 5], 1.0, [0.0, 0.0], 1.0, raw_bytes=4000, message_bytes=3000)]
     arms = [{"name": "x", "workers": 2, "algorithm": "ddp", "network": "n", "device": "d", "codec": "c"}]
     summary = summarize(records, arms, "x", None)["arms"]["x"]
     assert summary["compression_ratio"] == 8000 / 4000
     assert summary["rounds"] == 2 and summary["comm_s"] == 2.0  # two rounds, both workers in each
+
+
+def test_a_run_shorter_than_every_tick_still_plots(tmp_path):
+    # One evaluation at 3 ms: no round duration within a factor 1.5 of it, so the time axis has no fixed ticks.
+    arms = [{"name": "x", "workers": 2, "algorithm": "ddp", "network": "n", "device": "d", "codec": "none"}]
+    records = [evaluation("x", 0, 0, 0.0, 4.0), evaluation("x", 1, 10, 0.00305, 3.0)]
+    summary = summarize(records, arms, "x", None)
+    paths = write_report(tmp_path, records, summary, "", {}, "t")
+    assert [p.name for p in paths] == ["loss_vs_tokens.png", "loss_vs_time.png", "bytes.png", "report.html"]

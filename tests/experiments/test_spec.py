@@ -10,7 +10,9 @@ import tomli_w
 
 from experiments import cli
 from experiments.fields import ConfigError
+from cluster.swarm_timing import SwarmTiming
 from experiments.spec import load_spec, parse_spec, resolved_config
+from trainer.strategies.collaborative import CollaborativeSettings
 
 TINY = Path(__file__).parent / "files" / "tiny.toml"
 
@@ -95,6 +97,21 @@ MALFORMED = {
     # gloo's sockets cannot go through the shaping relays (run.shaping defaults to "relay").
     "gloo-shaped": (experiment(run='mode = "real"', arm='allreduce = "gloo"').replace('runtime = "local"', 'runtime = "ray"'),
                     "arm.x.allreduce"),
+    # A collaborative arm's swarm timing is read from its algorithm table, with the same messages as its own settings.
+    "swarm-timeout": (experiment().replace('algorithm = "ddp"', 'algorithm = { name = "collaborative", '
+                                           'averaging_timeout = 0 }'),
+                      "arm.x.algorithm.averaging_timeout: must be a number in (0.0, 86400.0], got 0"),
+    "swarm-group-split": (experiment(run="workers = 3").replace("workers = 2\n", "").replace(
+        'algorithm = "ddp"', 'algorithm = { name = "collaborative", target_group_size = 2 }'),
+        "arm.x.algorithm.target_group_size: 2 would split the 3 peers into several groups"),
+    "swarm-group-negative": (experiment().replace('algorithm = "ddp"', 'algorithm = { name = "collaborative", '
+                                                  'target_group_size = -1 }'),
+                             "arm.x.algorithm.target_group_size: must be an integer >= 0 (0: hivemind's default None), "
+                             "got -1"),
+    "swarm-timing-elsewhere": (experiment().replace('algorithm = "ddp"', 'algorithm = { name = "diloco", '
+                                                    'matchmaking_time = 2 }'),
+                               "arm.x.algorithm.matchmaking_time: unknown key; allowed: inner_steps, name, outer_lr, "
+                               "outer_momentum"),
 }
 
 
@@ -309,6 +326,25 @@ def test_step_arithmetic(tokens, eval_interval, total_steps, eval_every_steps):
 def test_config_error_is_a_value_error_with_one_line():
     with pytest.raises(ConfigError, match=r"^run\.batch_size: must be an integer in \[1, 65536\], got 0$"):
         parse_spec({"run": {"batch_size": 0}, "arm": [{"name": "a", "algorithm": "ddp", "network": "nvlink"}]})
+
+
+def test_a_collaborative_arms_swarm_timing_is_parsed_beside_its_settings_and_reads_back(tmp_path):
+    path = tmp_path / "swarm.toml"
+    path.write_text(experiment(extra_arms=DILOCO.format(inner_steps=2)).replace(
+        'algorithm = "ddp"', 'algorithm = { name = "collaborative", target_batch_size = 16, matchmaking_time = 2, '
+                             'target_group_size = 2 }'))
+    spec = load_spec(path)
+    swarm, diloco = spec.arms
+    assert swarm.settings == CollaborativeSettings(target_batch_size=16)
+    assert swarm.swarm == SwarmTiming(matchmaking_time=2.0, averaging_timeout=60.0, target_group_size=2,
+                                      progress_refresh_s=0.5)
+    assert diloco.swarm is None
+    assert resolved_config(spec)["arm"][0]["algorithm"] == {
+        "name": "collaborative", "target_batch_size": 16, "matchmaking_time": 2.0, "averaging_timeout": 60.0,
+        "target_group_size": 2, "progress_refresh_s": 0.5}
+    assert "matchmaking_time" not in resolved_config(spec)["arm"][1]["algorithm"]
+    assert round_trip(spec) == spec
+    assert load_spec(path, ["arm.x.algorithm.progress_refresh_s=0.25"]).arms[0].swarm.progress_refresh_s == 0.25
 
 
 def test_speed_factor_distributions_and_client_mode_resolve_and_read_back(tmp_path):

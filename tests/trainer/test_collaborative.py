@@ -9,9 +9,16 @@ from cluster.devices import get_device
 from cluster.network import Link, Network
 from trainer.data import ShardSampler, load_corpus
 from trainer.model import GPT, training_flops_per_token
-from trainer.strategies.collaborative import Collaborative, CollaborativeSettings
+from cluster.swarm_timing import SwarmTiming
+from trainer.strategies.collaborative import CollaborativeSettings
 
-INSTANT = CollaborativeSettings(target_batch_size=16, progress_refresh_s=0.0)
+
+def collaborative(target_batch_size: int, **timing) -> tuple[CollaborativeSettings, SwarmTiming]:
+    """The strategy's settings and the arm's swarm timing, both of which an arm's algorithm table sets."""
+    return CollaborativeSettings(target_batch_size=target_batch_size), SwarmTiming(**timing)
+
+
+INSTANT, INSTANT_TIMING = collaborative(16, progress_refresh_s=0.0)
 
 
 def no_latency(n):
@@ -21,9 +28,9 @@ def no_latency(n):
 def test_equal_peers_without_latency_reproduce_synchronous_large_batch_training():
     n, b, epochs = 2, 2, 6
     steps = epochs * INSTANT.target_batch_size // (n * b)  # token budget of six epochs
-    run = simulate(n, b, steps, "collaborative", INSTANT, network=no_latency(n))
+    run = simulate(n, b, steps, "collaborative", INSTANT, swarm=INSTANT_TIMING, network=no_latency(n))
     assert len(run.of("comm")) == epochs
-    assert all(r["samples"] == [8, 8] for r in run.of("comm"))
+    assert all(r.samples == [8, 8] for r in run.of("comm"))
     # Reference: one replica; each step's batch is every peer's four microbatches of this epoch.
     train = load_corpus(TINY_DATA, SEED).train
     samplers = [ShardSampler(train, w, n, b, TINY.block_size, SEED) for w in range(n)]
@@ -46,11 +53,11 @@ def test_equal_peers_without_latency_reproduce_synchronous_large_batch_training(
 
 
 def test_a_peer_twice_as_fast_contributes_two_thirds_of_each_epoch():
-    settings = CollaborativeSettings(target_batch_size=24, progress_refresh_s=0.0)
-    run = simulate(2, 2, 24, "collaborative", settings, network=no_latency(2), speed_factors=(2.0, 1.0))
-    shares = [r["samples"][0] / sum(r["samples"]) for r in run.of("comm")]
+    settings, timing = collaborative(24, progress_refresh_s=0.0)
+    run = simulate(2, 2, 24, "collaborative", settings, swarm=timing, network=no_latency(2), speed_factors=(2.0, 1.0))
+    shares = [r.samples[0] / sum(r.samples) for r in run.of("comm")]
     assert shares == [pytest.approx(2 / 3)] * len(shares)
-    assert {tuple(r["samples"]) for r in run.of("comm")} == {(16, 8)}
+    assert {tuple(r.samples) for r in run.of("comm")} == {(16, 8)}
 
 
 def test_latency_delays_the_round_and_late_microbatches_go_to_the_next_epoch():
@@ -58,43 +65,43 @@ def test_latency_delays_the_round_and_late_microbatches_go_to_the_next_epoch():
     # the target, and the slow peer is mid-microbatch when the round begins. Slow devices keep the
     # overshoot to a few microbatches (tiny's microbatch takes 7 ms and 14 ms here). The group is
     # full (target_group_size), so matchmaking adds no wait.
-    settings = CollaborativeSettings(target_batch_size=24, progress_refresh_s=0.002, target_group_size=2)
+    settings, timing = collaborative(24, progress_refresh_s=0.002, target_group_size=2)
     network = {"bandwidth": "1Gbit", "latency": "0.5ms"}
-    run = simulate(2, 2, 48, "collaborative", settings, network=network, speed_factors=(0.02, 0.01))
+    run = simulate(2, 2, 48, "collaborative", settings, swarm=timing, network=network, speed_factors=(0.02, 0.01))
     comm = run.of("comm")
-    assert all(sum(r["samples"]) >= 24 for r in comm)
+    assert all(sum(r.samples) >= 24 for r in comm)
     # Refresh 2 ms, DHT lookup ceil(log2 2) + 1 = 2 round trips of 2 x 1 ms, one round trip to the leader.
     notice_s = 0.002 + 2 * 2 * 0.001 + 2 * 0.001
-    assert [r["round_start_s"] - r["epoch_closed_s"] for r in comm] == [pytest.approx(notice_s)] * len(comm)
-    fast_share = sum(r["samples"][0] for r in comm) / sum(sum(r["samples"]) for r in comm)
+    assert [r.round_start_s - r.epoch_closed_s for r in comm] == [pytest.approx(notice_s)] * len(comm)
+    fast_share = sum(r.samples[0] for r in comm) / sum(sum(r.samples) for r in comm)
     assert 0.6 < fast_share < 0.75
     steps = run.of("step")
-    assert any(r["late_samples"] for r in steps) and any(r["staleness"] == 1 for r in steps)
-    evals = [r["loss"] for r in run.of("eval")]
+    assert any(r.late_samples for r in steps) and any(r.staleness == 1 for r in steps)
+    evals = [r.loss for r in run.of("eval")]
     assert evals[-1] < evals[0]
 
 
 def test_the_token_budget_caps_an_epoch_that_latency_would_stretch():
     # On home links the tiny model's microbatch takes 0.14 ms while noticing the epoch takes ~0.2 s:
     # without the cap one epoch would train thousands of microbatches past the budget.
-    settings = CollaborativeSettings(target_batch_size=24, progress_refresh_s=0.05)
-    run = simulate(2, 2, 12, "collaborative", settings, network="home-broadband")
+    settings, timing = collaborative(24, progress_refresh_s=0.05)
+    run = simulate(2, 2, 12, "collaborative", settings, swarm=timing, network="home-broadband")
     (comm,) = run.of("comm")
-    assert sum(comm["samples"]) == 12 * 2 * 2  # the budget: 12 steps of 2 workers x 2 sequences
-    assert run.of("eval")[-1]["tokens"] == 12 * 2 * 2 * TINY.block_size
+    assert sum(comm.samples) == 12 * 2 * 2  # the budget: 12 steps of 2 workers x 2 sequences
+    assert run.of("eval")[-1].tokens == 12 * 2 * 2 * TINY.block_size
 
 
 def test_a_round_slower_than_averaging_timeout_fails_and_peers_step_alone():
     # 50 kbit/s links: averaging tiny's 136 kB gradient takes tens of seconds, beyond a 1 s timeout.
     # A full group (target_group_size) starts at once, so the timeout is all the all-reduce's.
-    settings = CollaborativeSettings(target_batch_size=8, progress_refresh_s=0.0, averaging_timeout=1.0,
+    settings, timing = collaborative(8, progress_refresh_s=0.0, averaging_timeout=1.0,
                                      target_group_size=2)
     network = {"bandwidth": "50kbit", "latency": "1ms"}
-    run = simulate(2, 2, 4, "collaborative", settings, network=network)
+    run = simulate(2, 2, 4, "collaborative", settings, swarm=timing, network=network)
     comm = run.of("comm")
-    assert comm and all(r["failed"] for r in comm)
-    assert all(r["round_start_s"] == r["ready_s"] for r in comm)
-    assert all(r["time_s"] - r["round_start_s"] == pytest.approx(1.0) for r in comm)
+    assert comm and all(r.failed for r in comm)
+    assert all(r.round_start_s == r.ready_s for r in comm)
+    assert all(r.time_s - r.round_start_s == pytest.approx(1.0) for r in comm)
     first, second = run.runtime.call("params")
     assert not np.allclose(first, second)  # each peer applied its own gradients
 
@@ -126,10 +133,10 @@ def ten_mbit(n):
     ],
 )
 def test_the_round_waits_for_the_leaders_matchmaking_window(matchmaking_time, target_group_size, match_d, start_d):
-    settings = CollaborativeSettings(target_batch_size=16, progress_refresh_s=0.0, matchmaking_time=matchmaking_time,
+    settings, timing = collaborative(16, progress_refresh_s=0.0, matchmaking_time=matchmaking_time,
                                      target_group_size=target_group_size)
     epochs = 3
-    run = simulate(2, 2, epochs * 16 // 4, "collaborative", settings, network=ten_mbit(2))
+    run = simulate(2, 2, epochs * 16 // 4, "collaborative", settings, swarm=timing, network=ten_mbit(2))
     comm, steps = run.of("comm"), run.of("step")
     assert len(comm) == epochs and len(steps) == 2 * epochs
     t = 0.0  # every epoch starts when the previous round ends: no peer is mid-microbatch then
@@ -137,18 +144,18 @@ def test_the_round_waits_for_the_leaders_matchmaking_window(matchmaking_time, ta
         closed = t + 4 * D_
         round_start = t + (start_d * D_ if start_d is not None else D_ + matchmaking_time)
         end = round_start + D_ALLREDUCE
-        assert r["samples"] == [8, 8] and not r["failed"]
-        assert r["message_bytes"] == MESSAGE_BYTES
-        assert r["comm_s"] == pytest.approx(D_ALLREDUCE, rel=1e-9)
-        assert r["epoch_closed_s"] == pytest.approx(closed, rel=1e-9)
-        assert r["ready_s"] == pytest.approx(closed, rel=1e-9)
-        assert r["matchmaking_start_s"] == pytest.approx(t + match_d * D_, rel=1e-9)
-        assert r["round_start_s"] == pytest.approx(round_start, rel=1e-9)
-        assert r["time_s"] == pytest.approx(end, rel=1e-9)
-        assert r["idle_s"] == [pytest.approx(end - closed, rel=1e-9)] * 2
+        assert r.samples == [8, 8] and not r.failed
+        assert r.message_bytes == MESSAGE_BYTES
+        assert r.comm_s == pytest.approx(D_ALLREDUCE, rel=1e-9)
+        assert r.epoch_closed_s == pytest.approx(closed, rel=1e-9)
+        assert r.ready_s == pytest.approx(closed, rel=1e-9)
+        assert r.matchmaking_start_s == pytest.approx(t + match_d * D_, rel=1e-9)
+        assert r.round_start_s == pytest.approx(round_start, rel=1e-9)
+        assert r.time_s == pytest.approx(end, rel=1e-9)
+        assert r.idle_s == [pytest.approx(end - closed, rel=1e-9)] * 2
         for step in steps[2 * e: 2 * e + 2]:
-            assert step["time_s"] == pytest.approx(end, rel=1e-9)
-            assert step["compute_s"] == pytest.approx(4 * D_, rel=1e-9)
+            assert step.time_s == pytest.approx(end, rel=1e-9)
+            assert step.compute_s == pytest.approx(4 * D_, rel=1e-9)
         t = end
 
 
@@ -156,22 +163,20 @@ def test_the_matchmaking_wait_counts_against_averaging_timeout():
     # M = 0.5 s, timeout 0.3 s: the leader's window ends at the deadline, d + 0.3 s. Ready at 4d, the
     # peers would have the round at d + 0.3 + D, more than 0.3 s after 4d (D = 0.109 s > 3d), so
     # they give up at 4d + 0.3 and step on their own gradients.
-    settings = CollaborativeSettings(target_batch_size=16, progress_refresh_s=0.0, matchmaking_time=0.5,
+    settings, timing = collaborative(16, progress_refresh_s=0.0, matchmaking_time=0.5,
                                      averaging_timeout=0.3)
-    run = simulate(2, 2, 4, "collaborative", settings, network=ten_mbit(2))
+    run = simulate(2, 2, 4, "collaborative", settings, swarm=timing, network=ten_mbit(2))
     (r,) = run.of("comm")
-    assert r["failed"]
-    assert r["round_start_s"] == pytest.approx(D_ + 0.3, rel=1e-9)
-    assert r["time_s"] == pytest.approx(4 * D_ + 0.3, rel=1e-9)
-    assert [s["time_s"] for s in run.of("step")] == [pytest.approx(4 * D_ + 0.3, rel=1e-9)] * 2
+    assert r.failed
+    assert r.round_start_s == pytest.approx(D_ + 0.3, rel=1e-9)
+    assert r.time_s == pytest.approx(4 * D_ + 0.3, rel=1e-9)
+    assert [s.time_s for s in run.of("step")] == [pytest.approx(4 * D_ + 0.3, rel=1e-9)] * 2
     first, second = run.runtime.call("params")
     assert not np.allclose(first, second)
 
 
 def test_a_target_group_smaller_than_the_swarm_is_rejected_with_the_fix():
     with pytest.raises(ValueError, match=r"^target_group_size: 2 would split the 3 peers.*set it to 3 or more"):
-        Collaborative.check_arm(CollaborativeSettings(target_group_size=2), 3, "none")
-    Collaborative.check_arm(CollaborativeSettings(target_group_size=3), 3, "none")
-    Collaborative.check_arm(CollaborativeSettings(), 3, "none")  # 0: hivemind's default None
-    with pytest.raises(ValueError, match=r"^target_group_size: must be an integer >= 0"):
-        CollaborativeSettings(target_group_size=-1).check()
+        SwarmTiming(target_group_size=2).check_arm(3)
+    SwarmTiming(target_group_size=3).check_arm(3)
+    SwarmTiming().check_arm(3)  # 0: hivemind's default None

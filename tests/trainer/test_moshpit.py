@@ -91,14 +91,14 @@ def test_simulated_grid_rounds_alternate_the_coordinate_and_replicas_stay_apart(
     comm = grid_run.of("comm")
     by_step: dict[int, list] = {}
     for r in comm:
-        by_step.setdefault(r["step"], []).append(r["participants"])
+        by_step.setdefault(r.step, []).append(r.participants)
     assert by_step == {1: [[0, 1], [2, 3]], 3: [[0, 2], [1, 3]], 5: [[0, 1], [2, 3]], 7: [[0, 2], [1, 3]]}
-    assert {r["payload"] for r in comm} == {"parameters"} and {r["collective"] for r in comm} == {"butterfly"}
+    assert {r.payload for r in comm} == {"parameters"} and {r.collective for r in comm} == {"butterfly"}
     evals = grid_run.of("eval")
-    assert [e["step"] for e in evals] == [0, 2, 4, 6, 8]
-    assert evals[0]["param_spread"] == 0.0  # one initialisation
+    assert [e.step for e in evals] == [0, 2, 4, 6, 8]
+    assert evals[0].param_spread == 0.0  # one initialisation
     # Local steps between single rounds keep the replicas apart, and there is no final sync.
-    assert all(e["param_spread"] > 1e-3 for e in evals[1:])
+    assert all(e.param_spread > 1e-3 for e in evals[1:])
     params = grid_run.runtime.call("params")
     assert np.array_equal(params[0], params[2]) and np.array_equal(params[1], params[3])  # last round: (0,2), (1,3)
     assert not np.array_equal(params[0], params[1])
@@ -110,16 +110,16 @@ def test_group_bytes_and_time_follow_the_butterfly_formula(grid_run):
     message = transmit(torch.zeros(n_params), "none").nbytes
     comm = grid_run.of("comm")
     for r in comm:
-        cost = butterfly_allreduce(network, r["participants"], r["message_bytes"])
-        assert r["message_bytes"] == message
-        assert r["bytes_sent"] == list(cost.bytes_sent) == [message, message]  # (S - P_i) + (2-1) P_i = S
-        assert r["bytes_received"] == list(cost.bytes_received)
-        assert r["comm_s"] == pytest.approx(cost.time_s, rel=1e-12)
+        cost = butterfly_allreduce(network, r.participants, r.message_bytes)
+        assert r.message_bytes == message
+        assert r.bytes_sent == list(cost.bytes_sent) == [message, message]  # (S - P_i) + (2-1) P_i = S
+        assert r.bytes_received == list(cost.bytes_received)
+        assert r.comm_s == pytest.approx(cost.time_s, rel=1e-12)
     # Uneven uplinks split the parts unevenly, so the group of (0, 1) is bound by worker 1's 20 Mbit/s.
     slow, fast = (butterfly_allreduce(network, g, message).time_s for g in ([0, 1], [2, 3]))
     assert slow > fast
     # One round in pairs moves 4S in all; one butterfly over all four peers would move 4S + 2S.
-    per_round = sum(sum(r["bytes_sent"]) for r in comm if r["step"] == 1)
+    per_round = sum(sum(r.bytes_sent) for r in comm if r.step == 1)
     assert per_round == 4 * message
     assert sum(butterfly_allreduce(network, [0, 1, 2, 3], message).bytes_sent) == 6 * message
 
@@ -131,8 +131,8 @@ def test_two_rounds_per_average_on_a_two_by_two_grid_are_exact_global_averaging(
     # DiLoCo with an outer SGD of lr 1 and no momentum sets every replica to the exact mean.
     averaging = simulate(n, b, steps, "diloco", DiLoCoSettings(inner_steps=2, outer_lr=1.0, outer_momentum=0.0))
     # The second pair round averages identical pairs in the same order, so replicas agree to the bit.
-    assert all(e["param_spread"] == 0.0 for e in moshpit.of("eval"))
-    assert [len(r["participants"]) for r in moshpit.of("comm")] == [2] * (2 * 2 * steps // 2)
+    assert all(e.param_spread == 0.0 for e in moshpit.of("eval"))
+    assert [len(r.participants) for r in moshpit.of("comm")] == [2] * (2 * 2 * steps // 2)
     reference = averaging.runtime.call("params")[0]
     for params in moshpit.runtime.call("params"):
         np.testing.assert_allclose(params, reference, rtol=1e-4, atol=1e-5)
@@ -143,17 +143,17 @@ def test_random_grouping_runs_the_seeded_groups_and_final_sync_joins_everyone():
     settings = MoshpitSettings(average_every=3, grouping="random", final_sync=True)
     run = simulate(n, 2, 6, "moshpit", settings, eval_every=3)
     comm = run.of("comm")
-    rounds = [[tuple(r["participants"]) for r in comm if r["step"] == step] for step in (2, 5)]
+    rounds = [[tuple(r.participants) for r in comm if r.step == step] for step in (2, 5)]
     assert rounds == [random_groups(n, 2, 0, SEED), random_groups(n, 2, 1, SEED)]
-    assert comm[-1]["participants"] == list(range(n)) and comm[-1]["step"] == 6
-    spreads = [e["param_spread"] for e in run.of("eval")]
+    assert comm[-1].participants == list(range(n)) and comm[-1].step == 6
+    spreads = [e.param_spread for e in run.of("eval")]
     assert spreads[1] > 1e-3 and spreads[-1] == 0.0
 
 
 def test_loss_falls_on_the_tiny_model_with_four_workers():
     run = simulate(4, 4, 40, "moshpit", MoshpitSettings(), network="home-broadband", eval_every=20)
     evals = run.of("eval")
-    assert [e["step"] for e in evals] == [0, 20, 40]
-    losses = [e["loss"] for e in evals]
+    assert [e.step for e in evals] == [0, 20, 40]
+    losses = [e.loss for e in evals]
     assert losses[-1] < losses[0] - 0.5, losses
-    assert evals[-1]["param_spread"] > 0  # no final sync: the consensus mean was measured, not a shared model
+    assert evals[-1].param_spread > 0  # no final sync: the consensus mean was measured, not a shared model

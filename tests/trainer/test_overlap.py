@@ -81,7 +81,7 @@ def test_delayed_updates_apply_each_average_one_step_late():
     adamw_step(model, optimizer, *in_flight, steps)  # finish
     assert_replicas_equal(result, flat(model))
     comm = result.of("comm")
-    assert [(r["step"], r["payload"], r["staleness"], r["blocking"]) for r in comm] == [
+    assert [(r.step, r.payload, r.staleness, r.blocking) for r in comm] == [
         (s, "gradients", 1, False) for s in range(steps)
     ]
 
@@ -139,18 +139,18 @@ def test_time_accounting_of_a_delayed_update_run_equals_a_hand_worked_schedule(s
     expected = schedule(c, d)
 
     result = simulate(n, b, steps, "ddp-delayed", DelayedDDPSettings(), network=NETWORK, speed_factors=speed_factors)
-    by_step = sorted(result.of("step"), key=lambda r: (r["step"], r["worker"]))
-    step_time = [[r["time_s"] for r in by_step if r["step"] == s] for s in range(steps)]
-    compute = [[r["compute_s"] for r in by_step if r["step"] == s] for s in range(steps)]
+    by_step = sorted(result.of("step"), key=lambda r: (r.step, r.worker))
+    step_time = [[r.time_s for r in by_step if r.step == s] for s in range(steps)]
+    compute = [[r.compute_s for r in by_step if r.step == s] for s in range(steps)]
     assert step_time == [pytest.approx(t, rel=1e-9) for t in expected["step_time"]]
     assert compute == [pytest.approx(t, rel=1e-9) for t in expected["compute"]]
     comm = result.of("comm")
-    assert [r["step"] for r in comm] == [0, 1, 2]
-    assert [r["staleness"] for r in comm] == [1, 1, 1]
-    assert [r["comm_s"] for r in comm] == pytest.approx([d] * 3, rel=1e-9)
-    assert [r["idle_s"] for r in comm] == [pytest.approx(i, rel=1e-9, abs=1e-15) for i in expected["comm_idle"]]
-    assert [r["time_s"] for r in comm] == pytest.approx(expected["comm_time"], rel=1e-9)
-    assert result.of("eval")[-1]["time_s"] == pytest.approx(expected["end"], rel=1e-9)
+    assert [r.step for r in comm] == [0, 1, 2]
+    assert [r.staleness for r in comm] == [1, 1, 1]
+    assert [r.comm_s for r in comm] == pytest.approx([d] * 3, rel=1e-9)
+    assert [r.idle_s for r in comm] == [pytest.approx(i, rel=1e-9, abs=1e-15) for i in expected["comm_idle"]]
+    assert [r.time_s for r in comm] == pytest.approx(expected["comm_time"], rel=1e-9)
+    assert result.of("eval")[-1].time_s == pytest.approx(expected["end"], rel=1e-9)
 
 
 # --- hivemind local updates ---------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_local_updates_averaging_every_step_is_adamw_then_the_parameter_mean():
             set_flat(model, mean)
     assert_replicas_equal(result, mean)
     comm = result.of("comm")
-    assert [(r["step"], r["payload"], r["collective"], r["staleness"]) for r in comm] == [
+    assert [(r.step, r.payload, r.collective, r.staleness) for r in comm] == [
         (s, "parameters", "butterfly", 0) for s in range(steps)
     ]
 
@@ -190,7 +190,7 @@ def test_delayed_state_averaging_adds_the_average_minus_what_was_sent():
     final = torch.stack(sent).mean(0)  # the last round (after the last step) is taken as it is
     assert_replicas_equal(result, final)
     comm = result.of("comm")
-    assert [(r["step"], r["staleness"], r["blocking"]) for r in comm] == [(1, 1, False), (3, 1, False), (5, 1, False)]
+    assert [(r.step, r.staleness, r.blocking) for r in comm] == [(1, 1, False), (3, 1, False), (5, 1, False)]
 
 
 # --- Streaming DiLoCo ---------------------------------------------------------------------------
@@ -261,17 +261,17 @@ def test_streaming_diloco_exchanges_each_fragment_at_its_steps(overlap_steps, ex
     settings = StreamingDiLoCoSettings(inner_steps=4, fragments=2, overlap_steps=overlap_steps)
     result = simulate(2, 2, 8, "streaming-diloco", settings)
     comm = result.of("comm")
-    assert [(r["step"], r["payload"], r["staleness"]) for r in comm] == [
+    assert [(r.step, r.payload, r.staleness) for r in comm] == [
         (step, f"pseudo_gradient/{p}", staleness) for step, p, staleness in expected
     ]
-    assert [r["blocking"] for r in comm] == [False] * 4 + [True] * 2
+    assert [r.blocking for r in comm] == [False] * 4 + [True] * 2
     # Each message is one fragment, serialized as fp32: hivemind's header plus 4 bytes a parameter.
     sizes = [z - a for a, z in fragment_bounds(N_PARAMS, 2)]
     assert sizes == [N_PARAMS // 2] * 2
     for r in comm:
-        fragment = int(r["payload"].split("/")[1])
-        assert r["message_bytes"] == transmit(torch.zeros(sizes[fragment]), "none").nbytes
-        assert 0 < r["message_bytes"] - 4 * sizes[fragment] < 200
+        fragment = int(r.payload.split("/")[1])
+        assert r.message_bytes == transmit(torch.zeros(sizes[fragment]), "none").nbytes
+        assert 0 < r.message_bytes - 4 * sizes[fragment] < 200
     assert_replicas_equal(result)
 
 
@@ -280,7 +280,7 @@ def test_streaming_diloco_with_one_fragment_and_no_overlap_is_diloco():
     streaming = simulate(n, b, steps, "streaming-diloco",
                          StreamingDiLoCoSettings(inner_steps=4, fragments=1, overlap_steps=0))
     diloco = simulate(n, b, steps, "diloco", DiLoCoSettings(inner_steps=4))
-    assert [(r["step"], r["blocking"]) for r in streaming.of("comm")] == [(4 - 1, True), (8 - 1, True), (10, True)]
+    assert [(r.step, r.blocking) for r in streaming.of("comm")] == [(4 - 1, True), (8 - 1, True), (10, True)]
     assert_replicas_equal(streaming, torch.from_numpy(diloco.runtime.call("params")[0]))
 
 
@@ -321,7 +321,7 @@ def test_defaults_pass_their_checks():
 )
 def test_loss_falls_on_the_tiny_model(algorithm, settings):
     result = simulate(2, 4, 40, algorithm, settings, network="home-broadband", eval_every=20)
-    evals = [r["loss"] for r in result.of("eval")]
+    evals = [r.loss for r in result.of("eval")]
     assert len(evals) == 3
     assert evals[-1] < evals[0] - 0.5, evals
     assert_replicas_equal(result)

@@ -26,7 +26,7 @@ def serialized_size(n: int, dtype=torch.float32) -> int:
 
 
 def comm(records):
-    return [r for r in records if r["kind"] == "comm"]
+    return [r for r in records if r.kind == "comm"]
 
 
 def flat(model):
@@ -95,7 +95,7 @@ def test_sparta_with_fraction_one_is_local_adamw_then_a_full_parameter_mean():
     for params in result.runtime.call("params"):
         np.testing.assert_allclose(params, mean.numpy(), rtol=1e-4, atol=1e-6)
     # Replicas already agree after the last step, so `finish` sends nothing more.
-    assert [r["payload"] for r in comm(result.records)] == ["sparse_parameters"] * steps
+    assert [r.payload for r in comm(result.records)] == ["sparse_parameters"] * steps
 
 
 def test_sparta_indices_are_shared_by_seed_and_step():
@@ -139,14 +139,14 @@ def test_sparta_message_is_k_float32_values_without_indices():
     result = simulate(2, 2, steps, "sparta", SPARTASettings(fraction=0.005, every=2))
     rounds = comm(result.records)
     # Rounds inside steps 1 and 3 (0-based); `finish` then averages every parameter once.
-    assert [(r["payload"], r["step"]) for r in rounds] == [
+    assert [(r.payload, r.step) for r in rounds] == [
         ("sparse_parameters", 1), ("sparse_parameters", 3), ("parameters", steps)
     ]
     k = round(0.005 * N_PARAMS)
     assert k == 170
-    assert rounds[0]["message_bytes"] == rounds[1]["message_bytes"] == serialized_size(k)
-    assert 0 <= rounds[0]["message_bytes"] - 4 * k <= 20  # a header only: no indices travel
-    assert rounds[2]["message_bytes"] == serialized_size(N_PARAMS)
+    assert rounds[0].message_bytes == rounds[1].message_bytes == serialized_size(k)
+    assert 0 <= rounds[0].message_bytes - 4 * k <= 20  # a header only: no indices travel
+    assert rounds[2].message_bytes == serialized_size(N_PARAMS)
     params = result.runtime.call("params")
     assert np.array_equal(params[0], params[1])
 
@@ -271,7 +271,7 @@ def test_demo_message_bytes_are_indices_and_values_of_the_kept_coefficients():
         pytest.skip("Exchange has no `nbytes` field yet: DeMo cannot report its sparse encoding's size")
     result = simulate(2, 2, 3, "demo", DeMoSettings())
     rounds = comm(result.records)
-    assert [r["payload"] for r in rounds] == ["fast_components"] * 3
+    assert [r.payload for r in rounds] == ["fast_components"] * 3
     # Tiles (kept = min(32, tile size) each): wte 4 x 32, wpe 1 x 32, per layer ln 2 x 1 x 32, c_attn 2 x 32,
     # attn c_proj 1 x 32, c_fc 2 x 32, mlp c_proj 2 x 32 (= 288), ln_f 1 x 32.
     kept = 4 * 32 + 32 + 2 * 288 + 32
@@ -280,9 +280,9 @@ def test_demo_message_bytes_are_indices_and_values_of_the_kept_coefficients():
     expected = serialized_size(kept, torch.int16) + serialized_size(kept, torch.float32)
     assert 0 <= expected - kept * (2 + 4) <= 40
     for r in rounds:
-        assert r["collective"] == "allgather"
-        assert r["message_bytes"] == expected
-        assert r["bytes_sent"] == [expected, expected]
+        assert r.collective == "allgather"
+        assert r.message_bytes == expected
+        assert r.bytes_sent == [expected, expected]
 
 
 def test_demo_refuses_a_codec_it_would_ignore():
@@ -297,9 +297,9 @@ def test_demo_refuses_a_codec_it_would_ignore():
 def test_loss_falls_on_the_tiny_model(algorithm, settings):
     result = simulate(2, 4, 40, algorithm, settings, network="home-broadband", eval_every=20)
     evals = result.of("eval")
-    losses = [r["loss"] for r in evals]
+    losses = [r.loss for r in evals]
     assert len(losses) == 3
     assert losses[-1] < losses[0] - 0.5, losses
     if algorithm == "demo":
         # Every worker applies the same averaged update, so replicas never drift apart.
-        assert all(r["param_spread"] == 0.0 for r in evals)
+        assert all(r.param_spread == 0.0 for r in evals)

@@ -64,10 +64,10 @@ def test_ddp_equals_one_replica_on_the_combined_batch():
     # The combined batch's loss is the mean of the workers' equal-sized batch losses.
     per_step = {}
     for r in records:
-        if r["kind"] == "step":
-            per_step.setdefault(r["step"], []).append(r["loss"])
+        if r.kind == "step":
+            per_step.setdefault(r.step, []).append(r.loss)
     np.testing.assert_allclose([np.mean(per_step[s]) for s in range(steps)], reference_losses, rtol=1e-4)
-    assert sum(r["kind"] == "comm" for r in records) == steps
+    assert sum(r.kind == "comm" for r in records) == steps
 
 
 def test_diloco_with_one_inner_step_and_plain_outer_sgd_is_parameter_averaging():
@@ -85,18 +85,18 @@ def test_diloco_with_one_inner_step_and_plain_outer_sgd_is_parameter_averaging()
             torch.nn.utils.vector_to_parameters(mean.clone(), model.parameters())
     for params in runtime.call("params"):
         np.testing.assert_allclose(params, mean.numpy(), rtol=1e-4, atol=1e-6)
-    assert [r["payload"] for r in records if r["kind"] == "comm"] == ["pseudo_gradient"] * steps
+    assert [r.payload for r in records if r.kind == "comm"] == ["pseudo_gradient"] * steps
 
 
 def test_diloco_exchanges_every_inner_steps_and_once_more_at_the_end():
     _, records = simulate(2, 2, 12, "diloco", DiLoCoSettings(inner_steps=5))
-    comm = [r for r in records if r["kind"] == "comm"]
+    comm = [r for r in records if r.kind == "comm"]
     # Rounds happen inside steps 4 and 9 (0-based); `finish` syncs the last two steps after step 11.
-    assert [r["step"] for r in comm] == [4, 9, 12]
+    assert [r.step for r in comm] == [4, 9, 12]
     n_params = GPT(MODEL).num_params()
     # fp32 payload: 4 bytes a parameter plus the serializer's header; 2 workers each send one copy.
-    assert all(r["message_bytes"] == transmit(torch.zeros(n_params), "none").nbytes for r in comm)
-    assert all(r["bytes_sent"] == [r["message_bytes"]] * 2 for r in comm)
+    assert all(r.message_bytes == transmit(torch.zeros(n_params), "none").nbytes for r in comm)
+    assert all(r.bytes_sent == [r.message_bytes] * 2 for r in comm)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_codec_bytes_reach_the_comm_records():
     _, records = simulate(2, 2, 3, "ddp", DDPSettings(), codec="fp16")
     n_params = GPT(MODEL).num_params()
     expected = len(serialize_torch_tensor(torch.zeros(n_params), runtime_pb2.CompressionType.FLOAT16).SerializeToString())
-    assert {r["message_bytes"] for r in records if r["kind"] == "comm"} == {expected}
+    assert {r.message_bytes for r in records if r.kind == "comm"} == {expected}
 
 
 @pytest.mark.parametrize(
@@ -135,6 +135,6 @@ def test_codec_bytes_reach_the_comm_records():
 )
 def test_loss_falls_on_the_tiny_model(algorithm, settings):
     _, records = simulate(2, 4, 40, algorithm, settings, network="home-broadband", eval_every=20)
-    evals = [r["loss"] for r in records if r["kind"] == "eval"]
+    evals = [r.loss for r in records if r.kind == "eval"]
     assert len(evals) == 3
     assert evals[-1] < evals[0] - 0.8, evals

@@ -9,10 +9,12 @@ part, how long the exchange takes on the modelled (or real) links, and how many 
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+from trainer.settings import check_fields
 
 if TYPE_CHECKING:
     from trainer.replica import Replica
@@ -51,39 +53,74 @@ class Await:
 
 @dataclass
 class Report:
-    """Report local progress to the swarm (samples accumulated this epoch).
+    """Report local progress to the swarm (samples accumulated this epoch) and ask whether to compute on.
 
-    The reply is True while this peer should keep accumulating and False once the swarm's epoch
-    is complete; only the cluster knows, since that depends on every peer's speed and the links.
+    The reply is a bool: True to compute one more microbatch, False to stop. Only the cluster knows,
+    since that depends on every peer's speed and the links (see the swarm protocol below).
     """
 
     samples: int
 
 
+@dataclass(frozen=True)
+class EpochAverage:
+    """The cluster's answer to a swarm strategy's `Await`: the epoch's averaged tensor, and the samples the swarm
+    had averaged into the model before this epoch (hivemind's progress tracker knows them), which place the epoch
+    on the learning-rate schedule."""
+
+    tensor: Any  # torch.Tensor for the strategy (the cluster may hand in a float32 numpy array)
+    samples_before: int
+
+
+# The swarm protocol (a strategy with schedule = "collaborative"; `cluster.collaborative` and hivemind.Optimizer
+# serve it). Within an epoch a peer's strategy sends, and the cluster answers:
+# - `Report(samples)` before its contribution: True to accumulate one more microbatch into this epoch, False once
+#   the swarm's epoch is complete;
+# - its contribution, a non-blocking `Exchange` (weight = samples accumulated): answered with None at once;
+# - `Report(0)` after its contribution: True to compute one microbatch while the round travels (it belongs to the
+#   next epoch), False to wait idle;
+# - `Await(payload)`: answered with an `EpochAverage` once the round is over (the peer's own tensor if it failed).
+# The answers depend only on the message and where the peer is in its epoch, not on the order of the messages.
+
 # A step or a final synchronisation: yields exchanges, receives their averages, returns a loss.
-StepGenerator = Generator[Exchange | Await | Report, torch.Tensor | bool | None, Any]
+StepGenerator = Generator[Exchange | Await | Report, torch.Tensor | EpochAverage | bool | None, Any]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Base of every strategy's settings; subclasses add fields and override `check`."""
+    """Base of every strategy's settings: fields declared with `trainer.settings.setting` (type, range, default,
+    help); a subclass with rules across fields extends `check`."""
 
     def check(self) -> None:
         """Raise ValueError('field: what is wrong and what is allowed') for a bad value."""
+        check_fields(self)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+
+@dataclass(frozen=True)
+class SwarmMapping:
+    """How a swarm strategy (real_mode = "swarm") runs as `hivemind.Optimizer`; `cluster.real.swarm` builds the
+    optimizer from it, with the arm's matchmaking and timeouts (`cluster.swarm_timing`)."""
+
+    target_batch_size: int  # samples per epoch over the swarm
+    use_local_updates: bool
+    delay_state_averaging: bool
+    average_state_every: int  # epochs between averages of the parameters and optimizer state
+    lockstep_steps_per_epoch: float  # places epoch e on the arm's learning-rate schedule
 
 
 class Strategy:
     """Base class: one instance lives inside each worker, next to its replica."""
 
     name: ClassVar[str]
+    summary: ClassVar[str]  # what is exchanged, when: one line for `farflung algorithms` and the README
     Settings: ClassVar[type[Settings]]
-    # "lockstep": every worker makes the same requests at the same steps (cluster.sim drives it);
+    # "lockstep": every worker makes the same requests at the same steps (cluster.driver drives it);
     # "collaborative": peers accumulate at their own speeds until the swarm's epoch is complete.
     schedule: ClassVar[str] = "lockstep"
+    # How the real mode runs it: "lockstep" (its exchanges are blocking, dense and among all workers: averaged by
+    # hivemind's DecentralizedAverager, or gloo), "swarm" (as hivemind.Optimizer, see `swarm_mapping`), or None
+    # (simulator only).
+    real_mode: ClassVar[str | None] = None
 
     def __init__(self, settings: Settings, replica: Replica):
         self.settings = settings
@@ -96,6 +133,21 @@ class Strategy:
         Called when the experiment file is read, so a bad combination fails before any worker starts.
         """
 
+    @classmethod
+    def swarm_mapping(cls, settings: Settings, n_workers: int, batch_size: int) -> SwarmMapping:
+        """For real_mode = "swarm": the hivemind.Optimizer that runs these settings with this many workers."""
+        raise NotImplementedError(f"{cls.name!r} has real_mode {cls.real_mode!r}, not 'swarm'")
+
+    @classmethod
+    def replicas_agree_at_end(cls, settings: Settings) -> bool:
+        """Whether, with these settings, every replica ends the run on bit-for-bit the same parameters.
+
+        True for an algorithm whose steps keep the replicas equal or whose `finish` synchronises them; an
+        algorithm that leaves them where its last exchange did (Moshpit without `final_sync`) says False.
+        The contract test (tests/trainer/test_strategy_contract.py) holds every strategy to its answer.
+        """
+        return True
+
     def train_step(self, step: int) -> StepGenerator:
         """One optimisation step on this worker; returns the training loss of its batch."""
         raise NotImplementedError
@@ -105,15 +157,3 @@ class Strategy:
         return
         yield  # pragma: no cover - makes this a generator
 
-
-def positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
-
-
-def number_in(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (low < value if low_open else low <= value) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name}: must be a number in {bracket}{low}, {high}], got {value!r}")

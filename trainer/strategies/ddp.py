@@ -18,7 +18,9 @@ class DDPSettings(Settings):
 
 class DDP(Strategy):
     name = "ddp"
+    summary = "gradients, ring all-reduce every step (the baseline)"
     Settings = DDPSettings
+    real_mode = "lockstep"
 
     def train_step(self, step: int) -> StepGenerator:
         replica = self.replica

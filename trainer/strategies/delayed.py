@@ -27,6 +27,7 @@ class DelayedDDPSettings(Settings):
 
 class DelayedDDP(Strategy):
     name = "ddp-delayed"
+    summary = "gradients every step, overlapped with the next step's compute (one step stale)"
     Settings = DelayedDDPSettings
 
     def __init__(self, settings: DelayedDDPSettings, replica):

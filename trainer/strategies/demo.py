@@ -35,23 +35,17 @@ import torch
 from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
-from trainer.strategies.base import Exchange, Settings, StepGenerator, Strategy, number_in, positive_int
+from trainer.settings import setting
+from trainer.strategies.base import Exchange, Settings, StepGenerator, Strategy
 
 
 @dataclass(frozen=True)
 class DeMoSettings(Settings):
-    chunk_size: int = 64  # compression_chunk: largest DCT block side
-    topk: int = 32  # compression_topk: coefficients kept per block
-    momentum_decay: float = 0.999  # compression_decay (beta)
-    lr_scale: float = 1.0  # multiplies the arm's lr schedule for the sign step
-
-    def check(self) -> None:
-        positive_int("chunk_size", self.chunk_size)
-        positive_int("topk", self.topk)
-        ok = isinstance(self.momentum_decay, (int, float)) and not isinstance(self.momentum_decay, bool)
-        if not (ok and 0.0 <= self.momentum_decay < 1.0):
-            raise ValueError(f"momentum_decay: must be a number in [0, 1), got {self.momentum_decay!r}")
-        number_in("lr_scale", self.lr_scale, 0.0, 100.0, low_open=True)
+    chunk_size: int = setting(64, "compression_chunk: largest DCT block side", low=1)
+    topk: int = setting(32, "compression_topk: coefficients kept per block", low=1)
+    momentum_decay: float = setting(0.999, "compression_decay (beta) of the momentum", low=0, high=1, high_open=True)
+    lr_scale: float = setting(1.0, "multiplies the arm's lr schedule for the sign step", low=0.0, high=100.0,
+                              low_open=True)
 
 
 def dct_basis(n: int) -> torch.Tensor:
@@ -161,6 +155,7 @@ def message_bytes(transform: BlockDCT, topk: int) -> int:
 
 class DeMo(Strategy):
     name = "demo"
+    summary = "DCT-domain top-k of momentum (the momentum is the error feedback), all-gathered"
     Settings = DeMoSettings
 
     @classmethod

@@ -11,24 +11,23 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.strategies.base import Exchange, Settings, StepGenerator, Strategy, number_in, positive_int
+from trainer.settings import setting
+from trainer.strategies.base import Exchange, Settings, StepGenerator, Strategy
 
 
 @dataclass(frozen=True)
 class DiLoCoSettings(Settings):
-    inner_steps: int = 50
-    outer_lr: float = 0.7  # the paper's value
-    outer_momentum: float = 0.9  # Nesterov
-
-    def check(self) -> None:
-        positive_int("inner_steps", self.inner_steps)
-        number_in("outer_lr", self.outer_lr, 0.0, 10.0, low_open=True)
-        number_in("outer_momentum", self.outer_momentum, 0.0, 0.999)
+    inner_steps: int = setting(50, "H: inner AdamW steps between two outer steps", low=1)
+    outer_lr: float = setting(0.7, "the outer Nesterov SGD's learning rate (the paper's value)", low=0.0, high=10.0,
+                              low_open=True)
+    outer_momentum: float = setting(0.9, "the outer Nesterov momentum (0: plain outer SGD)", low=0.0, high=0.999)
 
 
 class DiLoCo(Strategy):
     name = "diloco"
+    summary = "pseudo-gradient every `inner_steps`, outer Nesterov SGD"
     Settings = DiLoCoSettings
+    real_mode = "lockstep"
 
     def __init__(self, settings: DiLoCoSettings, replica):
         super().__init__(settings, replica)

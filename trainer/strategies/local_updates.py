@@ -32,23 +32,31 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.strategies.base import Await, Exchange, Settings, StepGenerator, Strategy, positive_int
+from trainer.settings import setting
+from trainer.strategies.base import Await, Exchange, Settings, StepGenerator, Strategy, SwarmMapping
 
 
 @dataclass(frozen=True)
 class LocalUpdatesSettings(Settings):
-    average_state_every: int = 16  # local steps between parameter averages (see the module docstring)
-    delay_state_averaging: bool = False  # average in the background, apply by the delta rule
-
-    def check(self) -> None:
-        positive_int("average_state_every", self.average_state_every)
-        if not isinstance(self.delay_state_averaging, bool):
-            raise ValueError(f"delay_state_averaging: must be true or false, got {self.delay_state_averaging!r}")
+    average_state_every: int = setting(16, "local steps between parameter averages", low=1)
+    delay_state_averaging: bool = setting(False, "average in the background, apply by the delta rule")
 
 
 class LocalUpdates(Strategy):
     name = "local-updates"
+    summary = ("hivemind's `use_local_updates`: own AdamW every step, parameters butterfly-averaged every "
+               "`average_state_every` steps")
     Settings = LocalUpdatesSettings
+    real_mode = "swarm"
+
+    @classmethod
+    def swarm_mapping(cls, settings: LocalUpdatesSettings, n_workers: int, batch_size: int) -> SwarmMapping:
+        # One hivemind epoch is `average_state_every` steps of every peer; the state is averaged at each epoch.
+        return SwarmMapping(
+            target_batch_size=settings.average_state_every * n_workers * batch_size, use_local_updates=True,
+            delay_state_averaging=settings.delay_state_averaging, average_state_every=1,
+            lockstep_steps_per_epoch=float(settings.average_state_every),
+        )
 
     def __init__(self, settings: LocalUpdatesSettings, replica):
         super().__init__(settings, replica)

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.strategies.base import Exchange, Settings, StepGenerator, Strategy, positive_int
+from trainer.settings import setting
+from trainer.strategies.base import Exchange, Settings, StepGenerator, Strategy
 
 GROUPINGS = ("grid", "random")
 
@@ -37,29 +38,19 @@ class MoshpitSettings(Settings):
     # Local steps between averaging steps. 5 is this testbed's choice, not the paper's: on thin
     # links a round after every step leaves little time to compute, and on the grid the replicas
     # still mix completely every 5*d steps.
-    average_every: int = 5
+    average_every: int = setting(5, "local steps between averaging steps", low=1)
     # Group rounds run back to back at each averaging step (the T of Moshpit All-Reduce). 1 is one
     # gossip round a step; d on a full grid of M**d peers makes each averaging step an exact
     # global average, still in groups of M.
-    rounds_per_average: int = 1
-    target_group_size: int = 2  # M: peers per group, the grid's side
-    grouping: str = "grid"  # or "random"
+    rounds_per_average: int = setting(1, "T: group rounds back to back at each averaging step", low=1)
+    target_group_size: int = setting(2, "M: peers per group, the grid's side", low=2,
+                                     note="a group of one averages nothing")
+    grouping: str = setting("grid", "grid: Moshpit's grid of side M; random: fresh random groups each round",
+                            choices=GROUPINGS)
     # Moshpit has no final global synchronisation: the replicas end where their last round left
     # them. True adds one butterfly all-reduce over every worker in `finish`, so all replicas end
     # on the same model (at the cost of one global exchange).
-    final_sync: bool = False
-
-    def check(self) -> None:
-        positive_int("average_every", self.average_every)
-        positive_int("rounds_per_average", self.rounds_per_average)
-        size = self.target_group_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 2:
-            raise ValueError(f"target_group_size: must be an integer >= 2 (a group of one averages nothing), "
-                             f"got {size!r}")
-        if self.grouping not in GROUPINGS:
-            raise ValueError(f"grouping: must be one of {', '.join(GROUPINGS)}, got {self.grouping!r}")
-        if not isinstance(self.final_sync, bool):
-            raise ValueError(f"final_sync: must be true or false, got {self.final_sync!r}")
+    final_sync: bool = setting(False, "one butterfly all-reduce over every worker at the end")
 
 
 def grid_dimensions(n_workers: int, group_size: int) -> int | None:
@@ -118,12 +109,19 @@ def random_groups(n_workers: int, group_size: int, round_index: int, seed: int) 
 
 class Moshpit(Strategy):
     name = "moshpit"
+    summary = ("parameters averaged in groups of `target_group_size` on Moshpit's grid (or random groups); no "
+               "global all-reduce")
     Settings = MoshpitSettings
 
     @classmethod
     def check_arm(cls, settings: MoshpitSettings, n_workers: int, codec: str) -> None:
         if settings.grouping == "grid":
             check_grid(n_workers, settings.target_group_size)
+
+    @classmethod
+    def replicas_agree_at_end(cls, settings: MoshpitSettings) -> bool:
+        # No global synchronisation unless asked for: the replicas end where their last group round left them.
+        return settings.final_sync
 
     def __init__(self, settings: MoshpitSettings, replica):
         super().__init__(settings, replica)

@@ -21,19 +21,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.strategies.base import Exchange, Settings, StepGenerator, Strategy, number_in, positive_int
+from trainer.settings import setting
+from trainer.strategies.base import Exchange, Settings, StepGenerator, Strategy
 
 _INDEX_STREAM = 0x5BA27A  # separates SPARTA's draws from other users of the run seed
 
 
 @dataclass(frozen=True)
 class SPARTASettings(Settings):
-    fraction: float = 0.005  # p: share of the parameters averaged per round (exo gym's p_sparta)
-    every: int = 1  # local steps between sparse averaging rounds
-
-    def check(self) -> None:
-        number_in("fraction", self.fraction, 0.0, 1.0, low_open=True)
-        positive_int("every", self.every)
+    fraction: float = setting(0.005, "p: share of the parameters averaged per round (exo gym's p_sparta)", low=0.0,
+                              high=1.0, low_open=True)
+    every: int = setting(1, "local steps between sparse averaging rounds", low=1)
 
 
 def selected_count(fraction: float, n_params: int) -> int:
@@ -52,6 +50,7 @@ def selected_indices(seed: int, step: int, n_params: int, k: int) -> torch.Tenso
 
 class SPARTA(Strategy):
     name = "sparta"
+    summary = "a random `fraction` of the parameters averaged every step"
     Settings = SPARTASettings
 
     def __init__(self, settings: SPARTASettings, replica):

@@ -43,31 +43,30 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.strategies.base import Await, Exchange, Settings, StepGenerator, Strategy, number_in, positive_int
+from trainer.settings import setting
+from trainer.strategies.base import Await, Exchange, Settings, StepGenerator, Strategy
 
 
 @dataclass(frozen=True)
 class StreamingDiLoCoSettings(Settings):
-    inner_steps: int = 50  # H: steps between two synchronisations of the same fragment
-    fragments: int = 4  # P: parts of the parameter vector, synchronised at staggered steps
-    overlap_steps: int = 1  # tau: inner steps run while a fragment's exchange travels (0: blocking)
-    alpha: float = 0.5  # mixing factor: local := alpha * local + (1 - alpha) * shared, on arrival
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9  # Nesterov
+    inner_steps: int = setting(50, "H: steps between two synchronisations of the same fragment", low=1)
+    fragments: int = setting(4, "P: parts of the parameter vector, synchronised at staggered steps; at most "
+                             "inner_steps", low=1)
+    # The range depends on inner_steps, so `check` says it.
+    overlap_steps: int = setting(1, "tau: inner steps run while a fragment's exchange travels (0: blocking)",
+                                 note="from 0 to inner_steps - 1")
+    alpha: float = setting(0.5, "on arrival, local := alpha * local + (1 - alpha) * shared", low=0.0, high=1.0)
+    outer_lr: float = setting(0.7, "the outer Nesterov SGD's learning rate", low=0.0, high=10.0, low_open=True)
+    outer_momentum: float = setting(0.9, "the outer Nesterov momentum (0: plain outer SGD)", low=0.0, high=0.999)
 
     def check(self) -> None:
-        positive_int("inner_steps", self.inner_steps)
-        positive_int("fragments", self.fragments)
+        super().check()
         if self.fragments > self.inner_steps:
             raise ValueError(f"fragments: must be at most inner_steps ({self.inner_steps}) so that no two fragments "
                              f"are sent at the same step, got {self.fragments}")
-        tau = self.overlap_steps
-        if isinstance(tau, bool) or not isinstance(tau, int) or not 0 <= tau < self.inner_steps:
+        if not 0 <= self.overlap_steps < self.inner_steps:
             raise ValueError(f"overlap_steps: must be an integer from 0 to inner_steps - 1 ({self.inner_steps - 1}), "
-                             f"so that a fragment arrives before it is sent again; got {tau!r}")
-        number_in("alpha", self.alpha, 0.0, 1.0)
-        number_in("outer_lr", self.outer_lr, 0.0, 10.0, low_open=True)
-        number_in("outer_momentum", self.outer_momentum, 0.0, 0.999)
+                             f"so that a fragment arrives before it is sent again; got {self.overlap_steps!r}")
 
 
 def fragment_bounds(n_params: int, fragments: int) -> list[tuple[int, int]]:
@@ -79,6 +78,7 @@ def fragment_bounds(n_params: int, fragments: int) -> list[tuple[int, int]]:
 
 class StreamingDiLoCo(Strategy):
     name = "streaming-diloco"
+    summary = "one of `fragments` parameter fragments at staggered steps, overlapped with `overlap_steps` of compute"
     Settings = StreamingDiLoCoSettings
 
     def __init__(self, settings: StreamingDiLoCoSettings, replica):

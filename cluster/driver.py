@@ -1,0 +1,168 @@
+"""The lockstep driver, shared by the simulator and the real mode: workers move together from exchange to exchange.
+
+Every worker trains until its strategy asks for an exchange (or awaits one running in the background); then the
+exchange is carried out for all of them and they train on. The driver owns what both modes share: the evaluation
+schedule, the step records, the consensus evaluation and the closing synchronisation (the strategy's `finish`). It
+does not know how an exchange is carried out or how long it takes: that is the `Exchanges` object it is given,
+
+- `cluster.sim.ModelledExchanges`: averaged exactly in this process, timed by the network model on a virtual clock;
+- `cluster.real.lockstep.PeerExchanges`: a real hivemind (or gloo) all-reduce among the peers, timed by the wall clock.
+
+The workers are a runtime (`cluster.runtime`): `call(method, per-worker args)` on every worker's replica (or peer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from cluster.devices import DeviceProfile
+from cluster.network import Network
+from cluster.records import CommRecord, EvalRecord, Record, StepRecord
+from cluster.swarm_timing import SwarmTiming
+from trainer.replica import AwaitRequest, StepDone
+
+
+@dataclass(frozen=True)
+class ArmPlan:
+    """One arm as the cluster runs it: who the workers are, their links and devices, and the run's schedule."""
+
+    name: str
+    n_workers: int
+    network: Network
+    devices: tuple[DeviceProfile, ...]  # per worker
+    speed_factors: tuple[float, ...]  # per worker, multiplies the device's effective FLOP/s
+    codec: str
+    total_steps: int
+    tokens_per_step: int  # over all workers
+    eval_every_steps: int
+    seed: int
+    client_mode: tuple[bool, ...] = ()  # per worker: no inbound connections, reduces no butterfly part
+    swarm: SwarmTiming | None = None  # a swarm arm's matchmaking and timeouts (collaborative)
+
+    def flops_per_second(self, worker: int) -> float:
+        return self.devices[worker].effective_flops * self.speed_factors[worker]
+
+
+def eval_points(total_steps: int, every: int) -> list[int]:
+    """Step counts after which a run pauses to evaluate; the last is the end of the run."""
+    return [min(total_steps, s) for s in range(every, total_steps + every, every)]
+
+
+def average(tensors: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """The exact (weighted) mean, summed in worker order so that repeated runs agree to the bit."""
+    if weights is None or len(set(weights)) == 1:
+        total = np.array(tensors[0], dtype=np.float32, copy=True)
+        for t in tensors[1:]:
+            total += t
+        total /= np.float32(len(tensors))
+        return total
+    total = np.zeros_like(tensors[0], dtype=np.float32)
+    for t, w in zip(tensors, weights):
+        total += np.float32(w) * t
+    total /= np.float32(sum(weights))
+    return total
+
+
+def consensus(params: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
+    """The replicas' consensus model and their spread around it.
+
+    An observer's measurement, free of charge: identical replicas are the model as it is, diverged ones (between
+    synchronisations) are taken at their exact mean. The spread is the replicas' mean distance to that mean,
+    relative to its norm: exactly 0 when they agree."""
+    identical = all(np.array_equal(params[0], p) for p in params[1:])
+    model = params[0] if identical else average(params)
+    if identical:
+        return model, 0.0
+    norm = float(np.linalg.norm(model)) or 1.0
+    return model, float(np.mean([np.linalg.norm(p - model) for p in params])) / norm
+
+
+def evaluate_consensus(workers, arm: str, step: int, tokens: int, time_s: float,
+                       params: Sequence[np.ndarray] | None = None) -> EvalRecord:
+    """Held-out loss of the consensus of `params` (every worker's own when None), evaluated on worker 0."""
+    params = workers.call("params") if params is None else params
+    model, spread = consensus(params)
+    loss = workers.call("evaluate", [(model,)], workers=[0])[0]
+    return EvalRecord(arm=arm, step=step, tokens=tokens, time_s=time_s, loss=loss, param_spread=spread)
+
+
+class Exchanges(Protocol):
+    """How a lockstep driver's exchanges are carried out, and what they and the workers' compute cost in time."""
+
+    now_s: float  # the arm's clock: when its latest worker is done so far
+
+    def step_done(self, worker: int, event: Any) -> tuple[float, float]:
+        """A worker finished a step: its clock after it and the step's compute seconds."""
+
+    def request_made(self, worker: int, request: Any) -> None:
+        """A worker computed up to a request (the forward/backward before an exchange)."""
+
+    def exchange(self, requests: list, step: int) -> tuple[list, list[CommRecord]]:
+        """Carry out the exchanges requested (one per worker): each worker's reply, and the records of the rounds."""
+
+    def await_exchanges(self, requests: list[AwaitRequest], step: int) -> tuple[list, list[CommRecord]]:
+        """Every worker waits for a background exchange: the results, and the records of rounds now complete."""
+
+    def close(self) -> None:
+        """The run is over: nothing may still be in flight."""
+
+
+class LockstepDriver:
+    def __init__(self, workers, plan: ArmPlan, exchanges: Exchanges, emit: Callable[[Record], None],
+                 on_step: Callable[[], None] = lambda: None):
+        self.workers, self.plan, self.exchanges, self.emit, self.on_step = workers, plan, exchanges, emit, on_step
+        self.steps_completed = 0
+        self.last_params: list[np.ndarray] = []  # every worker's parameters at the last evaluation
+
+    def run(self) -> None:
+        plan = self.plan
+        self.evaluate(step=0)
+        for until in eval_points(plan.total_steps, plan.eval_every_steps):
+            self.advance(until, finish=until == plan.total_steps)
+            self.evaluate(until)
+        self.exchanges.close()
+
+    def advance(self, until_step: int, finish: bool) -> None:
+        replies: list = [None] * self.plan.n_workers
+        while True:
+            events = self.workers.call("advance", [(until_step, r, finish) for r in replies])
+            requests = self.account(events)
+            if requests is None:
+                return
+            if isinstance(requests[0], AwaitRequest):
+                replies, records = self.exchanges.await_exchanges(requests, self.steps_completed)
+            else:
+                replies, records = self.exchanges.exchange(requests, self.steps_completed)
+            for record in records:
+                self.emit(record)
+
+    def account(self, events: list[list]) -> list | None:
+        """Record the steps the workers finished; return their requests (one each), or None if they all stopped."""
+        plan, exchanges = self.plan, self.exchanges
+        steps = [[e for e in evs if isinstance(e, StepDone)] for evs in events]
+        assert len({len(s) for s in steps}) == 1, "workers left lockstep"
+        for done in zip(*steps):
+            for w, d in enumerate(done):
+                time_s, compute_s = exchanges.step_done(w, d)
+                self.emit(StepRecord(arm=plan.name, worker=w, step=d.step, tokens=(d.step + 1) * plan.tokens_per_step,
+                                     loss=d.loss, time_s=time_s, compute_s=compute_s))
+            self.on_step()
+            self.steps_completed = done[0].step + 1
+        tails = [evs[-1] if evs and not isinstance(evs[-1], StepDone) else None for evs in events]
+        if all(t is None for t in tails):
+            return None
+        assert all(t is not None for t in tails), "only some workers made a request"
+        assert len({type(t) for t in tails}) == 1, "workers made different kinds of request"
+        for w, t in enumerate(tails):
+            exchanges.request_made(w, t)
+        return tails
+
+    def evaluate(self, step: int) -> None:
+        params = self.last_params = self.workers.call("params")
+        self.emit(evaluate_consensus(self.workers, self.plan.name, step, step * self.plan.tokens_per_step,
+                                     self.exchanges.now_s, params))
+
