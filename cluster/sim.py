@@ -26,7 +26,7 @@ from trainer.replica import AwaitRequest, ExchangeRequest, StepDone
 class Reduced:
     """One group's exchange carried out: what every member receives, what it cost, and what the record says of it."""
 
-    result: np.ndarray
+    result: np.ndarray | None  # None when only timed (`exact=False`)
     cost: CollectiveCost
     collective: str
     group: tuple[int, ...]
@@ -61,8 +61,10 @@ class _InFlight:
 class ModelledExchanges:
     """The simulator's side of `cluster.driver.Exchanges`: a virtual clock per worker and the network model."""
 
-    def __init__(self, plan: ArmPlan):
-        self.plan = plan
+    def __init__(self, plan: ArmPlan, exact: bool = True):
+        """`exact=False` books time and bytes only: the requests carry their tensors' sizes, not their values, and
+        every reply is None (`cluster.retime` re-timing a recorded trace)."""
+        self.plan, self.exact = plan, exact
         self.clock = VirtualClock(plan.n_workers)
         self.round = 0
         self.step_compute_s = [0.0] * plan.n_workers  # compute of the step in progress, per worker
@@ -151,24 +153,29 @@ class ModelledExchanges:
         tensors = [r.tensor for r in requests]
         weights = [r.weight for r in requests]
         nbytes = max(r.nbytes for r in requests)
+        reduced = None
         if first.sparse:
             # Sparse messages cannot be summed on the way: every peer gathers all and averages locally.
             collective = "allgather"
             cost = allgather(plan.network, participants, [r.nbytes for r in requests], rng=self.jitter_rng)
-            reduced = average(tensors, weights)
+            if self.exact:
+                reduced = average(tensors, weights)
         elif first.collective == "butterfly":
             collective = "butterfly"
             client = [plan.client_mode[w] for w in group] if plan.client_mode else None
             cost = butterfly_allreduce(
                 plan.network, participants, nbytes, client_mode=client, rng=self.jitter_rng, vector_size=tensors[0].size
             )
-            reduced = transmit(torch.from_numpy(butterfly_average(tensors, weights, cost.part_sizes)), plan.codec)
-            reduced = reduced.tensor.numpy()
+            if self.exact:
+                # Element by element, the parts' boundaries (the bandwidths) do not change the average's bits.
+                reduced = transmit(torch.from_numpy(butterfly_average(tensors, weights, cost.part_sizes)), plan.codec)
+                reduced = reduced.tensor.numpy()
         else:
             assert first.collective == "ring_allreduce", f"unknown collective {first.collective!r}"
             collective = "ring_allreduce"
             cost = ring_allreduce(plan.network, participants, nbytes, rng=self.jitter_rng)
-            # The reduced parts travel back through the same codec (the all-gather half of the exchange).
-            reduced = transmit(torch.from_numpy(average(tensors, weights)), plan.codec).tensor.numpy()
+            if self.exact:
+                # The reduced parts travel back through the same codec (the all-gather half of the exchange).
+                reduced = transmit(torch.from_numpy(average(tensors, weights)), plan.codec).tensor.numpy()
         return Reduced(reduced, cost, collective, group, index, first.payload, nbytes,
                        max(r.raw_nbytes for r in requests), first.blocking)

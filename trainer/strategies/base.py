@@ -117,6 +117,10 @@ class Strategy:
     # "lockstep": every worker makes the same requests at the same steps (cluster.driver drives it);
     # "collaborative": peers accumulate at their own speeds until the swarm's epoch is complete.
     schedule: ClassVar[str] = "lockstep"
+    # Whether the strategy's maths is independent of time: then the network and the devices change only the clock,
+    # and a recorded run can be re-timed under another network without training (cluster.retime). Every lockstep
+    # strategy is; one whose epochs close when the swarm's samples arrive (collaborative) is not.
+    retimable: ClassVar[bool] = True
     # How the real mode runs it: "lockstep" (its exchanges are blocking, dense and among all workers: averaged by
     # hivemind's DecentralizedAverager, or gloo), "swarm" (as hivemind.Optimizer, see `swarm_mapping`), or None
     # (simulator only).

@@ -39,6 +39,7 @@ class Collaborative(Strategy):
                "reaches `target_batch_size` samples, then a butterfly all-reduce weighted by samples")
     Settings = CollaborativeSettings
     schedule = "collaborative"
+    retimable = False  # when an epoch closes depends on the peers' speeds and the links
     real_mode = "swarm"
 
     @classmethod
