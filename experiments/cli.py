@@ -19,6 +19,9 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run every arm of an experiment file")
     run.add_argument("file", help="experiment file (.toml)")
     demo = sub.add_parser("demo", help="run experiments/demo.toml")
+    sw = sub.add_parser("sweep", help="run an experiment over the grid of its [sweep] table")
+    sw.add_argument("file", help="experiment file (.toml) with a [sweep] table")
+    sw.add_argument("--resume", metavar="DIR", help="finish an interrupted sweep: run only its unfinished points")
     fid = sub.add_parser("fidelity", help="run an experiment in the simulator and on real peers, and compare")
     fid.add_argument("file", help="experiment file (.toml); its arms must run in real mode (see farflung algorithms)")
     fid.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -29,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
 
     join.add_arguments(sub.add_parser("join", help="join a running real experiment from this machine (no Ray needed)"))
     doctor.add_arguments(sub.add_parser("doctor", help="check that this machine can take part in a real run"))
-    for s in (run, demo):
+    for s in (run, demo, sw):
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a setting, e.g. run.tokens=200000 or arm.diloco-home.device=h100 (repeatable)")
         s.add_argument("--out", help="run folder to create (default results/<experiment>/<timestamp>)")
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fidelity(args)
         if args.command == "algorithms":
             return _algorithms(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command in ("join", "doctor"):
             from cluster.real import doctor, join
 
@@ -65,6 +70,23 @@ def _run(args) -> int:
     result = run(path, args.overrides, out=args.out, progress=not args.quiet, runtime=args.runtime)
     print_summary(result.summary)
     print(result.run_dir)
+    return 0
+
+
+def _sweep(args) -> int:
+    from experiments.sweep import sweep
+
+    try:
+        out = sweep(args.file, args.overrides, out=args.out, resume=args.resume, progress=not args.quiet,
+                    runtime=args.runtime)
+    except KeyboardInterrupt:
+        print("farflung: interrupted; finished points are kept: rerun with --resume DIR to finish the others",
+              file=sys.stderr)
+        return 130
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    print(f"{len({r['point'] for r in rows})} points, {len(rows)} arm runs, "
+          f"{sum(r['retimed'] for r in rows)} re-timed from a trace instead of trained")
+    print(out)
     return 0
 
 

@@ -22,6 +22,7 @@ from cluster.collaborative import CollaborativeDriver
 from cluster.devices import get_device
 from cluster.driver import ArmPlan, LockstepDriver
 from cluster.records import Record
+from cluster.retime import record, retime
 from cluster.runtime import RUNTIMES, start_ray
 from cluster.sim import ModelledExchanges
 from experiments.fields import ConfigError
@@ -47,8 +48,13 @@ def run(
     out: str | Path | None = None,
     progress: bool = False,
     runtime: str | None = None,
+    traces: dict | None = None,
 ) -> RunResult:
-    """Run an experiment file (or a parsed spec) and return its run folder and summary."""
+    """Run an experiment file (or a parsed spec) and return its run folder and summary.
+
+    `traces` (a sweep's): recorded lockstep arms by training configuration (`training_key`). A simulated arm whose
+    strategy is `retimable` and whose configuration is in it is re-timed from its trace instead of trained; one that
+    is not is trained and its trace added. The manifest's `retimed` lists the arms that were re-timed."""
     if isinstance(experiment, ExperimentSpec):
         if overrides:
             raise ConfigError("overrides: apply --set values to a file, or build the spec with them already set")
@@ -73,7 +79,7 @@ def run(
 
         manifest["shaping_backend"] = describe_shaping(spec.run.shaping)
         manifest["runtime"] = runtime_name = "ray"
-    records = _run_arms(spec, runtime_name, work_dir / "metrics.jsonl", manifest, progress)
+    records = _run_arms(spec, runtime_name, work_dir / "metrics.jsonl", manifest, progress, traces)
     summary = _write_results(spec, work_dir, records, manifest, config_text)
     if run_dir.is_dir():
         run_dir.rmdir()  # an empty --out folder, checked at the start
@@ -91,12 +97,32 @@ class ArmJob:
     emit: Callable[[Record], None]
     on_step: Callable[[], None]
     manifest: dict
+    traces: dict | None = None  # a sweep's recorded lockstep arms, by training configuration
 
 
 def _simulate_lockstep(job: ArmJob) -> None:
     plan = arm_plan(job.spec, job.arm)
+    if job.traces is not None and STRATEGIES[job.arm.algorithm].retimable:
+        key = training_key(job.spec, job.arm)
+        if key in job.traces:
+            retime(job.traces[key], plan, job.emit, job.on_step)
+            job.manifest.setdefault("retimed", []).append(job.arm.name)
+            return
+        with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm)) as workers:
+            job.traces[key] = record(workers, plan, job.emit, job.on_step)
+        return
     with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm)) as workers:
         LockstepDriver(workers, plan, ModelledExchanges(plan), job.emit, job.on_step).run()
+
+
+def training_key(spec: ExperimentSpec, arm: ArmConfig) -> str:
+    """What an arm trains, without what only sets its clock (network, devices, speed factors): two arms with the
+    same key and a retimable strategy make the same steps and exchanges, bit for bit."""
+    config = resolved_config(spec)
+    (table,) = [a for a in config["arm"] if a["name"] == arm.name]
+    clockless = {k: v for k, v in table.items() if k not in ("name", "baseline", "network", "device", "speed_factors")}
+    whole = {k: config[k] for k in ("model", "data", "optim")} | {"run": config["run"], "arm": clockless}
+    return json.dumps(whole, sort_keys=True)
 
 
 def _simulate_collaborative(job: ArmJob) -> None:
@@ -132,7 +158,8 @@ def driver_for(mode: str, algorithm: str) -> Callable[[ArmJob], None]:
     return DRIVERS[(mode, strategy.schedule if mode == "sim" else strategy.real_mode)]
 
 
-def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manifest: dict, progress: bool) -> list[Record]:
+def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manifest: dict, progress: bool,
+              traces: dict | None = None) -> list[Record]:
     """Run every arm in turn, writing each record to `metrics_path` as it comes; returns them all."""
     records: list[Record] = []
     bar = _progress_bar(spec, progress)
@@ -148,7 +175,7 @@ def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manif
             for arm in spec.arms:
                 bar.set_description(arm.name)
                 t0 = time.perf_counter()
-                job = ArmJob(spec, arm, runtime_name, emit, lambda: bar.update(1), manifest)
+                job = ArmJob(spec, arm, runtime_name, emit, lambda: bar.update(1), manifest, traces)
                 driver_for(spec.run.mode, arm.algorithm)(job)
                 wall[arm.name] = round(time.perf_counter() - t0, 3)
     finally:

@@ -177,7 +177,8 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 
 def parse_spec(raw: dict) -> ExperimentSpec:
-    check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm"])
+    # A [sweep] table is for `farflung sweep` (experiments.sweep); a plain run runs the file as written.
+    check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm", "sweep"])
     name = parse_values("", ExperimentSpec, {"name": raw.get("name", "experiment")})["name"]
     model = parse_model(raw.get("model", {}))
     data = parse_settings("data", DataConfig, raw.get("data", {}))
