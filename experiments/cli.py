@@ -22,6 +22,8 @@ def parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run an experiment over the grid of its [sweep] table")
     sw.add_argument("file", help="experiment file (.toml) with a [sweep] table")
     sw.add_argument("--resume", metavar="DIR", help="finish an interrupted sweep: run only its unfinished points")
+    rep = sub.add_parser("report", help="write a sweep folder's report.html (frontier, plots, table) again")
+    rep.add_argument("folder", help="a folder `farflung sweep` wrote")
     fid = sub.add_parser("fidelity", help="run an experiment in the simulator and on real peers, and compare")
     fid.add_argument("file", help="experiment file (.toml); its arms must run in real mode (see farflung algorithms)")
     fid.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -50,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             return _algorithms(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "report":
+            from experiments.sweep_report import write_sweep_report
+
+            if not (Path(args.folder) / "grid.json").is_file():
+                raise ConfigError(f"report: {args.folder} is not a sweep folder (no grid.json); give the folder "
+                                  "`farflung sweep` printed")
+            print(write_sweep_report(args.folder))
+            return 0
         if args.command in ("join", "doctor"):
             from cluster.real import doctor, join
 

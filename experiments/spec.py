@@ -145,7 +145,8 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """`section.key=value` sets a key; `arm.NAME.key=value` one arm's key, `arm.*.key=value` every arm's."""
+    """`section.key=value` sets a key; `arm.NAME.key=value` one arm's key, `arm.*.key=value` every arm's,
+    `arm.!NAME.key=value` every arm's but NAME's."""
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
@@ -157,7 +158,11 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             value = text  # bare words are strings: --set arm.*.network=satellite
         if parts[0] == "arm":
             arms = raw.get("arm", [])
-            chosen = [a for a in arms if isinstance(a, dict) and parts[1] in ("*", a.get("name"))]
+            names = [a.get("name") for a in arms if isinstance(a, dict)]
+            if parts[1].startswith("!") and parts[1][1:] in names:  # every arm but one (a sweep's baseline, say)
+                chosen = [a for a in arms if isinstance(a, dict) and a.get("name") != parts[1][1:]]
+            else:
+                chosen = [a for a in arms if isinstance(a, dict) and parts[1] in ("*", a.get("name"))]
             if not chosen or len(parts) < 3:
                 names = ", ".join(str(a.get("name")) for a in arms if isinstance(a, dict))
                 raise ConfigError(f"--set {item!r}: no arm named {parts[1]!r}; arms: {names}; use arm.NAME.key=value")
@@ -177,8 +182,8 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 
 def parse_spec(raw: dict) -> ExperimentSpec:
-    # A [sweep] table is for `farflung sweep` (experiments.sweep); a plain run runs the file as written.
-    check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm", "sweep"])
+    # [sweep] and [frontier] are for `farflung sweep` (experiments.sweep); a plain run runs the file as written.
+    check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm", "sweep", "frontier"])
     name = parse_values("", ExperimentSpec, {"name": raw.get("name", "experiment")})["name"]
     model = parse_model(raw.get("model", {}))
     data = parse_settings("data", DataConfig, raw.get("data", {}))

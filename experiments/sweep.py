@@ -12,12 +12,14 @@ order; an arm whose strategy is retimable (`Strategy.retimable`) trains once per
 trains, not its network, devices or speed factors) and is re-timed from that trace at every other point
 (`cluster.retime`). `DIR/results.csv` and `DIR/results.jsonl` hold one row per point and arm and are rewritten whole
 after every point. Interrupted, `--resume DIR` runs only the points without a finished run folder; traces are kept in
-`DIR/traces/` so a resumed sweep does not train again what it already trained.
+`DIR/traces/` so a resumed sweep does not train again what it already trained. At the end the sweep writes
+`DIR/report.html` (`experiments.sweep_report`): the frontier the file's `[frontier]` table defines, and the plots.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -37,7 +39,9 @@ import tomli_w
 from cluster.network import parse_bandwidth, parse_duration
 from cluster.runtime import start_ray
 from experiments.fields import ConfigError
+from experiments.frontier import FrontierCriteria
 from experiments.spec import apply_overrides, parse_spec
+from experiments.sweep_report import write_sweep_report
 
 COLUMNS = ["point", "arm", "algorithm", "final_loss", "loss_ratio", "sim_time_s", "time_ratio", "time_to_target_s",
            "bytes_sent", "compute_utilisation", "retimed", "run_dir"]
@@ -131,9 +135,11 @@ def sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out: st
     raw = apply_overrides(tomllib.loads(path.read_text(encoding="utf-8")), overrides)
     raw.setdefault("name", path.stem)
     keys, points = grid_of(raw.pop("sweep", None))
+    criteria = FrontierCriteria.parse(raw.pop("frontier", None))
     specs = point_specs(raw, keys, points)
     out_dir = _sweep_dir(specs[0].name, out, resume, PROJECT_ROOT)
-    grid = {"file": str(path), "overrides": list(overrides), "keys": keys, "points": [list(p) for p in points]}
+    grid = {"file": str(path), "overrides": list(overrides), "keys": keys, "points": [list(p) for p in points],
+            "frontier": dataclasses.asdict(criteria), "baseline": specs[0].baseline.name}
     _check_resume(out_dir, grid)
     traces = _Traces(out_dir / "traces")
     rows: dict[int, list[dict]] = {}
@@ -157,6 +163,7 @@ def sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out: st
             import ray
 
             ray.shutdown()
+    write_sweep_report(out_dir)
     return out_dir
 
 
