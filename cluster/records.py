@@ -77,6 +77,10 @@ class CommRecord(Record):
     time_s: float  # when the round ended
     staleness: int  # steps computed while a background exchange travelled
     attempts: int | None = extra()  # real mode: averaging rounds tried
+    # real mode, hivemind's averager: per participant, the least fraction of the vector it received averaged over the
+    # round's attempts (below 1: a partial average, which was repeated), and the workers missing from any attempt
+    received_fraction: list[float] | None = extra()
+    missing_peers: list[int] | None = extra()
     measured: bool | None = extra()  # real mode: times and bytes measured, not modelled
     failed: bool | None = extra()  # collaborative: the round exceeded averaging_timeout
     samples: list[int] | None = extra()  # swarm: each peer's samples in the epoch
