@@ -19,7 +19,7 @@ timing is the arm's `SwarmTiming`):
 | SwarmTiming `averaging_timeout`              | `averaging_timeout`                                                   |
 | SwarmTiming `progress_refresh_s`             | `tracker_opts.min_refresh_period`                                    |
 | SwarmTiming `target_group_size` (0: None)    | the averagers' `target_group_size`                                    |
-| collaborative: gradients averaged only       | `average_state_every` = never (hivemind would also average the state)|
+| collaborative `average_state_every` (epochs) | `average_state_every` (parameters; `average_opt_statistics` = ())    |
 | local-updates `average_state_every` (steps)  | `use_local_updates`, one epoch = that many steps of every peer        |
 | local-updates `delay_state_averaging`        | `delay_state_averaging` (hivemind's delta rule)                       |
 | the run's codec                               | `grad_compression`, `state_averaging_compression`                    |
