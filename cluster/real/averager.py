@@ -15,6 +15,9 @@ hivemind also finishes a round that did not receive every part without failing i
 that fails is left out of the reducer's average (`AllReduceRunner._ban_sender`); it only logs "Averaging: received
 X% results". `step` here returns a `RoundReport` that says so, and the peer treats such a round as failed
 (`cluster.real.peer.RealPeer.exchange`), so that the driver repeats it on every peer.
+
+`FaultHook` injects such a round for tests (`RealOptions.drop_parts_at`), in the lockstep averager and in a swarm's
+gradient averager (`FaultGradientAverager`, hivemind's protocol, used only when a fault is asked for).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from dataclasses import dataclass
 
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.optim.grad_averager import GradientAverager
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import averaging_pb2
+from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, attach_event_on_finished, azip
 
 
@@ -45,13 +50,15 @@ class RoundReport:
 
 
 class ExactAllReduceRunner(AllReduceRunner):
-    """hivemind's runner with averages on the wire instead of deltas (see the module docstring)."""
+    """hivemind's runner with averages on the wire instead of deltas (see the module docstring); with
+    `averages_on_wire=False` hivemind's own protocol, for the swarm's fault hook (`FaultGradientAverager`)."""
 
-    def __init__(self, *args, drop_after_first_part: bool = False, **kwargs):
+    def __init__(self, *args, averages_on_wire: bool = True, drop_after_first_part: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.drop_after_first_part = drop_after_first_part  # a fault for tests: see ExactAverager.drop_parts_once
-        # A failed reducer's part is then the sender's own values, not a zero delta.
-        self.tensor_part_container.return_deltas = False
+        self.averages_on_wire = averages_on_wire
+        self.drop_after_first_part = drop_after_first_part  # a fault for tests: see FaultHook.drop_parts_once
+        # With averages on the wire a failed reducer's part is the sender's own values, not a zero delta.
+        self.tensor_part_container.return_deltas = not averages_on_wire
         self.failed_reducers: set[int] = set()
         register_failed = self.tensor_part_container.register_failed_reducer
 
@@ -61,14 +68,16 @@ class ExactAllReduceRunner(AllReduceRunner):
 
         self.tensor_part_container.register_failed_reducer = remember_failed_reducer
 
-    def _local_average(self, peer_index: int, part_index: int, averaged_part):
-        """This peer's own part as the others receive it: through the codec."""
+    def _local_average(self, peer_index: int, part_index: int, averaged_part, tensor_part):
+        """This peer's own part as the others receive it: the average through the codec (or hivemind's delta)."""
+        if not self.averages_on_wire:
+            return averaged_part - tensor_part
         container = self.tensor_part_container
         _, info = container._input_parts_by_peer[peer_index][part_index]
         return deserialize_torch_tensor(container.compression.compress(averaged_part, info))
 
     async def _communicate_with_peer(self, peer_id):
-        # hivemind's method, registering averages instead of deltas.
+        # hivemind's method, registering averages instead of deltas (unless averages_on_wire is off).
         peer_index = self.ordered_peer_ids.index(peer_id)
         if peer_id == self.peer_id:
             sender_index = self.sender_peer_ids.index(peer_id)
@@ -76,7 +85,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 averaged_part = await self.tensor_part_reducer.accumulate_part(
                     sender_index, part_index, tensor_part, weight=self.weight)
                 self.tensor_part_container.register_processed_part(
-                    peer_index, part_index, self._local_average(peer_index, part_index, averaged_part))
+                    peer_index, part_index, self._local_average(peer_index, part_index, averaged_part, tensor_part))
             return
         try:
             done_sending = asyncio.Event()
@@ -103,7 +112,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             raise
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
-        # hivemind's method, sending the average instead of the delta.
+        # hivemind's method, sending the average instead of the delta (unless averages_on_wire is off).
         part_index = 0
         try:
             loop = asyncio.get_event_loop()
@@ -119,8 +128,8 @@ class ExactAllReduceRunner(AllReduceRunner):
                     part_index += 1
                 except BannedException:
                     break  # the sender was banned: its parts are no longer needed
-                serialized = await loop.run_in_executor(
-                    None, lambda: serialize_torch_tensor(averaged_part, part_compression))
+                sent = averaged_part if self.averages_on_wire else averaged_part - tensor_part
+                serialized = await loop.run_in_executor(None, lambda: serialize_torch_tensor(sent, part_compression))
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
@@ -133,21 +142,30 @@ class ExactAllReduceRunner(AllReduceRunner):
         return 1.0 - container.failed_size / container.total_size, missing
 
 
-class ExactAverager(DecentralizedAverager):
+class FaultHook:
+    """A fault for tests, on a hivemind averager: `drop_parts_once()` makes this peer, as a reducer in its next
+    round, take only the first part of every other sender's share and drop the rest, as when a connection breaks
+    mid-stream. The senders then keep their own values for that share (hivemind logs "Averaging: received X%
+    results") and this peer averages that share without them."""
+
+    _drop_next_round = False
+
+    def drop_parts_once(self) -> None:
+        self._outer_pipe.send(("_arm_fault", [], {}))  # runs in the averager's process, before the next round
+
+    async def _arm_fault(self) -> None:
+        self._drop_next_round = True
+
+    def _take_fault(self) -> bool:
+        drop, self._drop_next_round = self._drop_next_round, False
+        return drop
+
+
+class ExactAverager(FaultHook, DecentralizedAverager):
     """A `DecentralizedAverager` whose rounds end on identical bits everywhere and whose `step(gather=worker)` returns
     a `RoundReport` (None if no group was found)."""
 
     _last_report: tuple[float, set] | None = None  # set in the averager's process by the round it just ran
-    _drop_next_round = False
-
-    def drop_parts_once(self) -> None:
-        """A fault for tests: in the next round this peer, as a reducer, takes only the first part of every other
-        sender's share and drops the rest, as when a connection breaks mid-stream. The senders then keep their own
-        values for that share (hivemind logs "Averaging: received X% results") and this peer averages without them."""
-        self._outer_pipe.send(("_arm_fault", [], {}))
-
-    async def _arm_fault(self) -> None:
-        self._drop_next_round = True
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         self._last_report = None
@@ -158,14 +176,35 @@ class ExactAverager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         # hivemind's method with the runner above, copying the averages in instead of adding deltas.
-        group_id = group_info.group_id if group_id is None else group_id
-        drop, self._drop_next_round = self._drop_next_round, False
-        runner = ExactAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
-                                      group_id=group_id, ordered_peer_ids=group_info.peer_ids,
-                                      drop_after_first_part=drop, **kwargs)
-        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
-        self._running_groups[group_id].set_result(runner)
+        runner = _start_runner(self, tensors, group_info, group_id, True, kwargs)
         assert runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX, "lockstep peers all average"
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
             tensor.copy_(averaged)
         self._last_report = runner.report()
+
+
+class FaultGradientAverager(FaultHook, GradientAverager):
+    """hivemind.Optimizer's gradient averager, on hivemind's own protocol, with the test fault (`FaultHook`)."""
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        # hivemind's method, with the runner that can drop parts.
+        runner = _start_runner(self, tensors, group_info, group_id, False, kwargs)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+
+
+def _start_runner(averager, tensors, group_info, group_id, averages_on_wire: bool, kwargs) -> ExactAllReduceRunner:
+    group_id = group_info.group_id if group_id is None else group_id
+    runner = ExactAllReduceRunner(p2p=averager._p2p, servicer_type=type(averager), prefix=averager.prefix,
+                                  tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids,
+                                  averages_on_wire=averages_on_wire, drop_after_first_part=averager._take_fault(),
+                                  **kwargs)
+    assert group_id in averager._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+    averager._running_groups[group_id].set_result(runner)
+    return runner

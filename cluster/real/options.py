@@ -36,8 +36,9 @@ class RealOptions:
     `swarm_timeout_s`: the longest a swarm arm (collaborative, local-updates) may train before it is stopped.
     `allreduce`: the arm's `allreduce`: "hivemind" (a DecentralizedAverager per peer) or "gloo"
     (torch.distributed, unshaped: the datacenter baseline) for lockstep arms (ddp, diloco).
-    `drop_parts_at`: a fault to inject (tests): at these exchanges (0-based, in order) worker 0, as a reducer, drops
-    every other sender's parts after the first on the first attempt, so that the round is a partial average."""
+    `drop_parts_at`: a fault to inject (tests): at these exchanges of a lockstep arm (0-based, in order; on the first
+    attempt), or in the gradient round of these epochs of a collaborative arm, worker 0, as a reducer, drops every
+    other sender's parts after the first, so that the round is a partial average (`cluster.real.averager`)."""
 
     shaping: str = "relay"
     host: str = "127.0.0.1"

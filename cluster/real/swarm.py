@@ -175,7 +175,10 @@ class SwarmPeer(RealPeer):
                          "bandwidth": bandwidth_mbps, "target_group_size": setup.target_group_size or None}
         averager_opts = {k: v for k, v in averager_opts.items() if v is not None}
         # Optimizer hands averager_opts to its state averager only; the gradient averager gets them here.
-        grad_averager = None if setup.use_local_updates else partial(GradientAverager, **averager_opts)
+        averager_cls = GradientAverager
+        if self.options.drop_parts_at:  # the fault hook of tests (RealOptions.drop_parts_at); hivemind's own otherwise
+            from cluster.real.averager import FaultGradientAverager as averager_cls
+        grad_averager = None if setup.use_local_updates else partial(averager_cls, **averager_opts)
         children = {c.pid for c in psutil.Process().children(recursive=True)}
         try:
             self.opt = self._optimizer(setup, groups, lr_factor, averager_opts, grad_averager)
@@ -275,6 +278,7 @@ class SwarmPeer(RealPeer):
         losses: list[float] = []
         compute_s = optimizer_s = 0.0
         samples = 0
+        faults_armed: set[int] = set()
         deadline = time.monotonic() + max_wall_s
         while not self._stop_now.is_set() and time.monotonic() < deadline:
             if self._stop_after is not None and opt.local_epoch > self._stop_after:
@@ -290,6 +294,9 @@ class SwarmPeer(RealPeer):
             loss.backward()
             t1 = time.perf_counter()
             epoch, loads = opt.local_epoch, self._loads
+            if epoch in self.options.drop_parts_at and epoch not in faults_armed and self.spec.worker == 0:
+                opt.grad_averager.drop_parts_once()  # the next gradient round, this epoch's, is a partial average
+                faults_armed.add(epoch)
             swarm_peers = int(opt.tracker.global_progress.num_peers)  # before the step: an epoch's end resets it
             with self._lock:
                 opt.step()
