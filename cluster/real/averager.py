@@ -16,8 +16,8 @@ that fails is left out of the reducer's average (`AllReduceRunner._ban_sender`);
 X% results". `step` here returns a `RoundReport` that says so, and the peer treats such a round as failed
 (`cluster.real.peer.RealPeer.exchange`), so that the driver repeats it on every peer.
 
-`FaultHook` injects such a round for tests (`RealOptions.drop_parts_at`), in the lockstep averager and in a swarm's
-gradient averager (`FaultGradientAverager`, hivemind's protocol, used only when a fault is asked for).
+A swarm's gradient averager (`SwarmGradientAverager`) keeps hivemind's protocol and its behaviour, and reports the same
+figures per round for the records. `FaultHook` injects such a round for tests (`RealOptions.drop_parts_at`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import averaging_pb2
-from hivemind.utils import get_dht_time
+from hivemind.utils import MPFuture, get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, attach_event_on_finished, azip
 
 
@@ -51,7 +51,7 @@ class RoundReport:
 
 class ExactAllReduceRunner(AllReduceRunner):
     """hivemind's runner with averages on the wire instead of deltas (see the module docstring); with
-    `averages_on_wire=False` hivemind's own protocol, for the swarm's fault hook (`FaultGradientAverager`)."""
+    `averages_on_wire=False` hivemind's own protocol (`SwarmGradientAverager`)."""
 
     def __init__(self, *args, averages_on_wire: bool = True, drop_after_first_part: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -183,11 +183,24 @@ class ExactAverager(FaultHook, DecentralizedAverager):
         self._last_report = runner.report()
 
 
-class FaultGradientAverager(FaultHook, GradientAverager):
-    """hivemind.Optimizer's gradient averager, on hivemind's own protocol, with the test fault (`FaultHook`)."""
+class SwarmGradientAverager(FaultHook, GradientAverager):
+    """hivemind.Optimizer's gradient averager, on hivemind's own protocol (outside peers join a swarm), keeping for
+    each round the fraction of the vector received and the peers missing (`take_reports`), and the test fault."""
+
+    _reports: list[tuple[float, tuple[str, ...]]] = []
+
+    def take_reports(self) -> list[tuple[float, tuple[str, ...]]]:
+        """The rounds run since the last call: (fraction received, base58 ids of the peers missing), in order."""
+        future = MPFuture()
+        self._outer_pipe.send(("_take_reports", [], dict(future=future)))
+        return future.result()
+
+    async def _take_reports(self, future: MPFuture) -> None:
+        reports, self._reports = self._reports, []
+        future.set_result(reports)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        # hivemind's method, with the runner that can drop parts.
+        # hivemind's method, with the runner that reports (and can drop parts).
         runner = _start_runner(self, tensors, group_info, group_id, False, kwargs)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
@@ -197,6 +210,8 @@ class FaultGradientAverager(FaultHook, GradientAverager):
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
+        fraction, missing = runner.report()
+        self._reports = [*self._reports, (fraction, tuple(sorted(p.to_base58() for p in missing)))]
 
 
 def _start_runner(averager, tensors, group_info, group_id, averages_on_wire: bool, kwargs) -> ExactAllReduceRunner:

@@ -4,8 +4,8 @@
 exchange exactly as it moves the simulator's replicas; `PeerExchanges` carries the exchanges out. Every exchange is
 started on all peers at the same moment (one Ray call each, gathered together) and retried on all of them together if
 any fails, or if any peer received only part of the average (a partial round is never stepped on: it would leave
-that peer's replica apart from the others for good). The average stays in each peer (it answers its strategy on the next `advance`); what comes back is how
-long it took and, from the shaping relays' counters (or the kernel's, for gloo), how many bytes moved.
+that peer's replica apart from the others for good). The average stays in each peer (it answers its strategy on the
+next `advance`); what comes back is how long it took and, from the shaping relays' counters (or the kernel's, for gloo), how many bytes moved.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class RealPeer:
         self._pending: ExchangeRequest | None = None
         self._reply: np.ndarray | None = None
         self._next_step = 0
-        self._exchanges_done = 0  # exchanges this peer has completed: the fault hook's clock (options.drop_parts_at)
+        self._exchanges_started = 0  # the fault hook's clock (options.drop_parts_at): exchanges, not attempts
         self._step_compute_s = 0.0
         self._arrived_s = self._idle_s = self._comm_started_s = 0.0
         self.start_clock()
@@ -295,6 +295,7 @@ class RealPeer:
         start_s = self.clock_s()
         if attempt == 0:
             self._idle_s, self._comm_started_s = start_s - self._arrived_s, start_s
+            self._exchanges_started += 1
         if self.gloo is not None:
             self._reply, sent, received = self.gloo.weighted_mean(request.tensor, request.weight)
             end_s = self.clock_s()
@@ -302,7 +303,7 @@ class RealPeer:
                                    sent, received)
         with self.averager.get_tensors() as tensors:
             tensors[0].copy_(torch.from_numpy(np.asarray(request.tensor, dtype=np.float32)))
-        if self._exchanges_done in self.options.drop_parts_at and attempt == 0 and self.spec.worker == 0:
+        if self._exchanges_started - 1 in self.options.drop_parts_at and attempt == 0 and self.spec.worker == 0:
             self.averager.drop_parts_once()
         group_size, error, report = 0, "", None
         try:
@@ -321,7 +322,6 @@ class RealPeer:
         if not error:
             with self.averager.get_tensors() as tensors:
                 self._reply = tensors[0].numpy().copy()
-            self._exchanges_done += 1
         return ExchangeOutcome(not error, error, group_size, end_s - self._comm_started_s, self._idle_s, end_s,
                                received_fraction=None if report is None else report.received_fraction,
                                missing_workers=() if report is None else report.missing_workers)
@@ -332,7 +332,7 @@ class RealPeer:
     def describe(self) -> dict:
         return {"worker": self.spec.worker, "dial_address": self.dial_address, "maddrs": self.visible_maddrs(),
                 "relay_address": tuple(self.relay.address), "pid": os.getpid(), "hostname": socket.gethostname(),
-                "node_id": _ray_node_id()}
+                "node_id": _ray_node_id(), "peer_id": self.dht.peer_id.to_base58()}
 
     # --- evaluation, as in the simulator -------------------------------------------------------------
     def params(self) -> np.ndarray:

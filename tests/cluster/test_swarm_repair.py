@@ -31,6 +31,11 @@ def test_the_state_average_repairs_a_partial_gradient_round(average_state_every,
     run_real_arm(plan, specs, records.append, options=RealOptions(shaping="none", drop_parts_at=(FAULT_EPOCH,)))
     epochs = sorted({r.step for r in records if r.kind == "comm"})
     assert epochs[-1] >= FAULT_EPOCH + 2, epochs  # at least two whole epochs after the fault
+    # The records show it: worker 1 got back only its first part of worker 0's share, and each missed the other.
+    faulty = next(r for r in records if r.kind == "comm" and r.step == FAULT_EPOCH)
+    assert faulty.received_fraction[1] < 0.99 and faulty.missing_peers == [0, 1], faulty
+    before = [r for r in records if r.kind == "comm" and r.step < FAULT_EPOCH]
+    assert before and all(r.received_fraction == [1.0] * N and r.missing_peers == [] for r in before), before
     final = [r for r in records if r.kind == "eval"][-1]  # every peer's parameters at the end
     print(f"epochs {epochs}, final param_spread {final.param_spread:.3g}")
     if repaired:  # within the epoch of the fault (the state round follows its gradient round), and to the end
