@@ -19,7 +19,9 @@ Each epoch, on the virtual clock:
    network model; a peer waits at most `averaging_timeout` from T_ready, so if the matchmaking wait
    plus D exceeds it the round fails at T_ready + averaging_timeout and each peer steps on its own
    gradients (hivemind's fallback);
-7. each peer steps when both the round and its own microbatch are done.
+7. each peer steps when both the round and its own microbatch are done;
+8. every `average_state_every` epochs the peers then average their parameters (hivemind's state averager,
+   `state_round`): matchmaking from when the first peer enters, then a butterfly all-reduce of the parameters.
 
 The ETA is the true close, min(T_target, T_ready): hivemind estimates it from the peers' reported
 speeds at each progress refresh and has none from an epoch's start to the next refresh, so real
@@ -129,6 +131,8 @@ class CollaborativeDriver:
             plan.name, round_, self.steps_completed, idle_s=waits, time_s=t_end, staleness=0, failed=failed,
             samples=samples, epoch_closed_s=t_target, ready_s=t_ready, matchmaking_start_s=t_match,
             round_start_s=t_start))
+        if isinstance(events[0][0], ExchangeRequest):
+            events = self.state_round(epoch, [evs[0] for evs in events])
         for w, evs in enumerate(events):
             (done,) = evs
             assert isinstance(done, StepDone), f"peer {w} answered its epoch's average with {done!r}"
@@ -139,6 +143,40 @@ class CollaborativeDriver:
             self.carried[w] = batch * late[w]
         self.on_step()
         self.steps_completed = epoch + 1
+
+    def state_round(self, epoch: int, requests: list[ExchangeRequest]) -> list[list]:
+        """hivemind's state averager after the optimizer step: the peers' parameters, butterfly-averaged with equal
+        weights and blocking; returns each peer's events after it (its `StepDone`).
+
+        Each peer begins matchmaking when it enters, after its optimizer step: hivemind 1.1.12 never pre-schedules
+        this round (Optimizer._maybe_schedule_state_averaging waits for a delay estimate that only a pre-scheduled
+        round would update), so the first peer to enter leads and gathers as for the gradients. A peer waits at
+        most `averaging_timeout` from when it entered; a round that would take longer fails and every peer keeps
+        its own parameters."""
+        plan, timing, n, clock = self.plan, self.timing, self.plan.n_workers, self.exchanges.clock
+        assert all(isinstance(r, ExchangeRequest) and r.payload == "parameters" and r.blocking for r in requests), \
+            f"peers answered the epoch's average with {requests!r}"
+        for w, r in enumerate(requests):
+            clock.compute(w, self.exchanges.compute_seconds(w, r.flops))
+        group = tuple(range(n))
+        entered = [clock.now_s[w] for w in group]
+        reduced = self.exchanges.reduce(group, requests)
+        round_ = self.exchanges.round
+        self.exchanges.round += 1
+        t_match = min(entered)
+        t_start = max(max(entered), self.group_assembled_s(t_match))
+        duration = reduced.cost.time_s
+        failed = t_start + duration - t_match > timing.averaging_timeout
+        if failed:
+            waits = [clock.wait_until(w, entered[w] + timing.averaging_timeout) for w in group]
+            t_end = max(clock.now_s)
+        else:
+            sync = clock.synchronise(group, duration, not_before_s=t_start)
+            waits, t_end = list(sync.idle_s), sync.end_s
+        self.emit(reduced.record(plan.name, round_, self.steps_completed, idle_s=waits, time_s=t_end, staleness=0,
+                                 failed=failed, matchmaking_start_s=t_match, round_start_s=t_start))
+        replies = [requests[w].tensor if failed else reduced.result for w in group]
+        return self.workers.call("advance", [(epoch + 1, replies[w], False) for w in group])
 
     def serve_epoch(self, epoch: int, completed: list[int], late: list[bool]) -> tuple[dict, list[float]]:
         """Answer every peer's messages until all of them await the round; return their contributions and compute.

@@ -77,6 +77,11 @@ class CommRecord(Record):
     time_s: float  # when the round ended
     staleness: int  # steps computed while a background exchange travelled
     attempts: int | None = extra()  # real mode: averaging rounds tried
+    # real mode, hivemind's averagers: per participant, the least fraction of the vector it received averaged (over a
+    # lockstep round's attempts, or a swarm epoch's gradient rounds; None: a swarm peer that ran none), and the
+    # workers whose part or contribution went missing (-1: a peer outside the arm, joined from elsewhere)
+    received_fraction: list[float | None] | None = extra()
+    missing_peers: list[int] | None = extra()
     measured: bool | None = extra()  # real mode: times and bytes measured, not modelled
     failed: bool | None = extra()  # collaborative: the round exceeded averaging_timeout
     samples: list[int] | None = extra()  # swarm: each peer's samples in the epoch

@@ -96,18 +96,26 @@ def _figures(records: list[Record], arm: str) -> dict[str, float | None]:
     # Swarm arms' step records are epochs of whatever size the swarm reached: compare compute per sample there.
     sampled = [x for x in steps if x.samples is not None]
     samples = sum(x.samples for x in sampled)
-    if sampled:  # a swarm arm: the blocking time at an epoch's end, matchmaking wait and all-reduce together
-        exchange = {"epoch_wait_s": statistics.median(max(x.idle_s) for x in comm) if comm else None}
+    if sampled:  # a swarm arm: the blocking time at an epoch's end, matchmaking waits and all-reduces together
+        # An epoch is one real record (the Optimizer.step that closed it: gradients, then the state average) and up
+        # to two simulated ones, the state round's with its wait in idle_s and its all-reduce in comm_s.
+        epochs: dict[int, float] = {}
+        for x in comm:
+            state_round_s = x.comm_s if x.payload == "parameters" and not x.measured else 0.0
+            epochs[x.step] = epochs.get(x.step, 0.0) + max(x.idle_s) + state_round_s
+        exchange = {"epoch_wait_s": statistics.median(epochs.values()) if epochs else None}
+        rounds = len(epochs)
     else:
         exchange = {"exchange_s": statistics.median(x.comm_s for x in comm) if comm else None}
+        rounds = len({x.round for x in comm})
     return {
         **exchange,
-        "rounds": len({x.round for x in comm}),
+        "rounds": rounds,
         **({"compute_per_sample_s": sum(x.compute_s for x in sampled) / samples if samples else None} if sampled
            else {"compute_per_step_s": statistics.median(x.compute_s for x in steps) if steps else None}),
         "total_s": max((x.time_s for x in [*comm, *steps, *evals]), default=None),
         "bytes_sent": sum(sum(x.bytes_sent) for x in comm),
-        "bytes_per_round": sum(sum(x.bytes_sent) for x in comm) / len(comm) if comm else None,
+        "bytes_per_round": sum(sum(x.bytes_sent) for x in comm) / rounds if rounds else None,
         "final_loss": evals[-1].loss if evals else None,
     }
 

@@ -3,8 +3,9 @@
 `cluster.driver.LockstepDriver` moves the peers (`cluster.real.peer.RealPeer`, one Ray actor each) from exchange to
 exchange exactly as it moves the simulator's replicas; `PeerExchanges` carries the exchanges out. Every exchange is
 started on all peers at the same moment (one Ray call each, gathered together) and retried on all of them together if
-any fails. The average stays in each peer (it answers its strategy on the next `advance`); what comes back is how
-long it took and, from the shaping relays' counters (or the kernel's, for gloo), how many bytes moved.
+any fails, or if any peer received only part of the average (a partial round is never stepped on: it would leave
+that peer's replica apart from the others for good). The average stays in each peer (it answers its strategy on the
+next `advance`); what comes back is how long it took and, from the shaping relays' counters (or the kernel's, for gloo), how many bytes moved.
 """
 
 from __future__ import annotations
@@ -49,9 +50,15 @@ class PeerExchanges:
         n = self.plan.n_workers
         before = self.peers.call("relay_counters")
         errors: list[str] = []
+        # Over every attempt of the round: the least of the vector each peer received, and who went missing.
+        received, missing = [1.0] * n, set()
         for attempt in range(self.options.max_attempts):
             outcomes: list[ExchangeOutcome] = self.peers.call(
                 "exchange", [(attempt,)] * n, timeout_s=self.timeouts.call_timeout_s)
+            for w, o in enumerate(outcomes):
+                if o.received_fraction is not None:
+                    received[w] = min(received[w], o.received_fraction)
+                missing.update(o.missing_workers)
             if all(o.ok for o in outcomes):
                 break
             errors.append("; ".join(f"worker {w}: {o.error}" for w, o in enumerate(outcomes) if not o.ok))
@@ -81,6 +88,7 @@ class PeerExchanges:
             comm_s=max(o.comm_s for o in outcomes), comm_s_per_worker=[o.comm_s for o in outcomes],
             blocking=True, idle_s=[o.idle_s for o in outcomes], time_s=end_s, staleness=0,
             attempts=len(errors) + 1, measured=True,
+            received_fraction=None if gloo else received, missing_peers=None if gloo else sorted(missing),
         )
         self.round += 1
         return [None] * n, [record]

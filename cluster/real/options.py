@@ -35,7 +35,10 @@ class RealOptions:
     `startup_timeout_s`: for building a peer (replica, relay, DHT, averager) and for the swarm's readiness barrier.
     `swarm_timeout_s`: the longest a swarm arm (collaborative, local-updates) may train before it is stopped.
     `allreduce`: the arm's `allreduce`: "hivemind" (a DecentralizedAverager per peer) or "gloo"
-    (torch.distributed, unshaped: the datacenter baseline) for lockstep arms (ddp, diloco)."""
+    (torch.distributed, unshaped: the datacenter baseline) for lockstep arms (ddp, diloco).
+    `drop_parts_at`: a fault to inject (tests): at these exchanges of a lockstep arm (0-based, in order; on the first
+    attempt), or in the gradient round of these epochs of a collaborative arm, worker 0, as a reducer, drops every
+    other sender's parts after the first, so that the round is a partial average (`cluster.real.averager`)."""
 
     shaping: str = "relay"
     host: str = "127.0.0.1"
@@ -43,6 +46,7 @@ class RealOptions:
     startup_timeout_s: float = 120.0
     swarm_timeout_s: float = 3600.0
     allreduce: str = "hivemind"
+    drop_parts_at: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.shaping not in SHAPING:

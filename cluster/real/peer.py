@@ -68,6 +68,10 @@ class ExchangeOutcome:
     # Counted by the kernel for a gloo all-reduce (cluster.real.gloo); None when the relays count the bytes.
     bytes_sent: int | None = None
     bytes_received: int | None = None
+    # hivemind's averager: the fraction of the vector this attempt received averaged, and the workers whose part or
+    # contribution went missing (cluster.real.averager.RoundReport); None for gloo or an attempt that found no group.
+    received_fraction: float | None = None
+    missing_workers: tuple[int, ...] = ()
 
 
 class _Quiet(logging.Filter):
@@ -128,6 +132,7 @@ class RealPeer:
         self._pending: ExchangeRequest | None = None
         self._reply: np.ndarray | None = None
         self._next_step = 0
+        self._exchanges_started = 0  # the fault hook's clock (options.drop_parts_at): exchanges, not attempts
         self._step_compute_s = 0.0
         self._arrived_s = self._idle_s = self._comm_started_s = 0.0
         self.start_clock()
@@ -170,11 +175,11 @@ class RealPeer:
 
     def start_averaging(self, timeouts: AveragingTimeouts, bandwidth_mbps: float | None) -> int:
         """Start the averager over one flat float32 tensor the size of the model; returns that size."""
-        from hivemind.averaging import DecentralizedAverager
+        from cluster.real.averager import ExactAverager
 
         n = self.spec.n_workers
         self.timeouts = timeouts
-        self.averager = DecentralizedAverager(
+        self.averager = ExactAverager(
             [torch.zeros(self.replica.num_params(), dtype=torch.float32)], self.dht, prefix=self.run_id,
             target_group_size=n, min_group_size=n, min_matchmaking_time=timeouts.min_matchmaking_time_s,
             request_timeout=timeouts.request_timeout_s, allreduce_timeout=timeouts.allreduce_timeout_s,
@@ -290,6 +295,7 @@ class RealPeer:
         start_s = self.clock_s()
         if attempt == 0:
             self._idle_s, self._comm_started_s = start_s - self._arrived_s, start_s
+            self._exchanges_started += 1
         if self.gloo is not None:
             self._reply, sent, received = self.gloo.weighted_mean(request.tensor, request.weight)
             end_s = self.clock_s()
@@ -297,19 +303,28 @@ class RealPeer:
                                    sent, received)
         with self.averager.get_tensors() as tensors:
             tensors[0].copy_(torch.from_numpy(np.asarray(request.tensor, dtype=np.float32)))
-        group_size, error = 0, ""
+        if self._exchanges_started - 1 in self.options.drop_parts_at and attempt == 0 and self.spec.worker == 0:
+            self.averager.drop_parts_once()
+        group_size, error, report = 0, "", None
         try:
-            gathered = self.averager.step(weight=request.weight, timeout=self.timeouts.matchmaking_deadline_s)
-            group_size = len(gathered) if gathered is not None else 0
+            report = self.averager.step(gather=self.spec.worker, weight=request.weight,
+                                        timeout=self.timeouts.matchmaking_deadline_s)
+            group_size = len(report.workers) if report is not None else 0
             if group_size != self.spec.n_workers:
                 error = f"averaged in a group of {group_size}, not all {self.spec.n_workers} workers"
+            elif not report.complete:
+                # Stepping on it would leave this peer's replica apart from the others for good: repeat the round.
+                error = (f"partial average: received {100 * report.received_fraction:.1f}% of the vector, "
+                         f"missing workers {list(report.missing_workers)}")
         except Exception as e:  # hivemind raises its own classes and asyncio's; all mean "this attempt failed"
             error = f"{type(e).__name__}: {e}"
         end_s = self.clock_s()
         if not error:
             with self.averager.get_tensors() as tensors:
                 self._reply = tensors[0].numpy().copy()
-        return ExchangeOutcome(not error, error, group_size, end_s - self._comm_started_s, self._idle_s, end_s)
+        return ExchangeOutcome(not error, error, group_size, end_s - self._comm_started_s, self._idle_s, end_s,
+                               received_fraction=None if report is None else report.received_fraction,
+                               missing_workers=() if report is None else report.missing_workers)
 
     def relay_counters(self) -> dict[Address, tuple[int, int]]:
         return self.relay.relay.snapshot()
@@ -317,7 +332,7 @@ class RealPeer:
     def describe(self) -> dict:
         return {"worker": self.spec.worker, "dial_address": self.dial_address, "maddrs": self.visible_maddrs(),
                 "relay_address": tuple(self.relay.address), "pid": os.getpid(), "hostname": socket.gethostname(),
-                "node_id": _ray_node_id()}
+                "node_id": _ray_node_id(), "peer_id": self.dht.peer_id.to_base58()}
 
     # --- evaluation, as in the simulator -------------------------------------------------------------
     def params(self) -> np.ndarray:

@@ -19,7 +19,7 @@ timing is the arm's `SwarmTiming`):
 | SwarmTiming `averaging_timeout`              | `averaging_timeout`                                                   |
 | SwarmTiming `progress_refresh_s`             | `tracker_opts.min_refresh_period`                                    |
 | SwarmTiming `target_group_size` (0: None)    | the averagers' `target_group_size`                                    |
-| collaborative: gradients averaged only       | `average_state_every` = never (hivemind would also average the state)|
+| collaborative `average_state_every` (epochs) | `average_state_every` (parameters; `average_opt_statistics` = ())    |
 | local-updates `average_state_every` (steps)  | `use_local_updates`, one epoch = that many steps of every peer        |
 | local-updates `delay_state_averaging`        | `delay_state_averaging` (hivemind's delta rule)                       |
 | the run's codec                               | `grad_compression`, `state_averaging_compression`                    |
@@ -108,6 +108,11 @@ class EpochRecord:
     time_s: float  # this peer's clock when the epoch closed
     swarm_peers: int  # peers the progress tracker saw in the swarm
     loaded_state: bool  # this peer caught up by downloading the state from its peers instead of averaging
+    # The epoch's gradient rounds (cluster.real.averager.SwarmGradientAverager): the least fraction of the vector
+    # this peer received averaged (None: it ran none) and the base58 ids of the peers whose part or contribution
+    # went missing. hivemind steps on a partial round; the state average repairs it.
+    received_fraction: float | None = None
+    missing_peers: tuple[str, ...] = ()
 
 
 class _ClippedAdamW(torch.optim.AdamW):
@@ -157,8 +162,8 @@ class SwarmPeer(RealPeer):
 
     def start_optimizer(self, setup: SwarmSetup, request_timeout_s: float, bandwidth_mbps: float | None) -> int:
         import psutil
-        from hivemind.optim.grad_averager import GradientAverager
 
+        from cluster.real.averager import SwarmGradientAverager
         from cluster.real.peer import _process_tree
 
         # hivemind logs every matchmaking retry at INFO; a run's output should show farflung's progress.
@@ -175,7 +180,8 @@ class SwarmPeer(RealPeer):
                          "bandwidth": bandwidth_mbps, "target_group_size": setup.target_group_size or None}
         averager_opts = {k: v for k, v in averager_opts.items() if v is not None}
         # Optimizer hands averager_opts to its state averager only; the gradient averager gets them here.
-        grad_averager = None if setup.use_local_updates else partial(GradientAverager, **averager_opts)
+        # hivemind's GradientAverager that also reports partial rounds (and injects RealOptions.drop_parts_at).
+        grad_averager = None if setup.use_local_updates else partial(SwarmGradientAverager, **averager_opts)
         children = {c.pid for c in psutil.Process().children(recursive=True)}
         try:
             self.opt = self._optimizer(setup, groups, lr_factor, averager_opts, grad_averager)
@@ -275,6 +281,7 @@ class SwarmPeer(RealPeer):
         losses: list[float] = []
         compute_s = optimizer_s = 0.0
         samples = 0
+        faults_armed: set[int] = set()
         deadline = time.monotonic() + max_wall_s
         while not self._stop_now.is_set() and time.monotonic() < deadline:
             if self._stop_after is not None and opt.local_epoch > self._stop_after:
@@ -290,6 +297,9 @@ class SwarmPeer(RealPeer):
             loss.backward()
             t1 = time.perf_counter()
             epoch, loads = opt.local_epoch, self._loads
+            if epoch in self.options.drop_parts_at and epoch not in faults_armed and self.spec.worker == 0:
+                opt.grad_averager.drop_parts_once()  # the next gradient round, this epoch's, is a partial average
+                faults_armed.add(epoch)
             swarm_peers = int(opt.tracker.global_progress.num_peers)  # before the step: an epoch's end resets it
             with self._lock:
                 opt.step()
@@ -305,11 +315,14 @@ class SwarmPeer(RealPeer):
                 optimizer_s += t2 - t1
                 continue
             compute_s += t1 - t0
+            reports = opt.grad_averager.take_reports() if opt.grad_averager is not None else []
             record = EpochRecord(
                 worker=self.spec.worker, epoch=epoch, samples=samples,
                 loss=float(np.mean(losses)) if losses else None, compute_s=compute_s, optimizer_s=optimizer_s,
                 step_s=t2 - t1,
                 time_s=self.clock_s(), swarm_peers=swarm_peers, loaded_state=loaded,
+                received_fraction=min((f for f, _ in reports), default=None),
+                missing_peers=tuple(sorted({p for _, missing in reports for p in missing})),
             )
             records.append(record)
             if on_epoch is not None:

@@ -101,6 +101,8 @@ class SwarmArm:
             for r in records:
                 by_epoch.setdefault(r.epoch, []).append(r)
         numel = self.peers.call("num_params", workers=[0])[0]
+        # A peer outside the arm (joined with `farflung join`, or any hivemind peer) is -1.
+        worker_of = {d["peer_id"]: d["worker"] for d in self.peers.call("describe")}
         raw = 4 * numel
         message = _message_bytes(numel, self.setup.codec)
         samples = 0
@@ -125,6 +127,9 @@ class SwarmArm:
                 samples=[next((r.samples for r in records if r.worker == w), 0) for w in range(n)],
                 swarm_peers=max(r.swarm_peers for r in records),
                 loaded_state=[r.worker for r in records if r.loaded_state],
+                received_fraction=[next((r.received_fraction for r in records if r.worker == w), None)
+                                   for w in range(n)],
+                missing_peers=sorted({worker_of.get(p, -1) for r in records for p in r.missing_peers}),
             ))
             for r in records:
                 self.emit(StepRecord(

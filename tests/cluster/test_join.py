@@ -90,7 +90,9 @@ def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_co
     rounds = {r.round: r for r in records if r.kind == "comm"}
     assert all(e in rounds for e, _, _ in closed), (closed, sorted(rounds))
     assert any(rounds[e].swarm_peers == N + 1 for e, _, _ in closed), [rounds[e] for e, _, _ in closed]
-    # The arm's own peers end on one model.
+    # The arm's own peers end on one model: a gradient round that reached only part of the vector (hivemind steps on
+    # it) is repaired by the state average after it (average_state_every = 1), so this holds whatever the rounds did
+    # (tests/cluster/test_swarm_repair.py provokes such a round).
     evals = [r for r in records if r.kind == "eval"]
     assert evals[-1].param_spread < 1e-5, evals[-1]
     assert evals[-1].loss < evals[0].loss

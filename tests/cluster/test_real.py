@@ -200,3 +200,30 @@ def test_three_real_peers_train_diloco_and_leave_nothing_running(p2pd_works, fre
     assert evals[-1].param_spread < 1e-6
     times = [r.time_s for r in records if r.kind == "step" and r.worker == 0]
     assert times == sorted(times) and times[-1] > 0
+
+
+@pytest.mark.ray
+@pytest.mark.hivemind
+def test_a_partial_average_is_repeated_and_ddp_replicas_stay_bit_for_bit_equal(p2pd_works, fresh_ray):
+    """A reducer drops the rest of every sender's share after its first part at the third exchange (a connection
+    breaking mid-round): hivemind would finish that round with those senders' shares at their own values. The round
+    is repeated instead, the record says what went missing, and the replicas end on the same bits."""
+    from realtools import unshaped_arm
+    from trainer.strategies.ddp import DDPSettings
+
+    n, steps, faulty = 3, 6, 2
+    plan, specs = unshaped_arm("ddp-partial", n, steps, seed=5, algorithm="ddp", settings=DDPSettings())
+    records: list = []
+    result = run_real_arm(plan, specs, records.append, options=RealOptions(shaping="none", drop_parts_at=(faulty,)))
+    comms = [r for r in records if r.kind == "comm"]
+    assert [c.step for c in comms] == list(range(steps))
+    partial = comms[faulty]
+    # Worker 0 reduces a third of the vector: the other senders got back only their first part of that third (and
+    # miss worker 0), while worker 0 got everything back but averaged without them.
+    assert partial.attempts >= 2 and max(partial.received_fraction[1:]) < 0.99, partial
+    assert partial.received_fraction[0] == 1.0 and partial.missing_peers == [0, 1, 2], partial
+    for c in comms[:faulty] + comms[faulty + 1:]:
+        assert c.received_fraction == [1.0] * n and c.missing_peers == [] and c.attempts == 1, c
+    final = result.final_params
+    assert all(np.array_equal(final[0], p) for p in final[1:])
+    assert [e.param_spread for e in records if e.kind == "eval"] == [0.0, 0.0]

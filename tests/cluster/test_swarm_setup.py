@@ -26,8 +26,11 @@ def test_collaborative_maps_its_target_batch_and_the_arms_timing():
     assert (setup.target_batch_size, setup.batch_size, setup.use_local_updates) == (64, 4, False)
     assert (setup.matchmaking_time_s, setup.averaging_timeout_s, setup.target_group_size) == (4.0, 20.0, 3)
     assert setup.progress_refresh_s == 0.1 and setup.codec == "fp16"
-    # Gradients only: the state is never averaged; 64 samples an epoch are 64 / (3 x 4) lockstep steps.
-    assert setup.average_state_every == 2**31 - 1 and not setup.delay_state_averaging
+    # The state is averaged every epoch, hivemind's default; 64 samples an epoch are 64 / (3 x 4) lockstep steps.
+    assert setup.average_state_every == 1 and not setup.delay_state_averaging
+    every = SwarmSetup.of(STRATEGIES["collaborative"], CollaborativeSettings(target_batch_size=64,
+                          average_state_every=4), timing, n_workers=3, batch_size=4, codec="fp16")
+    assert every.average_state_every == 4
     assert setup.lockstep_steps_per_epoch == pytest.approx(64 / 12)
 
 

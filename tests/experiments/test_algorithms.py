@@ -101,7 +101,7 @@ def test_algorithms_json_prints_every_setting_with_its_default_and_range(capsys)
                                      "help": "H: inner AdamW steps between two outer steps"}
     assert diloco["outer_lr"]["allowed"] == "a number in (0.0, 10.0]"
     collaborative = [s["name"] for s in by_name["collaborative"]["settings"]]
-    assert collaborative == ["target_batch_size", "matchmaking_time", "averaging_timeout", "target_group_size",
+    assert collaborative == ["target_batch_size", "average_state_every", "matchmaking_time", "averaging_timeout", "target_group_size",
                              "progress_refresh_s"]
     assert {a["name"]: a["real_mode"] for a in printed["algorithms"] if a["real_mode"]} == {
         "ddp": "lockstep", "collaborative": "swarm", "diloco": "lockstep", "local-updates": "swarm"}

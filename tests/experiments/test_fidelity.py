@@ -59,6 +59,23 @@ def test_swarm_arms_compare_compute_per_sample_and_rounds():
     assert table["bytes_per_round"]["ratio"] == pytest.approx(6.0)
 
 
+def test_a_simulated_swarm_epoch_is_its_gradient_round_and_state_average_together():
+    # The simulator writes an epoch as two records (the state round's all-reduce in comm_s); a real swarm as one.
+    def state(round_, step_, idle, comm_s):
+        return CommRecord(arm="c", round=round_, group=0, step=step_, collective="butterfly", payload="parameters",
+                          participants=[0, 1], message_bytes=1, raw_bytes=1, bytes_sent=[50, 50],
+                          bytes_received=[50, 50], comm_s=comm_s, blocking=True, idle_s=[idle, idle], time_s=2.0,
+                          staleness=0)
+
+    sim = [comm("c", 0, 0.2, [50, 50], 1.0, idle_s=(1.0, 0.5)), state(1, 0, 4.0, 0.2)]
+    sim += [step("c", 0.32, 2.0, samples=64)]
+    real = [comm("c", 0, 5.0, [100, 100], 4.0, idle_s=(5.0, 4.5)), step("c", 0.32, 4.0, samples=64)]
+    table = compare(sim, real, ["c"])["c"]
+    assert table["epoch_wait_s"]["predicted"] == pytest.approx(1.0 + 4.0 + 0.2)
+    assert table["rounds"]["predicted"] == table["rounds"]["measured"] == 1
+    assert table["bytes_per_round"]["predicted"] == table["bytes_per_round"]["measured"] == 200
+
+
 def test_fidelity_of_an_algorithm_without_a_real_counterpart_exits_2(tmp_path, capsys):
     text = REAL.read_text().replace('algorithm = "ddp"', 'algorithm = "sparta"')
     path = tmp_path / "e.toml"

@@ -340,7 +340,8 @@ def test_a_collaborative_arms_swarm_timing_is_parsed_beside_its_settings_and_rea
                                       progress_refresh_s=0.5)
     assert diloco.swarm is None
     assert resolved_config(spec)["arm"][0]["algorithm"] == {
-        "name": "collaborative", "target_batch_size": 16, "matchmaking_time": 2.0, "averaging_timeout": 60.0,
+        "name": "collaborative", "target_batch_size": 16, "average_state_every": 1, "matchmaking_time": 2.0,
+        "averaging_timeout": 60.0,
         "target_group_size": 2, "progress_refresh_s": 0.5}
     assert "matchmaking_time" not in resolved_config(spec)["arm"][1]["algorithm"]
     assert round_trip(spec) == spec

@@ -13,12 +13,17 @@ from cluster.swarm_timing import SwarmTiming
 from trainer.strategies.collaborative import CollaborativeSettings
 
 
-def collaborative(target_batch_size: int, **timing) -> tuple[CollaborativeSettings, SwarmTiming]:
+NO_STATE_ROUNDS = 10**6  # epochs between state averages: none in these runs, whose timing is the gradient round's
+
+
+def collaborative(target_batch_size: int, average_state_every: int = NO_STATE_ROUNDS,
+                  **timing) -> tuple[CollaborativeSettings, SwarmTiming]:
     """The strategy's settings and the arm's swarm timing, both of which an arm's algorithm table sets."""
-    return CollaborativeSettings(target_batch_size=target_batch_size), SwarmTiming(**timing)
+    return (CollaborativeSettings(target_batch_size=target_batch_size, average_state_every=average_state_every),
+            SwarmTiming(**timing))
 
 
-INSTANT, INSTANT_TIMING = collaborative(16, progress_refresh_s=0.0)
+INSTANT, INSTANT_TIMING = collaborative(16, average_state_every=1, progress_refresh_s=0.0)  # hivemind's default
 
 
 def no_latency(n):
@@ -29,8 +34,9 @@ def test_equal_peers_without_latency_reproduce_synchronous_large_batch_training(
     n, b, epochs = 2, 2, 6
     steps = epochs * INSTANT.target_batch_size // (n * b)  # token budget of six epochs
     run = simulate(n, b, steps, "collaborative", INSTANT, swarm=INSTANT_TIMING, network=no_latency(n))
-    assert len(run.of("comm")) == epochs
-    assert all(r.samples == [8, 8] for r in run.of("comm"))
+    # Each epoch: the gradients, then (hivemind's default average_state_every = 1) the parameters.
+    assert [r.payload for r in run.of("comm")] == ["gradients", "parameters"] * epochs
+    assert all(r.samples == [8, 8] for r in run.of("comm") if r.payload == "gradients")
     # Reference: one replica; each step's batch is every peer's four microbatches of this epoch.
     train = load_corpus(TINY_DATA, SEED).train
     samplers = [ShardSampler(train, w, n, b, TINY.block_size, SEED) for w in range(n)]
@@ -180,3 +186,44 @@ def test_a_target_group_smaller_than_the_swarm_is_rejected_with_the_fix():
         SwarmTiming(target_group_size=2).check_arm(3)
     SwarmTiming(target_group_size=3).check_arm(3)
     SwarmTiming().check_arm(3)  # 0: hivemind's default None
+
+
+@pytest.mark.parametrize("matchmaking_time, target_group_size", [(0.5, 0), (0.5, 2)])
+def test_the_state_average_follows_the_optimizer_step_with_its_own_matchmaking(matchmaking_time, target_group_size):
+    # Three epochs as in the test above (group full: the gradient round starts at 4d), each followed by hivemind's
+    # state averager: both peers enter it when their round ends; the first to enter leads and gathers for
+    # matchmaking_time (or not at all, with a full group); then the parameters take D_ALLREDUCE like the gradients.
+    settings, timing = collaborative(16, average_state_every=1, progress_refresh_s=0.0,
+                                     matchmaking_time=matchmaking_time, target_group_size=target_group_size)
+    epochs = 3
+    run = simulate(2, 2, epochs * 16 // 4, "collaborative", settings, swarm=timing, network=ten_mbit(2))
+    comm, steps = run.of("comm"), run.of("step")
+    assert [r.payload for r in comm] == ["gradients", "parameters"] * epochs
+    gather_s = 0.0 if target_group_size else matchmaking_time
+    t = 0.0
+    for e in range(epochs):
+        grads, state = comm[2 * e], comm[2 * e + 1]
+        if target_group_size:
+            assert grads.round_start_s == pytest.approx(t + 4 * D_, rel=1e-9)
+        assert state.matchmaking_start_s == grads.time_s and not state.failed
+        assert state.round_start_s == pytest.approx(grads.time_s + gather_s, rel=1e-9)
+        assert state.message_bytes == MESSAGE_BYTES and state.bytes_sent == grads.bytes_sent
+        assert state.comm_s == pytest.approx(D_ALLREDUCE, rel=1e-9)
+        end = grads.time_s + gather_s + D_ALLREDUCE
+        assert state.time_s == pytest.approx(end, rel=1e-9) and state.idle_s == [pytest.approx(gather_s)] * 2
+        assert [s.time_s for s in steps[2 * e: 2 * e + 2]] == [pytest.approx(end, rel=1e-9)] * 2
+        t = end
+    first, second = run.runtime.call("params")
+    assert np.array_equal(first, second)
+
+
+def test_average_state_every_counts_epochs_as_hivemind_does():
+    # hivemind averages the state when the epoch it moves to is a multiple of average_state_every: after epochs 1
+    # and 3 of 0..4 with every 2.
+    settings, timing = collaborative(16, average_state_every=2, progress_refresh_s=0.0, target_group_size=2)
+    run = simulate(2, 2, 5 * 16 // 4, "collaborative", settings, swarm=timing, network=ten_mbit(2))
+    assert [(r.step, r.payload) for r in run.of("comm") if r.payload == "parameters"] == [(1, "parameters"),
+                                                                                        (3, "parameters")]
+    alone = simulate(1, 2, 2 * 16 // 2, "collaborative", CollaborativeSettings(target_batch_size=16), swarm=timing,
+                     network=ten_mbit(1))
+    assert [r.payload for r in alone.of("comm")] == ["gradients"] * 2  # nobody to average the state with

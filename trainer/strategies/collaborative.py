@@ -13,6 +13,13 @@ the progress reports and matchmaking take, and who is still computing, are decid
 (`cluster.swarm_timing.SwarmTiming`: `matchmaking_time`, `averaging_timeout`, `target_group_size`,
 `progress_refresh_s`, set in the same `algorithm` table of the experiment file). The real mode runs
 the same settings as `hivemind.Optimizer` (`swarm_mapping`).
+
+Every `average_state_every` epochs (hivemind.Optimizer's default: 1), after its optimizer step, each peer also
+averages its parameters with the others (hivemind's state averager: a butterfly all-reduce, equal weights, blocking
+unless `delay_state_averaging`, which a collaborative arm leaves off). Optimizer statistics are not averaged, as
+with hivemind's default `average_opt_statistics=()`. The peers already hold the same parameters after a complete
+gradient round; the state average is what brings them back together after one that was partial or failed (each
+peer then stepped on its own gradients), as it does on real peers.
 """
 
 from __future__ import annotations
@@ -25,18 +32,19 @@ from trainer.settings import setting
 from trainer.strategies.base import (Await, EpochAverage, Exchange, Report, Settings, StepGenerator, Strategy,
                                      SwarmMapping)
 
-NEVER = 2**31 - 1  # an epoch period that never comes: hivemind would also average the state, here only gradients
-
 
 @dataclass(frozen=True)
 class CollaborativeSettings(Settings):
     target_batch_size: int = setting(256, "samples (sequences) per epoch over the whole swarm", low=1)
+    average_state_every: int = setting(1, "epochs between averages of the parameters (hivemind.Optimizer's "
+                                       "average_state_every)", low=1)
 
 
 class Collaborative(Strategy):
     name = "collaborative"
     summary = ("hivemind.Optimizer's collaborative large batch: peers accumulate at their own speeds until the swarm "
-               "reaches `target_batch_size` samples, then a butterfly all-reduce weighted by samples")
+               "reaches `target_batch_size` samples, then a butterfly all-reduce weighted by samples; every "
+               "`average_state_every` epochs the parameters are averaged too (hivemind's state averager)")
     Settings = CollaborativeSettings
     schedule = "collaborative"
     retimable = False  # when an epoch closes depends on the peers' speeds and the links
@@ -46,7 +54,7 @@ class Collaborative(Strategy):
     def swarm_mapping(cls, settings: CollaborativeSettings, n_workers: int, batch_size: int) -> SwarmMapping:
         return SwarmMapping(
             target_batch_size=settings.target_batch_size, use_local_updates=False, delay_state_averaging=False,
-            average_state_every=NEVER, lockstep_steps_per_epoch=settings.target_batch_size / (n_workers * batch_size),
+            average_state_every=settings.average_state_every, lockstep_steps_per_epoch=settings.target_batch_size / (n_workers * batch_size),
         )
 
     def __init__(self, settings: CollaborativeSettings, replica):
@@ -54,6 +62,11 @@ class Collaborative(Strategy):
         self.accumulated = torch.zeros_like(replica.flat_params())  # sum of per-sample gradients
         self.samples = 0
         self.carried_losses: list[float] = []
+
+    def averages_state_after(self, epoch: int) -> bool:
+        """hivemind.Optimizer averages the state when the epoch it moves to is a multiple of average_state_every,
+        and only with someone to average with."""
+        return self.replica.spec.n_workers > 1 and (epoch + 1) % self.settings.average_state_every == 0
 
     def microbatch(self) -> float:
         loss = self.replica.forward_backward()
@@ -81,4 +94,7 @@ class Collaborative(Strategy):
         # Every arm follows one schedule in tokens: this epoch sits where DDP would be after as many samples.
         self.replica.optimizer_step(average.samples_before // (spec.n_workers * spec.batch_size))
         self.accumulated = late_gradients
+        if self.averages_state_after(epoch):
+            params = yield Exchange("parameters", self.replica.flat_params().clone(), collective="butterfly")
+            self.replica.set_flat_params(params)
         return sum(losses) / len(losses) if losses else float("nan")
