@@ -29,7 +29,7 @@ from experiments.manifest import build_manifest
 from experiments.report import write_report
 from experiments.spec import ArmConfig, ExperimentSpec, load_spec, resolved_config
 from experiments.summary import summarize
-from trainer.data import load_corpus
+from trainer.data import Corpus, load_corpus
 from trainer.replica import ReplicaSpec
 from trainer.strategies import STRATEGIES
 
@@ -73,7 +73,7 @@ def run(
 
         manifest["shaping_backend"] = describe_shaping(spec.run.shaping)
         manifest["runtime"] = runtime_name = "ray"
-    records = _run_arms(spec, runtime_name, work_dir / "metrics.jsonl", manifest, progress)
+    records = _run_arms(spec, runtime_name, work_dir / "metrics.jsonl", manifest, progress, corpus)
     summary = _write_results(spec, work_dir, records, manifest, config_text)
     if run_dir.is_dir():
         run_dir.rmdir()  # an empty --out folder, checked at the start
@@ -91,16 +91,17 @@ class ArmJob:
     emit: Callable[[Record], None]
     on_step: Callable[[], None]
     manifest: dict
+    corpus: Corpus | None = None  # loaded once for every arm; the simulator's replicas share it
 
 
 def _simulate_lockstep(job: ArmJob) -> None:
     plan = arm_plan(job.spec, job.arm)
-    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm)) as workers:
+    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
         LockstepDriver(workers, plan, ModelledExchanges(plan), job.emit, job.on_step).run()
 
 
 def _simulate_collaborative(job: ArmJob) -> None:
-    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm)) as workers:
+    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
         CollaborativeDriver(workers, arm_plan(job.spec, job.arm), job.emit, job.on_step).run()
 
 
@@ -132,7 +133,8 @@ def driver_for(mode: str, algorithm: str) -> Callable[[ArmJob], None]:
     return DRIVERS[(mode, strategy.schedule if mode == "sim" else strategy.real_mode)]
 
 
-def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manifest: dict, progress: bool) -> list[Record]:
+def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manifest: dict, progress: bool,
+              corpus: Corpus | None = None) -> list[Record]:
     """Run every arm in turn, writing each record to `metrics_path` as it comes; returns them all."""
     records: list[Record] = []
     bar = _progress_bar(spec, progress)
@@ -148,7 +150,7 @@ def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manif
             for arm in spec.arms:
                 bar.set_description(arm.name)
                 t0 = time.perf_counter()
-                job = ArmJob(spec, arm, runtime_name, emit, lambda: bar.update(1), manifest)
+                job = ArmJob(spec, arm, runtime_name, emit, lambda: bar.update(1), manifest, corpus)
                 driver_for(spec.run.mode, arm.algorithm)(job)
                 wall[arm.name] = round(time.perf_counter() - t0, 3)
     finally:
