@@ -8,6 +8,7 @@ limit is reached, and reports the FLOPs it spent so the virtual clock can charge
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ class Replica:
         # Every worker starts from the same initialisation, as if worker 0 had broadcast it.
         torch.manual_seed(spec.seed)
         self.model = GPT(spec.model)
-        self._eval_model = GPT(spec.model)  # holds parameters handed in for evaluation
+        self._eval_model: GPT | None = None  # holds parameters handed in for evaluation, built on first use
         o = spec.optim
         self.optimizer = self.model.configure_optimizers(o.weight_decay, o.lr, (o.beta1, o.beta2))
         self.flops_per_batch = training_flops_per_token(spec.model, seq_len) * spec.batch_size * seq_len
@@ -269,6 +270,10 @@ class Replica:
         """Mean held-out loss of these parameters (this replica's own when None); training state is untouched."""
         model = self.model
         if flat_params is not None:
+            # Only the worker that evaluates the consensus needs a second model: built when first asked, a copy
+            # (its values are overwritten) so that no replica's random stream moves.
+            if self._eval_model is None:
+                self._eval_model = copy.deepcopy(self.model)
             model = self._eval_model
             vector_to_parameters(torch.from_numpy(np.asarray(flat_params, dtype=np.float32).copy()), model.parameters())
         model.eval()
