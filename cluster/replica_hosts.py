@@ -30,9 +30,15 @@ class _Shared:
 
 
 class ReplicaHost:
-    """One actor's replicas, `specs` being a block of workers; `call` runs a method on some of them in turn."""
+    """One actor's replicas, `specs` being a block of workers; `call` runs a method on some of them in turn.
 
-    def __init__(self, specs: Sequence[ReplicaSpec], corpus: Corpus):
+    A host outlives its arm: `load` gives it the next arm's replicas, so a process imports torch once per run."""
+
+    def __init__(self):
+        self.replicas: list[Replica] = []
+
+    def load(self, specs: Sequence[ReplicaSpec], corpus: Corpus) -> None:
+        self.replicas = []  # the previous arm's replicas go before the next arm's are built
         self.replicas = [Replica(spec, corpus) for spec in specs]
 
     def call(self, method: str, local: Sequence[int], args: Sequence[tuple], *shared: Any) -> list[Any]:
@@ -50,10 +56,69 @@ def blocks(n_workers: int, n_hosts: int) -> list[range]:
     return [range(bounds[h], bounds[h + 1]) for h in range(n_hosts)]
 
 
+class HostPool:
+    """Idle `ReplicaHost` actors, handed to one arm after another and killed when the pool closes.
+
+    `with HostPool():` makes it the pool every `RayReplicaRuntime` inside draws from (the runner opens one per run
+    unless one is open already, e.g. around a sweep or a benchmark); outside any, a runtime has hosts of its own.
+    Hosts hold a CPU each in Ray's accounting while they live, so a pool closes with the work it was opened for.
+    """
+
+    _open: list[HostPool] = []
+
+    def __init__(self):
+        self.idle: list = []
+
+    @classmethod
+    def current(cls) -> HostPool | None:
+        return cls._open[-1] if cls._open else None
+
+    def acquire(self, n: int) -> tuple[list, bool]:
+        """n hosts, and whether they may serve a later arm."""
+        import ray
+
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        if n > cpus:
+            # More actors than CPUs (asked for explicitly): fractional CPUs, none kept, since idle hosts holding a
+            # whole CPU each would leave a later arm's actors waiting for CPUs that never come free.
+            self.close()
+            remote_cls = ray.remote(ReplicaHost).options(num_cpus=cpus / n)
+            return [remote_cls.remote() for _ in range(n)], False
+        taken, self.idle = self.idle[:n], self.idle[n:]
+        remote_cls = ray.remote(ReplicaHost).options(num_cpus=min(1.0, cpus))
+        return taken + [remote_cls.remote() for _ in range(n - len(taken))], True
+
+    def release(self, hosts: list, healthy: bool) -> None:
+        """Hosts whose arm ended normally wait for the next; others (an error, Ctrl-C, transient ones) are killed."""
+        if healthy:
+            self.idle.extend(hosts)
+        else:
+            _kill(hosts)
+
+    def close(self) -> None:
+        _kill(self.idle)
+        self.idle = []
+
+    def __enter__(self):
+        HostPool._open.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        HostPool._open.remove(self)
+        self.close()
+
+
+def _kill(hosts: list) -> None:
+    from cluster.runtime import kill_actors
+
+    kill_actors(hosts)
+
+
 class RayReplicaRuntime:
     """The workers' replicas on `actors` Ray actors (default: one per CPU of the cluster, at most one per worker).
 
     `corpus`, if given, is the specs' corpus already loaded (the runner has it); otherwise it is loaded here, once.
+    The actors come from the open `HostPool`, if any, and go back to it when the runtime closes.
     """
 
     name = "ray"
@@ -67,7 +132,12 @@ class RayReplicaRuntime:
         assert [s.worker for s in specs] == list(range(len(specs)))
         self._started_ray = start_ray()
         self.hosts: list = []
+        self._pool = HostPool.current() if not self._started_ray else None
+        self._own_pool = self._pool is None
+        self._healthy = self._reusable = False
         try:
+            if self._own_pool:
+                self._pool = HostPool()
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             n_hosts = min(len(specs), actors or max(1, int(cpus)))
             self.blocks = blocks(len(specs), n_hosts)
@@ -75,12 +145,13 @@ class RayReplicaRuntime:
             if corpus is None:
                 corpus = load_corpus(specs[0].data, specs[0].seed)
             corpus_ref = ray.put(corpus)
-            remote_cls = ray.remote(ReplicaHost).options(num_cpus=min(1.0, cpus / n_hosts))
-            self.hosts = [remote_cls.remote([specs[w] for w in block], corpus_ref) for block in self.blocks]
-            self.call("num_params", timeout_s=ready_timeout_s)  # surface construction errors now
+            self.hosts, self._reusable = self._pool.acquire(n_hosts)
+            ray.get([h.load.remote([specs[w] for w in block], corpus_ref) for h, block in zip(self.hosts, self.blocks)],
+                    timeout=ready_timeout_s)  # surfaces construction errors now
         except BaseException:
             self.close()
             raise
+        self._healthy = True
 
     def call(self, method: str, args: Sequence[tuple] | None = None, workers: Sequence[int] | None = None,
              timeout_s: float | None = None) -> list[Any]:
@@ -119,9 +190,11 @@ class RayReplicaRuntime:
     def close(self) -> None:
         import ray
 
-        from cluster.runtime import kill_actors
-
-        kill_actors(self.hosts)
+        if self._pool is not None:
+            self._pool.release(self.hosts, self._healthy and self._reusable)
+            if self._own_pool:
+                self._pool.close()
+            self._pool = None
         self.hosts = []
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
@@ -130,5 +203,6 @@ class RayReplicaRuntime:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        self._healthy = self._healthy and exc_type is None
         self.close()

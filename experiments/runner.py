@@ -6,6 +6,7 @@ it is written, so a crash or Ctrl-C never leaves something that looks like a fin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from cluster.collaborative import CollaborativeDriver
 from cluster.devices import get_device
 from cluster.driver import ArmPlan, LockstepDriver
 from cluster.records import Record
+from cluster.replica_hosts import HostPool
 from cluster.runtime import RUNTIMES, start_ray
 from cluster.sim import ModelledExchanges
 from experiments.fields import ConfigError
@@ -140,8 +142,10 @@ def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manif
     bar = _progress_bar(spec, progress)
     wall: dict[str, float] = {}
     started_ray = runtime_name == "ray" and start_ray()
+    # The simulator's actors serve arm after arm, so a run starts its processes once (unless a caller holds a pool).
+    pooled = runtime_name == "ray" and spec.run.mode == "sim" and HostPool.current() is None
     try:
-        with open(metrics_path, "w") as metrics:
+        with open(metrics_path, "w") as metrics, HostPool() if pooled else contextlib.nullcontext():
 
             def emit(record: Record) -> None:
                 records.append(record)

@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from cluster.replica_hosts import RayReplicaRuntime, blocks
+from cluster.replica_hosts import HostPool, RayReplicaRuntime, blocks
 from cluster.runtime import LocalRuntime
 from tests.simtools import TINY, simulate
 from trainer.strategies.ddp import DDPSettings
@@ -42,9 +42,11 @@ def test_assignment_of_replicas_to_actors_does_not_change_metrics(algorithm, set
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         local = run(algorithm, settings, LocalRuntime)
-        for actors in (1, 2, 4):
-            grouped = run(algorithm, settings, functools.partial(RayReplicaRuntime, actors=actors))
-            assert grouped == local, f"{actors} actors"
+        with HostPool() as pool:  # each grouping reuses the previous one's actors, as a run's arms do
+            for actors in (4, 1, 2):  # 4 actors on 2 CPUs: fractional CPUs, not kept for the next
+                grouped = run(algorithm, settings, functools.partial(RayReplicaRuntime, actors=actors))
+                assert grouped == local, f"{actors} actors"
+            assert len(pool.idle) == 2
     finally:
         ray.shutdown()
         torch.set_num_threads(threads)
