@@ -1,15 +1,18 @@
-"""Wall-clock throughput of the simulator against plain single-process PyTorch on the same machine.
+"""Wall-clock throughput, start-up and memory of the simulator against plain single-process PyTorch.
 
-For each N in --workers it times:
+For each model in --models and each N in --workers it times, side by side in one run:
 
 * plain: one process, one GPT, AdamW from `GPT.configure_optimizers`, batch N*b, torch's default thread
   count, the same number of optimizer steps, the same lr schedule and gradient clipping as a replica;
 * sim: `experiments.run(spec, runtime="ray")` of a one-arm experiment, DDP on `datacenter` (an exchange
-  after every step, the most of any arm), N Ray actors of batch b each; optionally a DiLoCo arm too.
+  after every step, the most of any arm), optionally DiLoCo (--diloco H), with each --layouts: `grouped`
+  (the runtime: several replicas per actor, one actor per CPU) and `per-worker` (one actor per worker);
+* gloo (--gloo): the usual way, one torch process per worker with gloo collectives (`bench/gloo_baseline.py`).
 
 Ray is started here, before any timing, so its start-up is reported on its own line; the runner does not
-shut down a Ray it did not start, so one Ray serves every run and is shut down at the end. Run it with
-`python bench/throughput.py` (about 3-5 minutes on a 2-core machine with the defaults).
+shut down a Ray it did not start, so one Ray serves every run. `--repeat R` runs everything R times in turn and
+reports each figure's median. `--json` prints all figures as one JSON object instead of the tables. Run it from the
+checkout: `python bench/throughput.py` (a few minutes on a 2-core machine with the defaults).
 """
 
 from __future__ import annotations
@@ -19,46 +22,62 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's farflung, however it is started
 
-import experiments
-from cluster import runtime as cluster_runtime
-from experiments.spec import parse_spec
-from trainer.data import DataConfig, ShardSampler, load_corpus
-from trainer.model import GPT, PRESETS
-from trainer.replica import OptimConfig
+import torch  # noqa: E402
+
+import experiments  # noqa: E402
+from bench.gloo_baseline import run_gloo  # noqa: E402
+from bench.memory import MB, PeakRss, replica_state_bytes  # noqa: E402
+from cluster import replica_hosts  # noqa: E402
+from cluster import runtime as cluster_runtime  # noqa: E402
+from experiments.spec import parse_spec  # noqa: E402
+from trainer.data import DataConfig, ShardSampler, load_corpus  # noqa: E402
+from trainer.model import GPT, PRESETS, count_params  # noqa: E402
+from trainer.replica import OptimConfig  # noqa: E402
 
 
-class _TimedRayRuntime(cluster_runtime.RayRuntime):
-    """The Ray runtime, unchanged, plus timestamps: actors built and ready, arm finished, actors gone."""
+class _Timed:
+    """Wraps the runtime the runner builds with timestamps: ready (actors built), arm finished, actors gone."""
 
     timings: list[dict] = []
+    layout = "grouped"
+    t_call = 0.0
 
-    def __init__(self, specs):
-        t0 = time.perf_counter()
-        super().__init__(specs)
+    def __init__(self, specs, corpus=None):
+        if _Timed.layout == "grouped":
+            self.inner = replica_hosts.RayReplicaRuntime(specs, corpus)
+        else:  # one actor per worker, each loading the corpus itself: the runtime before replicas were grouped
+            self.inner = cluster_runtime.RayRuntime(specs)
         self._ready = time.perf_counter()
-        self._record = {"construct_s": self._ready - t0}
+        self._record = {"startup_s": self._ready - _Timed.t_call}
+
+    def call(self, *args, **kwargs):
+        return self.inner.call(*args, **kwargs)
+
+    def __enter__(self):
+        return self
 
     def __exit__(self, *exc):
         t_done = time.perf_counter()
-        super().__exit__(*exc)
+        self.inner.close()
         self._record["loop_s"] = t_done - self._ready
         self._record["teardown_s"] = time.perf_counter() - t_done
-        _TimedRayRuntime.timings.append(self._record)
+        _Timed.timings.append(self._record)
 
 
-def sim_spec(args, n_workers: int, arm: dict) -> dict:
-    block = PRESETS[args.model].block_size
+def sim_spec(args, model: str, n_workers: int, arm: dict) -> dict:
+    block = PRESETS[model].block_size
     tokens = args.steps * n_workers * args.batch_size * block
     return {
         "name": f"bench-{arm['name']}-n{n_workers}",
-        "model": {"preset": args.model},
+        "model": {"preset": model},
         "data": {"corpus": "stdlib"},
         "run": {
             "workers": n_workers, "batch_size": args.batch_size, "tokens": tokens, "seed": args.seed,
@@ -69,48 +88,50 @@ def sim_spec(args, n_workers: int, arm: dict) -> dict:
     }
 
 
-def run_sim(args, n_workers: int, arm: dict) -> dict:
-    spec = parse_spec(sim_spec(args, n_workers, arm))
+def run_sim(args, model: str, n_workers: int, arm: dict, layout: str) -> dict:
+    spec = parse_spec(sim_spec(args, model, n_workers, arm))
     assert spec.total_steps == args.steps, (spec.total_steps, args.steps)
     tmp = Path(tempfile.mkdtemp(prefix="farflung-bench-"))
     try:
-        _TimedRayRuntime.timings.clear()
-        t0 = time.perf_counter()
-        result = experiments.run(spec, out=tmp / "run", runtime="ray")
-        run_s = time.perf_counter() - t0
-        (timing,) = _TimedRayRuntime.timings
+        _Timed.timings.clear()
+        _Timed.layout = layout
+        with PeakRss() as peak:
+            _Timed.t_call = t0 = time.perf_counter()
+            result = experiments.run(spec, out=tmp / "run", runtime="ray")
+            run_s = time.perf_counter() - t0
+        (timing,) = _Timed.timings
         steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
         last = [r["loss"] for r in steps if r.get("kind") == "step" and r["step"] == args.steps - 1]
-        return {
-            "tokens": spec.total_steps * spec.tokens_per_step, "run_s": run_s, **timing,
-            "final_loss": sum(last) / len(last),
-        }
+        return {"tokens": spec.total_steps * spec.tokens_per_step, "run_s": run_s, **timing,
+                "peak_rss_bytes": peak.bytes, "final_loss": sum(last) / len(last)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_plain(args, n_workers: int, corpus) -> dict:
-    cfg, optim = PRESETS[args.model], OptimConfig()
+def run_plain(args, model: str, n_workers: int, corpus) -> dict:
+    cfg, optim = PRESETS[model], OptimConfig()
     batch = n_workers * args.batch_size
-    torch.manual_seed(args.seed)
-    model = GPT(cfg)
-    optimizer = model.configure_optimizers(optim.weight_decay, optim.lr, (optim.beta1, optim.beta2))
-    sampler = ShardSampler(corpus.train, 0, 1, batch, cfg.block_size, args.seed)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        x, y = sampler.next_batch()
-        optimizer.zero_grad(set_to_none=False)
-        _, loss = model(x, y)
-        loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = optim.lr_at(step, args.steps)
-        if optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-        optimizer.step()
-        final_loss = loss.item()
-    loop_s = time.perf_counter() - t0
-    return {"tokens": args.steps * batch * cfg.block_size, "loop_s": loop_s, "final_loss": final_loss}
+    with PeakRss() as peak:
+        torch.manual_seed(args.seed)
+        gpt = GPT(cfg)
+        optimizer = gpt.configure_optimizers(optim.weight_decay, optim.lr, (optim.beta1, optim.beta2))
+        sampler = ShardSampler(corpus.train, 0, 1, batch, cfg.block_size, args.seed)
+        gpt.train()
+        t0 = time.perf_counter()
+        for step in range(args.steps):
+            x, y = sampler.next_batch()
+            optimizer.zero_grad(set_to_none=False)
+            _, loss = gpt(x, y)
+            loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = optim.lr_at(step, args.steps)
+            if optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(gpt.parameters(), optim.grad_clip)
+            optimizer.step()
+            final_loss = loss.item()
+        loop_s = time.perf_counter() - t0
+    return {"tokens": args.steps * batch * cfg.block_size, "loop_s": loop_s, "final_loss": final_loss,
+            "peak_rss_bytes": peak.bytes}
 
 
 def cpu_name() -> str:
@@ -123,21 +144,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv: list[str] | None = None) -> int:
+def median_of(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8], help="simulated worker counts N (default 4 8)")
+    parser.add_argument("--models", nargs="+", default=["small"], choices=sorted(PRESETS), help="model presets")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per worker per step, b (default 8)")
-    parser.add_argument("--model", default="small", choices=sorted(PRESETS), help="model preset (default small)")
     parser.add_argument("--diloco", type=int, default=0, metavar="H",
                         help="also time a DiLoCo arm on home-broadband with H inner steps (default: off)")
+    parser.add_argument("--layouts", nargs="+", default=["grouped"], choices=["grouped", "per-worker"],
+                        help="how replicas sit on actors: grouped (the runtime) and/or per-worker (one actor each)")
+    parser.add_argument("--gloo", action="store_true", help="also time the process-per-worker gloo baseline")
+    parser.add_argument("--repeat", type=int, default=1, help="run everything this many times; report medians")
     parser.add_argument("--eval-batches", type=int, default=1,
                         help="held-out batches per sim evaluation (at step 0 and at the end; default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print all figures as one JSON object")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or min(args.workers) < 1:
-        parser.error("--steps, --batch-size and --workers must be positive")
+    if args.steps < 1 or args.batch_size < 1 or min(args.workers) < 1 or args.repeat < 1:
+        parser.error("--steps, --batch-size, --workers and --repeat must be positive")
+    return args
 
+
+def measure(args) -> dict:
+    """Every figure, as medians over --repeat rounds, each round running plain, gloo and sim side by side."""
     arms = [{"name": "ddp-datacenter", "algorithm": "ddp", "network": "datacenter"}]
     if args.diloco:
         arms.append({"name": f"diloco{args.diloco}-home", "network": "home-broadband",
@@ -146,71 +180,127 @@ def main(argv: list[str] | None = None) -> int:
     def note(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    load_before = os.getloadavg()
-    # Plain runs first, before Ray exists, so its idle daemons do not share the cores with them.
-    corpus = load_corpus(DataConfig(corpus="stdlib"), args.seed)
-    plain_threads = torch.get_num_threads()
-    plain = {}
-    for n in args.workers:
-        note(f"plain PyTorch, batch {n * args.batch_size}, {args.steps} steps ...")
-        plain[n] = run_plain(args, n, corpus)
-
     import ray
 
+    corpus = load_corpus(DataConfig(corpus="stdlib"), args.seed)
     note("starting Ray ...")
     t0 = time.perf_counter()
     started = cluster_runtime.start_ray()
     ray_start_s = time.perf_counter() - t0
     saved = cluster_runtime.RUNTIMES["ray"]
-    cluster_runtime.RUNTIMES["ray"] = _TimedRayRuntime  # the runner looks the class up in this same dict
-    sim = {}
+    cluster_runtime.RUNTIMES["ray"] = _Timed  # the runner looks the class up in this same dict
+    rounds: dict[tuple, list[dict]] = {}
     try:
+        for r in range(args.repeat):
+            for model in args.models:
+                for n in args.workers:
+                    note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: plain, batch {n * args.batch_size} ...")
+                    rounds.setdefault((model, n, "plain", ""), []).append(run_plain(args, model, n, corpus))
+                    for arm in arms:
+                        if args.gloo:
+                            note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: gloo {arm['name']} ...")
+                            rounds.setdefault((model, n, "gloo", arm["name"]), []).append(
+                                run_gloo(n, model, args.batch_size, args.steps, args.diloco * ("diloco" in arm["name"]),
+                                         args.seed))
+                        for layout in args.layouts:
+                            note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: sim {arm['name']} ({layout}) ...")
+                            rounds.setdefault((model, n, layout, arm["name"]), []).append(
+                                run_sim(args, model, n, arm, layout))
         ray_cpus = ray.cluster_resources().get("CPU", 0.0)
-        for n in args.workers:
-            for arm in arms:
-                note(f"sim {arm['name']}, {n} workers x batch {args.batch_size}, {args.steps} steps ...")
-                sim[n, arm["name"]] = run_sim(args, n, arm)
     finally:
         cluster_runtime.RUNTIMES["ray"] = saved
         if started:
             ray.shutdown()
+    return {"arms": arms, "ray_start_s": ray_start_s, "ray_cpus": ray_cpus,
+            "medians": {key: median_of(runs) for key, runs in rounds.items()}}
 
-    load_after = os.getloadavg()
-    cfg = PRESETS[args.model]
-    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs ({len(os.sched_getaffinity(0))} usable), "
-          f"Ray sees {ray_cpus:g} CPUs; torch {torch.__version__}, Python {platform.python_version()}, Ray {ray.__version__}")
-    print(f"load average (1/5/15 min): {'/'.join(f'{x:.2f}' for x in load_before)} at start, "
-          f"{'/'.join(f'{x:.2f}' for x in load_after)} at end (counts this benchmark's own processes too; load from anything else distorts every figure)")
-    print(f"threads: plain PyTorch {plain_threads} (torch default); sim 1 per worker actor (runner's setting), "
-          f"actors get num_cpus = min(1, CPUs/N)")
-    print(f"model: {args.model} ({GPT(cfg).num_params():,} params, block {cfg.block_size}), stdlib corpus, "
-          f"b = {args.batch_size} per worker, {args.steps} optimizer steps; sim evaluates at step 0 and at the end "
-          f"({args.eval_batches} held-out batch{'es' if args.eval_batches != 1 else ''} each)")
-    print(f"Ray start-up (once, not in any figure below): {ray_start_s:.1f} s"
-          + ("" if started else " (Ray was already running)"))
+
+def figures(args, measured: dict) -> dict:
+    """The JSON object: machine, settings, one row per model, N, arm and layout, and the memory growth."""
+    med = measured["medians"]
+    rows = []
+    for (model, n, layout, arm), m in med.items():
+        if layout in ("plain", "gloo"):
+            continue
+        plain = med[model, n, "plain", ""]
+        plain_tok_s = plain["tokens"] / plain["loop_s"]
+        row = {"model": model, "n": n, "arm": arm, "layout": layout, "plain_tok_s": round(plain_tok_s),
+               "whole_ratio": round(m["tokens"] / m["run_s"] / plain_tok_s, 3),
+               "loop_ratio": round(m["tokens"] / m["loop_s"] / plain_tok_s, 3),
+               "startup_s": round(m["startup_s"], 2), "peak_rss_mb": round(m["peak_rss_bytes"] / MB),
+               "final_loss": round(m["final_loss"], 4), "plain_final_loss": round(plain["final_loss"], 4)}
+        gloo = med.get((model, n, "gloo", arm))
+        if gloo:
+            row |= {"gloo_whole_ratio": round(m["tokens"] / gloo["whole_s"] / plain_tok_s, 3),
+                    "gloo_loop_ratio": round(m["tokens"] / gloo["loop_s"] / plain_tok_s, 3),
+                    "gloo_startup_s": round(gloo["startup_s"], 2), "gloo_peak_rss_mb": round(gloo["peak_rss_bytes"] / MB),
+                    "vs_gloo_whole": round(gloo["whole_s"] / m["run_s"], 3)}
+        rows.append(row)
+    growth = []
+    for model in args.models:
+        for arm in measured["arms"]:
+            algorithm = arm["algorithm"] if isinstance(arm["algorithm"], str) else arm["algorithm"]["name"]
+            formula = replica_state_bytes(PRESETS[model], algorithm)
+            for layout in args.layouts:
+                ns = sorted(n for (mo, n, la, a) in med if (mo, la, a) == (model, layout, arm["name"]))
+                for n1, n2 in zip(ns, ns[1:]):
+                    per = (med[model, n2, layout, arm["name"]]["peak_rss_bytes"]
+                           - med[model, n1, layout, arm["name"]]["peak_rss_bytes"]) / (n2 - n1)
+                    growth.append({"model": model, "arm": arm["name"], "layout": layout, "from_n": n1, "to_n": n2,
+                                   "mb_per_worker": round(per / MB, 2), "formula_mb": round(formula / MB, 2),
+                                   "ratio": round(per / formula, 2)})
+    return {
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+                    "ray_cpus": measured["ray_cpus"], "torch": torch.__version__,
+                    "python": platform.python_version()},
+        "settings": {"models": args.models, "workers": args.workers, "steps": args.steps,
+                     "batch_size": args.batch_size, "diloco": args.diloco, "repeat": args.repeat,
+                     "params": {m: count_params(PRESETS[m]) for m in args.models}},
+        "load_average": measured["load"], "ray_start_s": round(measured["ray_start_s"], 2),
+        "rows": rows, "memory_growth": growth,
+    }
+
+
+def print_tables(out: dict) -> None:
+    m = out["machine"]
+    print(f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['usable_cpus']} usable), Ray sees "
+          f"{m['ray_cpus']:g} CPUs; torch {m['torch']}, Python {m['python']}")
+    load = out["load_average"]
+    print(f"load average (1/5/15 min): {load['start']} at start, {load['end']} at end (this benchmark's own processes "
+          "count too)")
+    s = out["settings"]
+    print(f"b = {s['batch_size']}, {s['steps']} steps, medians of {s['repeat']} round(s); Ray start-up (not in any "
+          f"figure): {out['ray_start_s']} s; plain: torch's default threads; sim and gloo: 1 thread per worker")
     print()
-    header = (f"{'N':>3}  {'arm':<16} {'tokens':>9}  {'plain tok/s':>11}  {'sim tok/s':>9}  {'ratio':>6}  "
-              f"{'loop tok/s':>10}  {'ratio':>6}  {'plain s':>7}  {'run s':>6}  {'actors s':>8}  {'loop s':>6}  "
-              f"{'loss plain/sim':>14}")
-    print(header)
-    print("-" * len(header))
-    for n in args.workers:
-        p = plain[n]
-        p_tps = p["tokens"] / p["loop_s"]
-        for arm in arms:
-            s = sim[n, arm["name"]]
-            run_tps, loop_tps = s["tokens"] / s["run_s"], s["tokens"] / s["loop_s"]
-            print(f"{n:>3}  {arm['name']:<16} {s['tokens']:>9,}  {p_tps:>11,.0f}  {run_tps:>9,.0f}  "
-                  f"{run_tps / p_tps:>6.3f}  {loop_tps:>10,.0f}  {loop_tps / p_tps:>6.3f}  {p['loop_s']:>7.1f}  "
-                  f"{s['run_s']:>6.1f}  {s['construct_s']:>8.1f}  {s['loop_s']:>6.1f}  "
-                  f"{p['final_loss']:>6.3f}/{s['final_loss']:.3f}")
+    cols = ["model", "n", "arm", "layout", "plain_tok_s", "whole_ratio", "loop_ratio", "startup_s", "peak_rss_mb",
+            "gloo_whole_ratio", "gloo_startup_s", "gloo_peak_rss_mb", "vs_gloo_whole"]
+    print("  ".join(f"{c:>{max(len(c), 6)}}" for c in cols))
+    for row in out["rows"]:
+        print("  ".join(f"{row.get(c, '-')!s:>{max(len(c), 6)}}" for c in cols))
     print()
-    print("plain tok/s: tokens / time of the plain training loop (model built and corpus loaded beforehand).")
-    print("sim tok/s:   tokens / wall time of the whole experiments.run call (Ray already up): corpus load, actor")
-    print("             construction, both evaluations, training, actor teardown, run folder and report.")
-    print("loop tok/s:  tokens / time from all actors ready to the arm finished (training + the two evaluations).")
-    print("ratio:       sim (or loop) tok/s divided by plain tok/s at the same N; 1.0 would mean no simulator overhead.")
-    print("loss:        training loss at the last step (plain: batch N*b; sim: mean over workers).")
+    print("memory growth per extra worker (peak resident memory, summed over the process tree) vs one replica's "
+          "params + grads + AdamW + strategy copies:")
+    for g in out["memory_growth"]:
+        print(f"  {g['model']:<6} {g['arm']:<16} {g['layout']:<10} N {g['from_n']:>3} -> {g['to_n']:<3} "
+              f"{g['mb_per_worker']:>8.2f} MB/worker, formula {g['formula_mb']:.2f} MB, ratio {g['ratio']:.2f}")
+    print()
+    print("whole_ratio: tokens / wall time of experiments.run (Ray already up: run folder, actors, evaluations, training, "
+          "teardown, report) over plain tok/s at batch N*b; loop_ratio: the same from actors ready to arm finished;")
+    print("startup_s: from the run call to the workers ready; vs_gloo_whole: gloo's whole time over the sim's (> 1: "
+          "farflung is faster); gloo_*_ratio: the gloo baseline's own ratios to plain.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_start = os.getloadavg()
+    measured = measure(args)
+    measured["load"] = {"start": "/".join(f"{x:.2f}" for x in load_start),
+                        "end": "/".join(f"{x:.2f}" for x in os.getloadavg())}
+    out = figures(args, measured)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print_tables(out)
     return 0
 
 

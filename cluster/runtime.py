@@ -1,8 +1,14 @@
-"""Where replicas live: in this process, or one per Ray actor (a local Ray or a cluster at RAY_ADDRESS).
+"""Where replicas live: in this process, or on Ray actors (a local Ray or a cluster at RAY_ADDRESS).
 
-Both runtimes expose the same call: run one method on every worker with per-worker arguments and
-return the results in worker order. Ray is started only if it is not already running, and is
-shut down again by whoever started it, on success, error or Ctrl-C.
+Every runtime exposes the same call: run one method on every worker with per-worker arguments and
+return the results in worker order. The simulator's Ray runtime puts several replicas on each actor
+(about one actor per CPU, `ReplicaHost`); the real mode's peers get one actor each (`RayRuntime`),
+since each runs its own sockets and exchanges concurrently with the others. Ray is started only if it
+is not already running, and is shut down again by whoever started it, on success, error or Ctrl-C.
+
+A replica's numbers do not depend on where it lives: each trains on one thread (`torch_threads`), with
+its own stream of torch's generator, and the driver averages in worker order; so the grouping of
+replicas on actors, the core count and the node count change only the speed.
 """
 
 from __future__ import annotations
@@ -11,16 +17,19 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from trainer.data import Corpus
 from trainer.replica import Replica, ReplicaSpec
 
 
 class LocalRuntime:
-    """All replicas in this process, called one after another. Exact, simple, and what tests use."""
+    """All replicas in this process, called one after another. Exact, simple, and what tests use.
+
+    `corpus`, if given, is the specs' corpus already loaded, shared by every replica."""
 
     name = "local"
 
-    def __init__(self, specs: Sequence[ReplicaSpec]):
-        self.replicas = [Replica(spec) for spec in specs]
+    def __init__(self, specs: Sequence[ReplicaSpec], corpus: Corpus | None = None):
+        self.replicas = [Replica(spec, corpus) for spec in specs]
 
     def call(self, method: str, args: Sequence[tuple] | None = None, workers: Sequence[int] | None = None,
              timeout_s: float | None = None) -> list[Any]:
@@ -142,7 +151,9 @@ def kill_actors(actors) -> None:
             pass
 
 
-RUNTIMES = {"local": LocalRuntime, "ray": RayRuntime}
+from cluster.replica_hosts import RayReplicaRuntime  # noqa: E402  (it builds on RayRuntime and start_ray above)
+
+RUNTIMES = {"local": LocalRuntime, "ray": RayReplicaRuntime}
 
 
 def _wait_for_exit(pids: list[int], timeout_s: float) -> None:

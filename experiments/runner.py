@@ -6,6 +6,7 @@ it is written, so a crash or Ctrl-C never leaves something that looks like a fin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from cluster.collaborative import CollaborativeDriver
 from cluster.devices import get_device
 from cluster.driver import ArmPlan, LockstepDriver
 from cluster.records import Record
+from cluster.replica_hosts import HostPool
 from cluster.retime import record, retime
 from cluster.runtime import RUNTIMES, start_ray
 from cluster.sim import ModelledExchanges
@@ -30,7 +32,7 @@ from experiments.manifest import build_manifest
 from experiments.report import write_report
 from experiments.spec import ArmConfig, ExperimentSpec, load_spec, resolved_config
 from experiments.summary import summarize
-from trainer.data import load_corpus
+from trainer.data import Corpus, load_corpus
 from trainer.replica import ReplicaSpec
 from trainer.strategies import STRATEGIES
 
@@ -79,7 +81,7 @@ def run(
 
         manifest["shaping_backend"] = describe_shaping(spec.run.shaping)
         manifest["runtime"] = runtime_name = "ray"
-    records = _run_arms(spec, runtime_name, work_dir / "metrics.jsonl", manifest, progress, traces)
+    records = _run_arms(spec, runtime_name, work_dir / "metrics.jsonl", manifest, progress, corpus, traces)
     summary = _write_results(spec, work_dir, records, manifest, config_text)
     if run_dir.is_dir():
         run_dir.rmdir()  # an empty --out folder, checked at the start
@@ -97,6 +99,7 @@ class ArmJob:
     emit: Callable[[Record], None]
     on_step: Callable[[], None]
     manifest: dict
+    corpus: Corpus | None = None  # loaded once for every arm; the simulator's replicas share it
     traces: dict | None = None  # a sweep's recorded lockstep arms, by training configuration
 
 
@@ -108,10 +111,10 @@ def _simulate_lockstep(job: ArmJob) -> None:
             retime(job.traces[key], plan, job.emit, job.on_step)
             job.manifest.setdefault("retimed", []).append(job.arm.name)
             return
-        with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm)) as workers:
+        with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
             job.traces[key] = record(workers, plan, job.emit, job.on_step)
         return
-    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm)) as workers:
+    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
         LockstepDriver(workers, plan, ModelledExchanges(plan), job.emit, job.on_step).run()
 
 
@@ -126,7 +129,7 @@ def training_key(spec: ExperimentSpec, arm: ArmConfig) -> str:
 
 
 def _simulate_collaborative(job: ArmJob) -> None:
-    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm)) as workers:
+    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
         CollaborativeDriver(workers, arm_plan(job.spec, job.arm), job.emit, job.on_step).run()
 
 
@@ -159,14 +162,16 @@ def driver_for(mode: str, algorithm: str) -> Callable[[ArmJob], None]:
 
 
 def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manifest: dict, progress: bool,
-              traces: dict | None = None) -> list[Record]:
+              corpus: Corpus | None = None, traces: dict | None = None) -> list[Record]:
     """Run every arm in turn, writing each record to `metrics_path` as it comes; returns them all."""
     records: list[Record] = []
     bar = _progress_bar(spec, progress)
     wall: dict[str, float] = {}
     started_ray = runtime_name == "ray" and start_ray()
+    # The simulator's actors serve arm after arm, so a run starts its processes once (unless a caller holds a pool).
+    pooled = runtime_name == "ray" and spec.run.mode == "sim" and HostPool.current() is None
     try:
-        with open(metrics_path, "w") as metrics:
+        with open(metrics_path, "w") as metrics, HostPool() if pooled else contextlib.nullcontext():
 
             def emit(record: Record) -> None:
                 records.append(record)
@@ -175,7 +180,7 @@ def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manif
             for arm in spec.arms:
                 bar.set_description(arm.name)
                 t0 = time.perf_counter()
-                job = ArmJob(spec, arm, runtime_name, emit, lambda: bar.update(1), manifest, traces)
+                job = ArmJob(spec, arm, runtime_name, emit, lambda: bar.update(1), manifest, corpus, traces)
                 driver_for(spec.run.mode, arm.algorithm)(job)
                 wall[arm.name] = round(time.perf_counter() - t0, 3)
     finally:

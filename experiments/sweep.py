@@ -18,6 +18,7 @@ after every point. Interrupted, `--resume DIR` runs only the points without a fi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -37,6 +38,7 @@ import numpy as np
 import tomli_w
 
 from cluster.network import parse_bandwidth, parse_duration
+from cluster.replica_hosts import HostPool
 from cluster.runtime import start_ray
 from experiments.fields import ConfigError
 from experiments.frontier import FrontierCriteria
@@ -144,19 +146,21 @@ def sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out: st
     traces = _Traces(out_dir / "traces")
     rows: dict[int, list[dict]] = {}
     bar = _bar(len(points), progress)
-    # One Ray for the whole sweep, not one start and stop per point.
-    started_ray = (runtime or specs[0].run.runtime) == "ray" and start_ray()
+    # One Ray and one set of simulator actors for the whole sweep, not a start and stop per point.
+    on_ray = (runtime or specs[0].run.runtime) == "ray" and specs[0].run.mode == "sim"
+    started_ray = on_ray and start_ray()
     try:
-        for index, (spec, values) in enumerate(zip(specs, points)):
-            run_dir = out_dir / "points" / f"{index:04d}"
-            if not (run_dir / "summary.json").is_file():
-                run(spec, out=run_dir, runtime=runtime, traces=traces)
-                traces.save()
-            rows[index] = _rows(index, dict(zip(keys, values)), run_dir)
-            _write_results(out_dir, keys, rows)
-            bar.update(1)
-            retimed = sum(r["retimed"] for rs in rows.values() for r in rs)
-            bar.set_postfix(arms_trained=sum(map(len, rows.values())) - retimed, arms_retimed=retimed)
+        with HostPool() if on_ray else contextlib.nullcontext():
+            for index, (spec, values) in enumerate(zip(specs, points)):
+                run_dir = out_dir / "points" / f"{index:04d}"
+                if not (run_dir / "summary.json").is_file():
+                    run(spec, out=run_dir, runtime=runtime, traces=traces)
+                    traces.save()
+                rows[index] = _rows(index, dict(zip(keys, values)), run_dir)
+                _write_results(out_dir, keys, rows)
+                bar.update(1)
+                retimed = sum(r["retimed"] for rs in rows.values() for r in rs)
+                bar.set_postfix(arms_trained=sum(map(len, rows.values())) - retimed, arms_retimed=retimed)
     finally:
         bar.close()
         if started_ray:

@@ -36,9 +36,9 @@ def simulate(
     n: int, batch_size: int, steps: int, algorithm: str, settings, *, codec: str = "none",
     network="datacenter", eval_every: int | None = None, device: str = "laptop-cpu",
     speed_factors: tuple[float, ...] | None = None, client_mode: tuple[bool, ...] = (),
-    model=TINY, optim=TINY_OPTIM, swarm=None,
+    model=TINY, optim=TINY_OPTIM, swarm=None, make_runtime=LocalRuntime,
 ) -> Simulated:
-    """Run one arm of `n` tiny replicas in this process and return its metrics records."""
+    """Run one arm of `n` tiny replicas (in this process, unless `make_runtime` says otherwise) and its records."""
     specs = [
         ReplicaSpec(w, n, SEED, model, TINY_DATA, optim, batch_size, steps, algorithm, settings, codec, eval_batches=2)
         for w in range(n)
@@ -49,7 +49,7 @@ def simulate(
         total_steps=steps, tokens_per_step=n * batch_size * model.block_size,
         eval_every_steps=eval_every or steps, seed=SEED, client_mode=client_mode, swarm=swarm,
     )
-    runtime = LocalRuntime(specs)
+    runtime = make_runtime(specs)
     records: list[Record] = []
     if STRATEGIES[algorithm].schedule == "collaborative":
         CollaborativeDriver(runtime, plan, records.append).run()

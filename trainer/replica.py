@@ -7,6 +7,8 @@ limit is reached, and reports the FLOPs it spent so the virtual clock can charge
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from dataclasses import dataclass
 
@@ -15,7 +17,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from trainer.compression import topk_fraction, transmit, transmit_topk
-from trainer.data import DataConfig, ShardSampler, heldout_batches, load_corpus
+from trainer.data import Corpus, DataConfig, ShardSampler, heldout_batches, load_corpus
 from trainer.model import GPT, GPTConfig, training_flops_per_token
 from trainer.settings import setting
 from trainer.strategies import STRATEGIES
@@ -104,18 +106,20 @@ class _Progress:
 
 
 class Replica:
-    def __init__(self, spec: ReplicaSpec):
+    """`corpus`, if given, is `load_corpus(spec.data, spec.seed)` already loaded (replicas sharing a process share it)."""
+
+    def __init__(self, spec: ReplicaSpec, corpus: Corpus | None = None):
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         self.spec = spec
-        corpus = load_corpus(spec.data, spec.seed)
+        corpus = load_corpus(spec.data, spec.seed) if corpus is None else corpus
         seq_len = spec.model.block_size
         self.sampler = ShardSampler(corpus.train, spec.worker, spec.n_workers, spec.batch_size, seq_len, spec.seed)
         self._heldout = heldout_batches(corpus.heldout, spec.batch_size, seq_len, spec.eval_batches)
         # Every worker starts from the same initialisation, as if worker 0 had broadcast it.
         torch.manual_seed(spec.seed)
         self.model = GPT(spec.model)
-        self._eval_model = GPT(spec.model)  # holds parameters handed in for evaluation
+        self._eval_model: GPT | None = None  # holds parameters handed in for evaluation, built on first use
         o = spec.optim
         self.optimizer = self.model.configure_optimizers(o.weight_decay, o.lr, (o.beta1, o.beta2))
         self.flops_per_batch = training_flops_per_token(spec.model, seq_len) * spec.batch_size * seq_len
@@ -123,6 +127,9 @@ class Replica:
         self._progress = _Progress()
         self._topk = topk_fraction(spec.codec)
         self._residuals: dict[str, torch.Tensor] = {}  # top-k error feedback, per payload
+        # This replica's own stream of torch's global generator (dropout draws from it): replicas sharing a process,
+        # in any grouping, draw exactly what each would alone.
+        self._rng_state = torch.get_rng_state()
 
     # --- what strategies call -------------------------------------------------------------
     def forward_backward(self) -> float:
@@ -170,6 +177,20 @@ class Replica:
         or an await, None for a non-blocking exchange. Returns the events in order; a request, if
         any, is last.
         """
+        with self._own_rng():
+            return self._advance(until_step, reply, finish)
+
+    @contextlib.contextmanager
+    def _own_rng(self):
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self._rng_state)
+        try:
+            yield
+        finally:
+            self._rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    def _advance(self, until_step: int, reply, finish: bool) -> list:
         p = self._progress
         events: list = []
         if reply is None or isinstance(reply, (bool, np.bool_)):
@@ -249,6 +270,10 @@ class Replica:
         """Mean held-out loss of these parameters (this replica's own when None); training state is untouched."""
         model = self.model
         if flat_params is not None:
+            # Only the worker that evaluates the consensus needs a second model: built when first asked, a copy
+            # (its values are overwritten) so that no replica's random stream moves.
+            if self._eval_model is None:
+                self._eval_model = copy.deepcopy(self.model)
             model = self._eval_model
             vector_to_parameters(torch.from_numpy(np.asarray(flat_params, dtype=np.float32).copy()), model.parameters())
         model.eval()

@@ -123,3 +123,15 @@ def test_the_command_line_reports_points_and_exits_2_on_a_bad_key(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "sweep point 0" in done.stderr and "latncy" in done.stderr
+
+
+@pytest.mark.ray
+def test_a_sweep_on_ray_actors_gives_the_local_sweeps_records(tmp_path):
+    path = _file(tmp_path, FILE.replace('["1ms", "50ms"]', '["50ms"]').replace('"10Mbit", "1Gbit", 3', '"10Mbit", "1Gbit", 2'))
+    local = sweep(path, out=tmp_path / "local", progress=False)
+    on_ray = sweep(path, out=tmp_path / "ray", progress=False, runtime="ray")
+    for point in ("0000", "0001"):
+        assert (local / "points" / point / "metrics.jsonl").read_bytes() == \
+            (on_ray / "points" / point / "metrics.jsonl").read_bytes()
+    assert [json.loads(line)["retimed"] for line in (on_ray / "results.jsonl").read_text().splitlines()] == \
+        [False, False, False, True, True, False]

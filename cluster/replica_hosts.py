@@ -1,0 +1,208 @@
+"""The simulator's Ray runtime: several replicas per actor, about one actor per CPU, the corpus shared by a node.
+
+A Ray actor is a whole process that imports torch: one per worker made start-up grow with N (10 s for 4 workers,
+25 s for 8 on 2 cores) and had N processes fight over the cores. Here each actor (`ReplicaHost`) holds a contiguous
+block of workers and runs their calls one after another, as the local runtime does in one process; the corpus is
+loaded once, in the driver, and put in Ray's object store, from which every actor on a node maps the same pages.
+
+The driver still sees one call per worker (`call(method, per-worker args, workers)`), so the drivers do not know how
+replicas are grouped; and the grouping cannot change a number: each replica trains on one thread with its own
+stream of torch's generator, and every average is taken in the driver in worker order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trainer.data import Corpus, load_corpus
+from trainer.replica import Replica, ReplicaSpec
+
+_LARGE_BYTES = 1 << 16  # arrays at least this large go through the object store once, whoever receives them
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """Stands in an argument list for the `index`-th large value passed to the host beside the list."""
+
+    index: int
+
+
+class ReplicaHost:
+    """One actor's replicas, `specs` being a block of workers; `call` runs a method on some of them in turn.
+
+    A host outlives its arm: `load` gives it the next arm's replicas, so a process imports torch once per run."""
+
+    def __init__(self):
+        self.replicas: list[Replica] = []
+
+    def load(self, specs: Sequence[ReplicaSpec], corpus: Corpus) -> None:
+        self.replicas = []  # the previous arm's replicas go before the next arm's are built
+        self.replicas = [Replica(spec, corpus) for spec in specs]
+
+    def call(self, method: str, local: Sequence[int], args: Sequence[tuple], *shared: Any) -> list[Any]:
+        results = []
+        for i, a in zip(local, args):
+            a = tuple(shared[x.index] if isinstance(x, _Shared) else x for x in a)
+            results.append(getattr(self.replicas[i], method)(*a))
+        return results
+
+
+def blocks(n_workers: int, n_hosts: int) -> list[range]:
+    """Contiguous blocks of workers, one per host, their sizes differing by at most one."""
+    assert 1 <= n_hosts <= n_workers
+    bounds = [h * n_workers // n_hosts for h in range(n_hosts + 1)]
+    return [range(bounds[h], bounds[h + 1]) for h in range(n_hosts)]
+
+
+class HostPool:
+    """Idle `ReplicaHost` actors, handed to one arm after another and killed when the pool closes.
+
+    `with HostPool():` makes it the pool every `RayReplicaRuntime` inside draws from (the runner opens one per run
+    unless one is open already, e.g. around a sweep or a benchmark); outside any, a runtime has hosts of its own.
+    Hosts hold a CPU each in Ray's accounting while they live, so a pool closes with the work it was opened for.
+    """
+
+    _open: list[HostPool] = []
+
+    def __init__(self):
+        self.idle: list = []
+
+    @classmethod
+    def current(cls) -> HostPool | None:
+        return cls._open[-1] if cls._open else None
+
+    def acquire(self, n: int) -> tuple[list, bool]:
+        """n hosts, and whether they may serve a later arm."""
+        import ray
+
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        if n > cpus:
+            # More actors than CPUs (asked for explicitly): fractional CPUs, none kept, since idle hosts holding a
+            # whole CPU each would leave a later arm's actors waiting for CPUs that never come free.
+            self.close()
+            remote_cls = ray.remote(ReplicaHost).options(num_cpus=cpus / n)
+            return [remote_cls.remote() for _ in range(n)], False
+        taken, self.idle = self.idle[:n], self.idle[n:]
+        remote_cls = ray.remote(ReplicaHost).options(num_cpus=min(1.0, cpus))
+        return taken + [remote_cls.remote() for _ in range(n - len(taken))], True
+
+    def release(self, hosts: list, healthy: bool) -> None:
+        """Hosts whose arm ended normally wait for the next; others (an error, Ctrl-C, transient ones) are killed."""
+        if healthy:
+            self.idle.extend(hosts)
+        else:
+            _kill(hosts)
+
+    def close(self) -> None:
+        _kill(self.idle)
+        self.idle = []
+
+    def __enter__(self):
+        HostPool._open.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        HostPool._open.remove(self)
+        self.close()
+
+
+def _kill(hosts: list) -> None:
+    from cluster.runtime import kill_actors
+
+    kill_actors(hosts)
+
+
+class RayReplicaRuntime:
+    """The workers' replicas on `actors` Ray actors (default: one per CPU of the cluster, at most one per worker).
+
+    `corpus`, if given, is the specs' corpus already loaded (the runner has it); otherwise it is loaded here, once.
+    The actors come from the open `HostPool`, if any, and go back to it when the runtime closes.
+    """
+
+    name = "ray"
+
+    def __init__(self, specs: Sequence[ReplicaSpec], corpus: Corpus | None = None, actors: int | None = None,
+                 ready_timeout_s: float | None = None):
+        import ray
+
+        from cluster.runtime import start_ray
+
+        assert [s.worker for s in specs] == list(range(len(specs)))
+        self._started_ray = start_ray()
+        self.hosts: list = []
+        self._pool = HostPool.current() if not self._started_ray else None
+        self._own_pool = self._pool is None
+        self._healthy = self._reusable = False
+        try:
+            if self._own_pool:
+                self._pool = HostPool()
+            cpus = float(ray.cluster_resources().get("CPU", 1.0))
+            n_hosts = min(len(specs), actors or max(1, int(cpus)))
+            self.blocks = blocks(len(specs), n_hosts)
+            self.placement = [(h, i) for h, block in enumerate(self.blocks) for i in range(len(block))]
+            if corpus is None:
+                corpus = load_corpus(specs[0].data, specs[0].seed)
+            corpus_ref = ray.put(corpus)
+            self.hosts, self._reusable = self._pool.acquire(n_hosts)
+            ray.get([h.load.remote([specs[w] for w in block], corpus_ref) for h, block in zip(self.hosts, self.blocks)],
+                    timeout=ready_timeout_s)  # surfaces construction errors now
+        except BaseException:
+            self.close()
+            raise
+        self._healthy = True
+
+    def call(self, method: str, args: Sequence[tuple] | None = None, workers: Sequence[int] | None = None,
+             timeout_s: float | None = None) -> list[Any]:
+        import ray
+
+        workers = range(len(self.placement)) if workers is None else workers
+        args = args or [()] * len(workers)
+        refs: dict[int, Any] = {}  # id of a large value -> its object in the store, put once for every host
+        per_host: dict[int, tuple[list[int], list[tuple], list[Any], dict[int, int]]] = {}
+        order: list[tuple[int, int]] = []  # for each worker asked, (host, position in that host's answer)
+        for w, a in zip(workers, args):
+            h, i = self.placement[w]
+            local, host_args, shared, seen = per_host.setdefault(h, ([], [], [], {}))
+            packed = []
+            for value in a:
+                if getattr(value, "nbytes", 0) < _LARGE_BYTES:
+                    packed.append(value)
+                    continue
+                if id(value) not in refs:
+                    refs[id(value)] = ray.put(value)
+                if id(value) not in seen:
+                    seen[id(value)] = len(shared)
+                    shared.append(refs[id(value)])
+                packed.append(_Shared(seen[id(value)]))
+            order.append((h, len(local)))
+            local.append(i)
+            host_args.append(tuple(packed))
+        hosts = list(per_host)
+        futures = [self.hosts[h].call.remote(method, per_host[h][0], per_host[h][1], *per_host[h][2]) for h in hosts]
+        try:
+            answers = dict(zip(hosts, ray.get(futures, timeout=timeout_s)))
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{method} did not return on every worker within {timeout_s:.0f} s") from None
+        return [answers[h][k] for h, k in order]
+
+    def close(self) -> None:
+        import ray
+
+        if self._pool is not None:
+            self._pool.release(self.hosts, self._healthy and self._reusable)
+            if self._own_pool:
+                self._pool.close()
+            self._pool = None
+        self.hosts = []
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self._healthy = self._healthy and exc_type is None
+        self.close()
