@@ -62,20 +62,6 @@ class _ReplayedWorkers:
         return next(self.advances)
 
 
-class _RecordingDriver(LockstepDriver):
-    def __init__(self, *args, trace: Trace, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.trace = trace
-
-    def evaluate(self, step: int) -> None:
-        emit = self.emit
-        self.emit = lambda record: (self.trace.evals.append(record), emit(record))
-        try:
-            super().evaluate(step)
-        finally:
-            self.emit = emit
-
-
 class _ReplayDriver(LockstepDriver):
     """The lockstep driver, with the evaluations taken from the trace and stamped with this run's clock."""
 
@@ -98,8 +84,13 @@ def _strip(event):
 def record(workers, plan: ArmPlan, emit: Callable[[Record], None], on_step: Callable[[], None] = lambda: None) -> Trace:
     """Run a lockstep arm in the simulator as usual, emitting its records, and return its trace."""
     trace = Trace(plan)
-    exchanges = ModelledExchanges(plan)
-    _RecordingDriver(_RecordingWorkers(workers, trace), plan, exchanges, emit, on_step, trace=trace).run()
+
+    def keep(record: Record) -> None:
+        if isinstance(record, EvalRecord):
+            trace.evals.append(record)
+        emit(record)
+
+    LockstepDriver(_RecordingWorkers(workers, trace), plan, ModelledExchanges(plan), keep, on_step).run()
     return trace
 
 
