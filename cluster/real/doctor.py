@@ -13,8 +13,10 @@ import json
 import logging
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from cluster.real.doctor_checks import FAIL, SKIP, Peer, diagnose
+from cluster.real.network_file import write_measured_network
 from cluster.real.probe import MAX_PROBE_BYTES, p2pd_processes, serve, stop_leftovers
 
 DEFAULT_BYTES = 4_000_000
@@ -70,6 +72,10 @@ def add_arguments(parser) -> None:
                         help="parallel streams per transfer (default 1: hivemind's all-reduce uses one per pair of "
                              "peers); libp2p caps the bytes in flight per stream, so over a long round trip one "
                              "stream runs below the link's rate and a few measure the link itself")
+    parser.add_argument("--write-network", metavar="FILE",
+                        help="write the links measured to the initial peers to FILE as a network table an experiment "
+                             "can use (this machine is worker 0, each measured peer the next); see "
+                             "cluster/real/network_file.py for what is measured and what is estimated")
     parser.add_argument("--json", action="store_true", help="print the checks as one JSON object")
     parser.add_argument("--verbose", action="store_true", help="show hivemind's and p2pd's log")
 
@@ -82,6 +88,14 @@ def _argument_error(args) -> str:
         ipaddress.ip_address(args.host)
     except ValueError:
         return f"--host: expected an IP address to listen on, such as 0.0.0.0 or 127.0.0.1, got {args.host!r}"
+    if args.write_network is not None:
+        if args.serve or not args.initial_peers:
+            return ("--write-network: needs the machines to measure, --initial-peers (and not --serve); e.g. "
+                    "--initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... --write-network measured.toml")
+        target = Path(args.write_network)
+        if target.is_dir() or not target.parent.is_dir():
+            return (f"--write-network: {args.write_network!r} is a folder or in no existing folder; give a file path "
+                    f"such as measured.toml")
     for flag, maddrs in (("--initial-peers", args.initial_peers), ("--announce", args.announce)):
         for text in maddrs:
             try:
@@ -123,11 +137,14 @@ def main(args) -> int:
     try:
         if args.serve:
             return serve(args.host, args.port, args.serve_for, args.initial_peers, args.announce, args.timeout)
-        checks = asyncio.run(diagnose(_peers(args.initial_peers), args.host, args.port, args.announce, args.timeout,
-                                      args.bytes, args.streams))
+        peers = _peers(args.initial_peers)
+        checks = asyncio.run(diagnose(peers, args.host, args.port, args.announce, args.timeout, args.bytes,
+                                      args.streams))
     finally:
         stop_leftovers(before)
         hivemind_log.setLevel(level)
+    if args.write_network is not None:
+        checks.append(write_measured_network(args.write_network, checks, peers, args.bytes, args.streams))
     failed = [c for c in checks if c.status == FAIL]
     if args.json:
         print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=1, default=str))

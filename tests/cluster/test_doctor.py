@@ -1,5 +1,5 @@
-"""`farflung doctor` against a probe server behind a shaping relay, against a closed port, and on Ctrl-C; no p2pd may
-outlive the command that started it."""
+"""`farflung doctor` against a probe server behind a shaping relay (and the network it writes of that link), against
+a closed port, and on Ctrl-C; no p2pd may outlive the command that started it."""
 
 import json
 import select
@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from cluster.network import build_network
 from cluster.real.probe import address_kind
 from cluster.shaping.relay import RelayThread, ShapingRelay
 from experiments import cli
@@ -92,17 +94,18 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.hivemind
-def test_doctor_measures_the_shaped_link(probe_server, capsys):
+def test_doctor_measures_the_shaped_link_and_writes_it_as_a_network(probe_server, capsys, tmp_path):
     before = _p2pd_pids()
     start = time.perf_counter()
-    code = cli.main(["doctor", "--host", "127.0.0.1", "--initial-peers", probe_server["relayed"], "--json"])
+    code = cli.main(["doctor", "--host", "127.0.0.1", "--initial-peers", probe_server["relayed"], "--json",
+                     "--write-network", str(tmp_path / "measured.toml")])
     seconds = time.perf_counter() - start
     result = json.loads(capsys.readouterr().out)
     checks = {c["name"]: c for c in result["checks"]}
     print(json.dumps({name: c["figure"] for name, c in checks.items()}, indent=1), f"{seconds:.1f} s")
     assert code == 0 and result["ok"], result
-    assert [c["status"] for c in result["checks"]] == ["ok"] * 6
-    assert list(checks) == ["p2pd", "dht", "reachable", "latency", "upload", "download"]
+    assert [c["status"] for c in result["checks"]] == ["ok"] * 7
+    assert list(checks) == ["p2pd", "dht", "reachable", "latency", "upload", "download", "network"]
     assert checks["dht"]["values"]["peers_seen"] == 1
     assert checks["reachable"]["values"]["dialback"][0]["ok"]  # the server dialled this loopback address back
     # Everything crossed the relay (the server also listens directly; a measurement over that would read ~0.3 ms).
@@ -116,6 +119,18 @@ def test_doctor_measures_the_shaped_link(probe_server, capsys):
     # (4 streams: 19.5-20); timing only the writes (not the acknowledgement) or skipping the relay reads 100s.
     for name in ("upload", "download"):
         assert 15 <= checks[name]["values"]["mbit_s"] <= 25, checks[name]["figure"]
+    # The file is a 2-worker network (this machine, the relayed peer) with the link as measured, within the same
+    # bounds; its figures are the checks' own, rounded to 1 us and 1 kbit/s.
+    assert checks["network"]["values"]["workers"] == 2
+    print((tmp_path / "measured.toml").read_text())
+    network = build_network(tomllib.loads((tmp_path / "measured.toml").read_text()), 2)
+    assert network.pair_latency_s(0, 1) == network.pair_latency_s(1, 0)
+    assert network.pair_latency_s(0, 1) == pytest.approx(checks["latency"]["values"]["rtt_ms"] / 2e3, abs=1e-6)
+    assert 49.75e-3 <= network.pair_latency_s(0, 1) <= 57.5e-3
+    upload, download = network.pair_bandwidth_bps(0, 1), network.pair_bandwidth_bps(1, 0)
+    assert upload == pytest.approx(checks["upload"]["values"]["mbit_s"] * 1e6, abs=1e3)
+    assert download == pytest.approx(checks["download"]["values"]["mbit_s"] * 1e6, abs=1e3)
+    assert 15e6 <= upload <= 25e6 and 15e6 <= download <= 25e6
     assert _p2pd_left_by(before) == set()
 
 

@@ -2,6 +2,7 @@
 of `sites`, the errors, and the resolved config's round trip."""
 
 import tomllib
+from pathlib import Path
 
 import pytest
 import tomli_w
@@ -11,7 +12,7 @@ from cluster.network import PRESETS, build_network
 from experiments.fields import ConfigError
 from experiments.spec import load_spec, parse_spec, resolved_config
 
-DEMO = "experiments/demo.toml"
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.toml"
 
 
 def test_the_table_has_every_pair_in_both_directions():
