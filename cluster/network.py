@@ -43,6 +43,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from cluster import sites
+
 _PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
 # Prefix case is ignored because tc writes "mbit" for megabit and a millibit link means nothing; the b/B case is not,
@@ -301,8 +303,6 @@ def regions_table(network: Network) -> dict[str, Any] | None:
 
 def _sites(spec: dict, links: list[Link]) -> dict[str, Any]:
     """The latency matrix and regions of workers placed at named sites (`cluster.sites` says how)."""
-    from cluster import sites
-
     for key in ("latency_matrix", "regions"):
         if key in spec:
             raise ValueError(f"{key}: conflicts with sites, which build every pair's latency and the regions from "
