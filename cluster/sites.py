@@ -17,17 +17,17 @@ into an ordinary `Network`:
   `latency_matrix` and `regions` table, and a run repeats exactly even if this table is later updated.
 
 Source of the round trips: Microsoft, "Azure network round-trip latency statistics",
-https://learn.microsoft.com/azure/networking/azure-network-latency, dataset taken June 20, 2024 (the 30 days ending
-June 19, 2024): monthly P50 round-trip times in ms between Azure regions, measured by Azure's network probes from each
-source region to each destination. The table below is that page's figures for 16 regions, every pair published in both
-directions, so no pair is filled in. Each region is named by the city it is in or next to.
+https://learn.microsoft.com/azure/networking/azure-network-latency (source: MicrosoftDocs/azure-docs,
+articles/networking/azure-network-latency.md), dataset taken June 20, 2024 (the 30 days ending June 19, 2024): monthly
+P50 round-trip times in ms between Azure regions, measured by Azure's network probes from each source region to each
+destination. The page is updated every 6 to 9 months; these are the June 2024 figures, for 16 regions with every pair
+published in both directions, so no pair is filled in. Each region is named by the city it is in or next to.
 
 Source of the inter-site bandwidth: AWS, "Amazon EC2 instance network bandwidth",
 https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/ec2-instance-network-bandwidth.html: single-flow traffic between
 instances outside one cluster placement group is limited to 5 Gbit/s, and traffic to other Regions from an instance
 with fewer than 32 vCPUs to 5 Gbit/s in all. hivemind's all-reduce moves each part between two peers on one stream, so
-one flow's limit is the figure that applies. It is a cloud VM's figure, assumed to hold for Azure's regions as well
-(Azure publishes a VM's total bandwidth per size, not a per-flow or inter-region limit).
+one flow's limit is the figure that applies. It is AWS's figure, assumed to hold between Azure's regions as well.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ def test_latency_matrix_is_half_the_mean_round_trip_and_same_site_is_a_datacente
     assert [network.pair_latency_s(i, j) for i, j in ((0, 1), (1, 3), (3, 2))] == [dc, 0.09425, 0.11675]
     assert network.region_of == (0, 0, 1, 2)
     assert network.links == (PRESETS["datacenter"],) * 4
+    assert sites.DATACENTER_ACCESS_S == PRESETS["datacenter"].one_way_latency_s
     assert network.pair_bandwidth_bps(0, 1) == 100e9  # same site: the datacenter link
     assert network.pair_bandwidth_bps(0, 2) == network.pair_bandwidth_bps(3, 1) == sites.SITE_BANDWIDTH_BPS == 5e9
 
