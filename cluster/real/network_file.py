@@ -79,8 +79,8 @@ def network_text(measured: list[MeasuredPeer], left_out: list[str], nbytes: int,
               for j, m in enumerate(measured, 1)]
     lines += [f"#   left out, not measured: {why}" for why in left_out]
     lines += [
-        f"# Transfers of {nbytes / 1e6:.2f} MB each way on {streams} stream{'s' * (streams > 1)} (hivemind's all-reduce "
-        f"uses one per pair of peers).",
+        f"# Transfers of {nbytes / 1e6:.2f} MB each way on {streams} stream{'s' * (streams > 1)} "
+        f"(hivemind's all-reduce uses one per pair of peers).",
         f"# Use as an arm's network with run.workers = {n}: paste these lines below an [arm.network] header.",
         "# Pairs with worker 0 are measured; a pair of peers is estimated: its transfers run at the sender's measured",
         "# rate to here or the receiver's from here, whichever is less, and its latency is the sum of both peers'",
