@@ -18,6 +18,9 @@ from cluster.shaping.relay import RelayThread, ShapingRelay
 from experiments import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# A fresh `python -m experiments.cli` imports torch and hivemind before its daemon starts: seconds on a quiet machine,
+# most of a minute on a loaded 2-core one.
+STARTUP_S = 90
 RATE_BPS, ONE_WAY_S = 20e6, 0.050
 # A well-formed peer id that nothing on this machine has.
 NOBODY = "12D3KooWPoea5ho9VykyKJZs9Fc62Zr7FUyHL5hVg128Z8HVYN1j"
@@ -60,10 +63,10 @@ def probe_server():
     """`farflung doctor --serve` on loopback, and a relay in front shaped to 20 Mbit/s and 50 ms each way."""
     before = _p2pd_pids()
     server = subprocess.Popen([sys.executable, "-m", "experiments.cli", "doctor", "--serve", "--host", "127.0.0.1",
-                               "--serve-for", "60"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               "--serve-for", "300"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     try:
-        maddr = _read_line(server, 30)
+        maddr = _read_line(server, STARTUP_S)
         _, _, host, _, port, _, peer_id = maddr.split("/")
         with RelayThread(ShapingRelay((host, int(port)), inbound_bps=RATE_BPS, outbound_bps=RATE_BPS,
                                       one_way_latency_s=ONE_WAY_S)) as relay:
@@ -142,7 +145,7 @@ def test_ctrl_c_stops_doctor_and_its_daemon(probe_server):
                                "--initial-peers", probe_server["relayed"], "--bytes", "40MB"],
                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline, daemons = time.monotonic() + 30, []
+        deadline, daemons = time.monotonic() + STARTUP_S, []
         while not daemons and time.monotonic() < deadline and doctor.poll() is None:
             time.sleep(0.1)
             daemons = [c for c in psutil.Process(doctor.pid).children() if c.name() == "p2pd"]
