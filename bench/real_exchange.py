@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import sys
@@ -190,7 +191,9 @@ def measure(backend: str, rate_bps: float, latency_s: float, n: int, model: str,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", nargs="+", choices=("relay", "kernel"), default=["relay", "kernel"])
+    parser.add_argument("--backends", nargs="+", choices=("relay", "kernel", "none"), default=["relay", "kernel"],
+                        help="none: no shaping, the machine's own floor for the same exchange (the bound is still "
+                             "the shaped link's)")
     parser.add_argument("--rates", nargs="+", type=parse_bandwidth, default=[100e6, 20e6], help="e.g. 100Mbit 20Mbit")
     parser.add_argument("--latency", type=parse_duration, default=0.0, help="one-way per link, e.g. 10ms (default 0)")
     parser.add_argument("--workers", type=int, default=4)
@@ -198,15 +201,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
-    rows = []
+    rows, load_before = [], os.getloadavg()[0]
     for backend in args.backends:
         for rate in args.rates:
             _log(f"{backend}, {rate / 1e6:g} Mbit/s, {args.workers} peers, {args.model}:")
             rows.append(measure(backend, rate, args.latency, args.workers, args.model, args.repeats))
+    machine = (f"{platform.machine()} Linux {platform.release()}, {os.cpu_count()} CPUs, load average "
+               f"{load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     if args.json:
-        print(json.dumps({"machine": f"{platform.node()} {platform.machine()} Linux {platform.release()}",
-                          "rows": rows}, indent=1))
+        print(json.dumps({"machine": machine, "rows": rows}, indent=1))
         return 0
+    print(machine)
     print(f"{'backend':8} {'Mbit/s':>7} {'bound s':>8} {'step s':>7} {'ratio':>6} {'a-r s':>6} {'a-r ratio':>9} "
           f"{'match s':>7} {'sent MB':>8} {'formula MB':>10}")
     for r in rows:
