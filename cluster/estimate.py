@@ -80,7 +80,7 @@ class EstimateConfig:
     devices_per_worker: int = setting(1, "devices in one worker (a node), e.g. 8 H100s", low=1, high=4096)
     intra_node: str = setting("nvlink", "the link between a node's devices (a network preset)",
                               choices=tuple(PRESETS))
-    memory: str = setting("sharded", "training state sharded over a node's devices (FSDP, ZeRO-3) or replicated on each",
+    memory: str = setting("sharded", "training state sharded over a node's devices (FSDP, ZeRO-3) or on each",
                           choices=MEMORY_LAYOUTS)
     params: float | None = setting(None, "parameters, replacing the [model]'s count (FLOPs: 6 per parameter and token)",
                                    low=1.0)

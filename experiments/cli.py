@@ -1,5 +1,6 @@
 """`farflung run FILE`, `demo`, `fidelity FILE`, `estimate`, `algorithms`, `join`, `doctor`: the command line over
-`experiments.run`, `experiments.estimate` and the real mode's volunteer commands (`cluster.real.join`, `cluster.real.doctor`)."""
+`experiments.run`, `experiments.estimate` and the real mode's volunteer commands (`cluster.real.join`,
+`cluster.real.doctor`)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     fid.add_argument("--out", help="folder to create (default results/<experiment>/fidelity-<timestamp>)")
     from experiments import estimate
 
-    estimate.add_arguments(sub.add_parser("estimate", help="estimate utilisation and time at any scale, without training"))
+    estimate.add_arguments(sub.add_parser("estimate", help="estimate utilisation and time at any scale, no training"))
     algorithms = sub.add_parser("algorithms", help="list every algorithm with its settings, defaults and ranges")
     algorithms.add_argument("--json", action="store_true", help="print the list as JSON")
     from cluster.real import doctor, join

@@ -1,4 +1,4 @@
-"""`farflung estimate`: an experiment file's arms (or one arm from flags) estimated by `cluster.estimate`, nothing trained.
+"""`farflung estimate`: an experiment file's arms, or one arm from flags, estimated by `cluster.estimate`; no training.
 
 From a file, the model is its `[model]` (parameters by `trainer.model.count_params`, FLOPs by
 `training_flops_per_token`, as a replica counts them), the global batch is workers x batch_size x block_size, the steps
@@ -185,7 +185,7 @@ def add_arguments(p) -> None:
     flags.add_argument("--device", default="h100", help="device profile (cluster/devices.py); default h100")
     flags.add_argument("--devices-per-worker", type=int, default=1, help="devices in one worker (a node)")
     flags.add_argument("--intra-node", default="nvlink", help="link between a node's devices (default nvlink)")
-    flags.add_argument("--memory", default="sharded", help="training state sharded over a node's devices, or replicated")
+    flags.add_argument("--memory", default="sharded", help="training state sharded over a node's devices or replicated")
     flags.add_argument("--workers", help="workers (nodes)")
     flags.add_argument("--network", help="a network preset for every worker's link, instead of --bandwidth/--latency")
     flags.add_argument("--bandwidth", help="every worker's uplink and downlink, e.g. 1Gbit")
@@ -276,14 +276,15 @@ def describe(arm: ArmInput, row: dict) -> str:
     link = arm.network.links[0]
     node = arm.node
     lines = [
-        f"{row['name']}: {row['algorithm']}, {row['workers']} workers x {node.devices} {node.device.name}, links "
+        f"{row['name']}: " + (f"{row['algorithm']}, " if row["name"] != row["algorithm"] else "")
+        + f"{row['workers']} workers x {node.devices} {node.device.name}, links "
         f"{_bits(link.uplink_bps)} up / {_bits(link.downlink_bps)} down, {human_seconds(link.one_way_latency_s)} "
         f"one-way access latency, codec {arm.codec}",
         f"  step compute {human_seconds(row['step_compute_s'])}"
         + (f" + intra-node reduce {human_seconds(row['intra_node_s'])}" if node.devices > 1 else "")
         + f"; exchange {human_seconds(row['exchange_s'])} every {row['sync_every_steps']:g} steps, "
           f"{human_seconds(row['exposed_comm_s'])} of it exposed",
-        f"  compute utilisation {row['compute_utilisation']:.3f}, {row['tokens_per_s']:.4g} tokens/s"
+        f"  compute utilisation {row['compute_utilisation']:.3f}, {row['tokens_per_s']:,.0f} tokens/s"
         + ("" if row["wall_s"] is None else f", {human_seconds(row['wall_s'])} for {arm.workload.total_steps} steps"),
         f"  each worker sends {human_bytes(row['bytes_sent_per_sync'])} per synchronisation"
         + ("" if row["bytes_sent_total"] is None else f", {human_bytes(row['bytes_sent_total'])} in all"),

@@ -1,4 +1,4 @@
-"""The estimate's cost model against closed forms worked by hand, and its message sizes against hivemind's serializer."""
+"""The estimate's cost model against closed forms worked by hand, its message sizes against hivemind's serializer."""
 
 from __future__ import annotations
 
@@ -69,12 +69,12 @@ def test_streaming_overlap_hides_an_exchange_shorter_than_its_overlap_and_expose
     schedule = cost.Schedule("streaming-diloco", 8, (1_000_000,) * 4, (0, 2, 4, 6), 1)
     workload = cost.Workload(params, 1e14, 1e6, 800)
     c = 1e14 / (989e12 * 0.40)
-    fast = cost.estimate(schedule, workload, cost.Node(H100), build_network({"bandwidth": "10Gbit", "latency": "1ms"}, n),
-                         "none")
+    fast_net = build_network({"bandwidth": "10Gbit", "latency": "1ms"}, n)
+    fast = cost.estimate(schedule, workload, cost.Node(H100), fast_net, "none")
     assert fast.exchange_s < c and fast.exposed_comm_s == 0.0
     assert fast.compute_utilisation == pytest.approx(1.0, rel=1e-12)
-    slow = cost.estimate(schedule, workload, cost.Node(H100), build_network({"bandwidth": "100Mbit", "latency": "1ms"}, n),
-                         "none")
+    slow_net = build_network({"bandwidth": "100Mbit", "latency": "1ms"}, n)
+    slow = cost.estimate(schedule, workload, cost.Node(H100), slow_net, "none")
     # Each fragment's exchange starts after its step and is awaited one step later: c of it is hidden.
     assert c < slow.exchange_s < 2 * c  # longer than the overlap, shorter than the gap between two fragments
     assert slow.exposed_comm_s == pytest.approx(slow.exchange_s - c, rel=1e-12)

@@ -1,4 +1,4 @@
-"""The estimate against the simulator on the same experiment file, and `farflung estimate` from a file and from flags."""
+"""The estimate against the simulator on the same experiment file; `farflung estimate` from a file and from flags."""
 
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ def test_memory_that_does_not_fit_is_said_plainly(capsys):
 
 
 @pytest.mark.parametrize("argv, field", [
-    (["estimate", "--params", "1e9", "--workers", "0", "--network", "datacenter", "--batch-tokens", "1e6"], "--workers"),
+    (["estimate", "--params", "1e9", "--workers", "0", "--network", "datacenter", "--batch-tokens", "1e6"],
+     "--workers"),
     (["estimate", "--params", "1e9", "--workers", "4", "--batch-tokens", "1e6"], "--network"),
     (["estimate", "--params", "1e9", "--workers", "4", "--network", "lan", "--batch-tokens", "1e6"], "--network"),
     (["estimate", "--workers", "4", "--network", "datacenter", "--batch-tokens", "1e6"], "--params"),
@@ -126,3 +127,13 @@ def test_mode_estimate_runs_the_estimate_and_trains_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ddp-fast: ddp, 3 workers x 1 laptop-cpu" in out and "compute utilisation" in out
     assert not (Path(cli.__file__).parent.parent / "results" / "est").exists()
+
+
+def test_readme_example_prints_what_the_readme_shows(capsys):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("$ farflung estimate --params", 1)[1].split("\n$ ", 1)[0]
+    command, _, shown = block.partition("\n    ")[2].partition("\n")
+    first = block.partition("\n")[0].rstrip(" \\")
+    argv = ["estimate", "--params", *first.split(), *command.split()]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == shown + "\n"
