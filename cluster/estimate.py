@@ -2,7 +2,8 @@
 
 The estimate is the simulator's own cost model applied to the schedule a lockstep strategy follows, for a model of
 any size: compute time is FLOPs / the device profile's effective FLOP/s (`cluster.devices`, as
-`ModelledExchanges.compute_seconds`), an exchange costs `cluster.collectives.ring_allreduce` over the arm's `Network`,
+`ModelledExchanges.compute_seconds`), an exchange costs `cluster.collectives.ring_allreduce` over the arm's `Network`
+(`allgather` for a top-k codec's sparse messages),
 and a message's bytes are the size hivemind's serializer gives (`message_nbytes`, checked against
 `trainer.compression.transmit` in the tests). The timeline (`_period`) books compute, blocking exchanges, background
 exchanges and awaits by the rules `cluster.sim.ModelledExchanges` applies, so for homogeneous workers without jitter the
@@ -23,7 +24,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from cluster.collectives import ring_allreduce
+from cluster.collectives import allgather, ring_allreduce
 from cluster.devices import DeviceProfile
 from cluster.network import PRESETS, Link, Network
 from trainer.settings import setting
@@ -207,6 +208,14 @@ def _period(step_s: float, syncs: list[float], schedule: Schedule, periods: int 
     return marks[-1] - marks[-2], waits[-1]
 
 
+def _exchange(network: Network, nbytes: int, codec: str):
+    """As `ModelledExchanges.reduce`: sparse (top-k) messages cannot be summed on the way and travel by all-gather."""
+    workers = range(network.n_workers)
+    if codec.startswith("topk:"):
+        return allgather(network, workers, [nbytes] * network.n_workers)
+    return ring_allreduce(network, workers, nbytes)
+
+
 def estimate(schedule: Schedule, workload: Workload, node: Node, network: Network, codec: str,
              speed_factors: tuple[float, ...] | None = None) -> Estimate:
     """The arm's steady state on `network` (one link per worker; its workers are `network.n_workers` nodes)."""
@@ -220,7 +229,7 @@ def estimate(schedule: Schedule, workload: Workload, node: Node, network: Networ
     if node.devices > 1:
         intra_net = Network(links=(node.intra_node,) * node.devices)
         intra_s = ring_allreduce(intra_net, range(node.devices), INTRA_NODE_GRADIENT_BYTES * workload.n_params).time_s
-    costs = [ring_allreduce(network, range(n), message_nbytes(size, codec)) for size in schedule.fragment_sizes]
+    costs = [_exchange(network, message_nbytes(size, codec), codec) for size in schedule.fragment_sizes]
     syncs = [c.time_s for c in costs]
     H = schedule.inner_steps
     period_s, waited_s = _period(step_compute_s + intra_s, syncs, schedule)

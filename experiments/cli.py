@@ -100,7 +100,12 @@ def _run(args) -> int:
 
 
 def _sweep(args) -> int:
+    from experiments.spec import load_spec
     from experiments.sweep import sweep
+
+    if load_spec(args.file, args.overrides).run.mode == "estimate":
+        raise ConfigError("run.mode: a sweep runs its points in mode 'sim' or 'real'; for the estimate at one point "
+                          "use farflung estimate FILE")
 
     try:
         out = sweep(args.file, args.overrides, out=args.out, resume=args.resume, progress=not args.quiet,

@@ -23,6 +23,7 @@ from cluster.network import Network, build_network, parse_bandwidth, parse_durat
 from experiments.fields import ConfigError, parse_settings
 from experiments.spec import ExperimentSpec, apply_overrides, parse_spec
 from trainer.model import GPTConfig, count_params, training_flops_per_token
+from trainer.settings import settings_of
 from trainer.strategies import STRATEGIES
 from trainer.strategies.streaming_diloco import fragment_bounds
 
@@ -74,6 +75,10 @@ def arms_from_spec(spec: ExperimentSpec, config: EstimateConfig) -> list[ArmInpu
             schedule = schedule_of(arm.algorithm, arm.settings, n_params)
         except ConfigError as e:
             raise ConfigError(f"arm.{arm.name}.{e}") from None
+        try:
+            cost.message_nbytes(1, arm.codec)
+        except ValueError as e:
+            raise ConfigError(f"arm.{arm.name}.codec: {e}") from None
         arms.append(ArmInput(arm.name, schedule, workload, node_of(config, arm.device), arm.network, arm.codec,
                              arm.speed_factors))
     return arms
@@ -105,53 +110,73 @@ def _number(flag: str, text: str | None, low: float = 0.0) -> float | None:
     return value
 
 
+def _as_flag(error: ValueError) -> ConfigError:
+    """A settings error ('inner_steps: must be ...') as the flag's error ('--inner-steps: must be ...')."""
+    key, _, message = str(error).lstrip(".").partition(": ")
+    return ConfigError(f"--{key.replace('_', '-')}: {message}")
+
+
+def _flagged(flag: str, parse, value):
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def _model_from_flags(args) -> tuple[int, float]:
+    """Parameters and training FLOPs per token, from --params or from the architecture flags."""
+    params = _number("--params", args.params, 1.0)
+    if params is not None:
+        return int(params), 6.0 * params
+    if args.layers is None or args.d_model is None:
+        raise ConfigError("--params: give the model size (--params 10e9) or its architecture (--layers and --d-model, "
+                          "optionally --heads, --seq-len, --vocab)")
+    for flag, value in (("--layers", args.layers), ("--d-model", args.d_model), ("--heads", args.heads),
+                        ("--seq-len", args.seq_len), ("--vocab", args.vocab)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be an integer >= 1, got {value}")
+    model = GPTConfig(block_size=args.seq_len or 2048, vocab_size=args.vocab or 32000, n_layer=args.layers,
+                      n_head=args.heads or 1, n_embd=args.d_model)
+    return count_params(model), training_flops_per_token(model)
+
+
+def _network_from_flags(args, workers: int) -> Network:
+    if (args.network is None) == (args.bandwidth is None):
+        raise ConfigError("--network: give a preset (--network cross-region) or --bandwidth with --latency, not both")
+    if args.network is not None:
+        return _flagged("--network", lambda name: build_network(name, workers), args.network)
+    if args.latency is None:
+        raise ConfigError("--latency: give the one-way access latency of each link, e.g. --latency 50ms")
+    bps = _flagged("--bandwidth", parse_bandwidth, args.bandwidth)
+    return build_network({"bandwidth": bps, "latency": _flagged("--latency", parse_duration, args.latency)}, workers)
+
+
 def arm_from_flags(args, algorithm: str | None = None) -> ArmInput:
     """One arm from `farflung estimate --params ... --workers ...` (see `add_arguments`)."""
     algorithm = algorithm or args.algorithm or "diloco"
-    workers = int(_number("--workers", args.workers, 0) or 0)
-    if workers < 1 or float(args.workers) != workers:
+    workers = _number("--workers", args.workers, 0)
+    if workers is None or workers != int(workers):
         raise ConfigError("--workers: give the number of workers (nodes), e.g. --workers 14")
+    workers = int(workers)
     batch_tokens = _number("--batch-tokens", args.batch_tokens)
     if batch_tokens is None:
         raise ConfigError("--batch-tokens: give the global batch per optimizer step in tokens, e.g. 2000000")
-    architecture = {k: getattr(args, k) for k in ("layers", "d_model", "heads", "seq_len", "vocab")}
-    params = _number("--params", args.params, 1.0)
-    if params is not None:
-        n_params, flops_per_token = int(params), 6.0 * params
-    elif args.layers is not None and args.d_model is not None:
-        model = GPTConfig(block_size=architecture["seq_len"] or 2048, vocab_size=architecture["vocab"] or 32000,
-                          n_layer=args.layers, n_head=args.heads or 1, n_embd=args.d_model)
-        n_params, flops_per_token = count_params(model), training_flops_per_token(model)
-    else:
-        raise ConfigError("--params: give the model size (--params 10e9) or its architecture (--layers and --d-model, "
-                          "optionally --seq-len, --vocab)")
-    if (args.network is None) == (args.bandwidth is None):
-        raise ConfigError("--network: give a preset (--network cross-region) or --bandwidth with --latency, not both")
-    try:
-        if args.network is not None:
-            network = build_network(args.network, workers)
-        else:
-            if args.latency is None:
-                raise ConfigError("--latency: give the one-way access latency of each link, e.g. --latency 50ms")
-            network = build_network({"bandwidth": parse_bandwidth(args.bandwidth),
-                                     "latency": parse_duration(args.latency)}, workers)
-        device = get_device(args.device)
-    except ValueError as e:
-        raise ConfigError(f"--{'network' if 'preset' in str(e) else 'device' if 'device' in str(e) else 'bandwidth'}: "
-                          f"{e}") from None
+    n_params, flops_per_token = _model_from_flags(args)
+    network = _network_from_flags(args, workers)
+    _flagged("--device", get_device, args.device)
+    _flagged("--codec", lambda codec: cost.message_nbytes(1, codec), args.codec)
     strategy = STRATEGIES[algorithm]
     values = {"inner_steps": args.inner_steps, "fragments": args.fragments, "overlap_steps": args.overlap_steps}
-    table = {k: v for k, v in values.items() if v is not None and k in strategy.Settings.__dataclass_fields__}
-    settings = parse_settings("--" + algorithm, strategy.Settings, table)
-    config = parse_settings("", EstimateConfig, {"devices_per_worker": args.devices_per_worker,
-                                                 "intra_node": args.intra_node, "memory": args.memory})
+    try:
+        settings = parse_settings("", strategy.Settings, {k: v for k, v in values.items()
+                                                          if v is not None and k in settings_of(strategy.Settings)})
+        config = parse_settings("", EstimateConfig, {"devices_per_worker": args.devices_per_worker,
+                                                     "intra_node": args.intra_node, "memory": args.memory})
+    except ConfigError as e:
+        raise _as_flag(e) from None
     tokens = _number("--tokens", args.tokens)
     total_steps = int(tokens // batch_tokens) if tokens is not None else 0
     workload = cost.Workload(n_params, flops_per_token * batch_tokens / workers, batch_tokens, total_steps)
-    try:
-        cost.message_nbytes(1, args.codec)
-    except ValueError as e:
-        raise ConfigError(f"--codec: {e}") from None
     return ArmInput(algorithm, schedule_of(algorithm, settings, n_params), workload, node_of(config, args.device),
                     network, args.codec)
 
@@ -273,7 +298,7 @@ def describe(arm: ArmInput, row: dict) -> str:
     """An arm's estimate in a few lines of plain words."""
     from experiments.report import human_bytes, human_seconds
 
-    link = arm.network.links[0]
+    link = arm.network.links[0]  # worker 0's, where links differ
     node = arm.node
     lines = [
         f"{row['name']}: " + (f"{row['algorithm']}, " if row["name"] != row["algorithm"] else "")
@@ -289,6 +314,8 @@ def describe(arm: ArmInput, row: dict) -> str:
         f"  each worker sends {human_bytes(row['bytes_sent_per_sync'])} per synchronisation"
         + ("" if row["bytes_sent_total"] is None else f", {human_bytes(row['bytes_sent_total'])} in all"),
     ]
+    if any(link.jitter_s > 0 for link in arm.network.links):
+        lines.append("  (the links' jitter is left out: this is the cost without it)")
     needed, has = row["memory_needed_per_device"], row["device_memory"]
     layout = (f"sharded over {node.devices} devices" if node.memory == "sharded" and node.devices > 1
               else "on every device")

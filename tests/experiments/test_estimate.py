@@ -111,7 +111,14 @@ def test_memory_that_does_not_fit_is_said_plainly(capsys):
     (["estimate", "--params", "1e9", "--workers", "4", "--batch-tokens", "1e6"], "--network"),
     (["estimate", "--params", "1e9", "--workers", "4", "--network", "lan", "--batch-tokens", "1e6"], "--network"),
     (["estimate", "--workers", "4", "--network", "datacenter", "--batch-tokens", "1e6"], "--params"),
+    (["estimate", "--params", "1e9", "--workers", "4", "--bandwidth", "1Gbit", "--latency", "far", "--batch-tokens",
+      "1e6"], "--latency"),
+    (["estimate", "--params", "1e9", "--workers", "4", "--network", "datacenter", "--batch-tokens", "1e6",
+      "--inner-steps", "0"], "--inner-steps"),
+    (["estimate", "--params", "1e9", "--workers", "4", "--network", "datacenter", "--batch-tokens", "1e6",
+      "--memory", "zero"], "--memory"),
     (["estimate", str(FILE), "--set", "arm.ddp-fast.algorithm=moshpit"], "arm.ddp-fast.algorithm"),
+    (["estimate", str(FILE), "--set", "arm.ddp-fast.codec=blockwise8"], "arm.ddp-fast.codec"),
     (["estimate", str(FILE), "--set", "estimate.memory=zero"], "estimate.memory"),
 ])
 def test_bad_input_names_the_field_and_exits_2(capsys, argv, field):
