@@ -184,6 +184,9 @@ def _period(step_s: float, syncs: list[float], schedule: Schedule, periods: int 
     ends: dict[int, float] = {}
     sent_at: dict[int, int] = {}
     marks, waits = [], []
+    due: dict[int, list[int]] = {}  # step within the period -> fragments sent after it
+    for p, offset in enumerate(schedule.offsets):
+        due.setdefault((offset - 1) % H, []).append(p)
     for s in range(periods * H):
         if s % H == 0:
             marks.append(now)
@@ -195,15 +198,14 @@ def _period(step_s: float, syncs: list[float], schedule: Schedule, periods: int 
                 waits[-1] += end - now
                 now = end
             del sent_at[p]
-        for p, offset in enumerate(schedule.offsets):
-            if (s + 1 - offset) % H == 0:
-                start = max(now, link_free)
-                link_free = start + syncs[p]
-                if tau == 0:
-                    waits[-1] += link_free - now
-                    now = link_free
-                else:
-                    ends[p], sent_at[p] = link_free, s
+        for p in due.get(s % H, ()):  # (s + 1 - offset_p) % H == 0
+            start = max(now, link_free)
+            link_free = start + syncs[p]
+            if tau == 0:
+                waits[-1] += link_free - now
+                now = link_free
+            else:
+                ends[p], sent_at[p] = link_free, s
     marks.append(now)
     return marks[-1] - marks[-2], waits[-1]
 
@@ -229,7 +231,8 @@ def estimate(schedule: Schedule, workload: Workload, node: Node, network: Networ
     if node.devices > 1:
         intra_net = Network(links=(node.intra_node,) * node.devices)
         intra_s = ring_allreduce(intra_net, range(node.devices), INTRA_NODE_GRADIENT_BYTES * workload.n_params).time_s
-    costs = [_exchange(network, message_nbytes(size, codec), codec) for size in schedule.fragment_sizes]
+    by_size = {size: _exchange(network, message_nbytes(size, codec), codec) for size in set(schedule.fragment_sizes)}
+    costs = [by_size[size] for size in schedule.fragment_sizes]  # fragments differ by one element at most
     syncs = [c.time_s for c in costs]
     H = schedule.inner_steps
     period_s, waited_s = _period(step_compute_s + intra_s, syncs, schedule)
