@@ -3,7 +3,9 @@
 Peak figures are dense (no 2:4 sparsity) in the precision a transformer trains in on that device: bf16 tensor cores
 with fp32 accumulation on NVIDIA GPUs, fp32 on Apple GPUs and laptop CPUs. `mfu` (model FLOPs utilisation) is the
 fraction of peak that training a transformer typically reaches there; it absorbs kernel efficiency, memory-bound
-layers and framework overhead, and is the figure to change when a measured step time disagrees.
+layers and framework overhead, and is the figure to change when a measured step time disagrees. `memory_bytes` is
+one device's memory as its datasheet states it (decimal gigabytes); the estimate checks that a model's training
+state fits there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ class DeviceProfile:
     peak_flops: float
     mfu: float
     note: str
+    memory_bytes: float | None = None  # None: not known (a profile measured from a run)
 
     @property
     def effective_flops(self) -> float:
@@ -26,22 +29,32 @@ class DeviceProfile:
 DEVICES: dict[str, DeviceProfile] = {
     # H100 SXM5 datasheet: 989 TFLOP/s dense BF16 (1979 is the 2:4-sparse figure). ~40 % MFU is what well-tuned
     # large-model training reports (PaLM 46 %, Megatron-LM 40-50 % on large GPT runs).
-    "h100": DeviceProfile("h100", 989e12, 0.40, "NVIDIA H100 SXM, 989 TFLOP/s dense bf16"),
+    # Memory: 80 GB HBM3 (H100 SXM datasheet).
+    "h100": DeviceProfile("h100", 989e12, 0.40, "NVIDIA H100 SXM, 989 TFLOP/s dense bf16", 80e9),
     # A100 datasheet: 312 TFLOP/s dense BF16 (624 sparse); same MFU reasoning as H100.
-    "a100": DeviceProfile("a100", 312e12, 0.40, "NVIDIA A100, 312 TFLOP/s dense bf16"),
+    # Memory: 80 GB HBM2e, or 40 GB HBM2 for the first SKU (A100 datasheet).
+    "a100": DeviceProfile("a100", 312e12, 0.40, "NVIDIA A100 80GB, 312 TFLOP/s dense bf16", 80e9),
+    "a100-40gb": DeviceProfile("a100-40gb", 312e12, 0.40, "NVIDIA A100 40GB, 312 TFLOP/s dense bf16", 40e9),
     # Ada Lovelace (AD102) whitepaper, RTX 4090: 165.2 TFLOP/s FP16/BF16 tensor with FP32 accumulate, dense. GeForce
     # cards run FP32 accumulate at half the FP16-accumulate rate (330 TFLOP/s), and training uses FP32 accumulate.
     # Lower MFU than datacenter parts: smaller memory and consumer cards usually train smaller, less efficient models.
-    "rtx4090": DeviceProfile("rtx4090", 165.2e12, 0.35, "NVIDIA RTX 4090, 165 TFLOP/s dense bf16 with fp32 accumulate"),
+    # Memory: 24 GB GDDR6X (NVIDIA's RTX 4090 specifications).
+    "rtx4090": DeviceProfile("rtx4090", 165.2e12, 0.35, "NVIDIA RTX 4090, 165 TFLOP/s dense bf16 with fp32 accumulate",
+                             24e9),
     # Ampere GA102 whitepaper, RTX 3090: 71 TFLOP/s FP16/BF16 tensor with FP32 accumulate, dense (142 with FP16
     # accumulate, same GeForce half-rate rule as the 4090).
-    "rtx3090": DeviceProfile("rtx3090", 71e12, 0.35, "NVIDIA RTX 3090, 71 TFLOP/s dense bf16 with fp32 accumulate"),
+    # Memory: 24 GB GDDR6X (NVIDIA's RTX 3090 specifications).
+    "rtx3090": DeviceProfile("rtx3090", 71e12, 0.35, "NVIDIA RTX 3090, 71 TFLOP/s dense bf16 with fp32 accumulate",
+                             24e9),
     # Apple M2 (10-core GPU): 3.6 TFLOP/s FP32 (Apple's M2 announcement, June 2022). PyTorch's MPS backend reaches a
     # small fraction of that on transformer training, hence the low MFU.
-    "apple-m2": DeviceProfile("apple-m2", 3.6e12, 0.15, "Apple M2 10-core GPU via PyTorch MPS, 3.6 TFLOP/s fp32"),
+    # Memory: the M2 is sold with 8, 16 or 24 GB of unified memory (shared with the CPU); 16 GB is assumed.
+    "apple-m2": DeviceProfile("apple-m2", 3.6e12, 0.15, "Apple M2 10-core GPU via PyTorch MPS, 3.6 TFLOP/s fp32", 16e9),
     # A 4-8 core laptop CPU with AVX2: 6 cores x ~2.6 GHz all-core x 32 fp32 FLOP/cycle (two 256-bit FMA units)
     # ~= 0.5 TFLOP/s. fp32 PyTorch training reaches ~20 % of that, so ~100 GFLOP/s effective.
-    "laptop-cpu": DeviceProfile("laptop-cpu", 0.5e12, 0.20, "4-8 core laptop CPU, fp32 PyTorch, ~0.5 TFLOP/s peak"),
+    # Memory: 16 GB of RAM is assumed (a common laptop configuration, not a datasheet figure).
+    "laptop-cpu": DeviceProfile("laptop-cpu", 0.5e12, 0.20, "4-8 core laptop CPU, fp32 PyTorch, ~0.5 TFLOP/s peak",
+                                16e9),
 }
 
 

@@ -1,5 +1,6 @@
-"""`farflung run FILE`, `demo`, `fidelity FILE`, `algorithms`, `join`, `doctor`: the command line over
-`experiments.run` and the real mode's volunteer commands (`cluster.real.join`, `cluster.real.doctor`)."""
+"""`farflung run FILE`, `demo`, `fidelity FILE`, `estimate`, `algorithms`, `join`, `doctor`: the command line over
+`experiments.run`, `experiments.estimate` and the real mode's volunteer commands (`cluster.real.join`,
+`cluster.real.doctor`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     fid.add_argument("file", help="experiment file (.toml); its arms must run in real mode (see farflung algorithms)")
     fid.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     fid.add_argument("--out", help="folder to create (default results/<experiment>/fidelity-<timestamp>)")
+    from experiments import estimate
+
+    estimate.add_arguments(sub.add_parser("estimate", help="estimate utilisation and time at any scale, no training"))
     algorithms = sub.add_parser("algorithms", help="list every algorithm with its settings, defaults and ranges")
     algorithms.add_argument("--json", action="store_true", help="print the list as JSON")
     from cluster.real import doctor, join
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             return _fidelity(args)
         if args.command == "algorithms":
             return _algorithms(args)
+        if args.command == "estimate":
+            from experiments import estimate
+
+            return estimate.main(args)
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "report":
@@ -77,6 +85,14 @@ def _run(args) -> int:
     from experiments.runner import run
 
     path = DEMO if args.command == "demo" else args.file
+    if args.command == "run":
+        from experiments import estimate
+        from experiments.spec import load_spec
+
+        if load_spec(path, args.overrides).run.mode == "estimate":  # nothing trains: the arms are estimated
+            for arm, row in zip(arms := estimate.load_arms(path, args.overrides), estimate.arm_rows(arms)):
+                print(estimate.describe(arm, row))
+            return 0
     result = run(path, args.overrides, out=args.out, progress=not args.quiet, runtime=args.runtime)
     print_summary(result.summary)
     print(result.run_dir)
@@ -84,7 +100,12 @@ def _run(args) -> int:
 
 
 def _sweep(args) -> int:
+    from experiments.spec import load_spec
     from experiments.sweep import sweep
+
+    if load_spec(args.file, args.overrides).run.mode == "estimate":
+        raise ConfigError("run.mode: a sweep runs its points in mode 'sim' or 'real'; for the estimate at one point "
+                          "use farflung estimate FILE")
 
     try:
         out = sweep(args.file, args.overrides, out=args.out, resume=args.resume, progress=not args.quiet,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.devices import get_device
+from cluster.estimate import EstimateConfig
 from cluster.heterogeneity import speed_factors
 from cluster.network import Network, build_network, regions_table
 from cluster.real.options import ALLREDUCE, SHAPING, check_real_arm
@@ -58,15 +59,12 @@ class RunConfig:
     eval_batches: int = setting(8, "held-out batches per evaluation", low=1, high=10_000)
     target_loss: float | None = setting(None, "held-out loss for the time-to-target figures", low=0.0, high=100.0,
                                         low_open=True)
-    mode: str = setting("sim", "sim: the network modelled on a virtual clock; real: real hivemind peers",
-                        choices=MODES)
+    mode: str = setting("sim", "sim: the network modelled on a virtual clock; real: real hivemind peers; estimate: "
+                        "nothing trains, the cost model extrapolates (farflung estimate)", choices=MODES)
     runtime: str = setting("ray", "where workers run: Ray actors, or objects in this process", choices=RUNTIMES)
     shaping: str = setting("relay", "real mode: how each peer's link is shaped", choices=SHAPING)
 
     def check(self) -> None:
-        if self.mode == "estimate":
-            raise ValueError("mode: 'estimate' is not available in this version of farflung; use mode = 'sim' or "
-                             "'real'")
         if self.mode == "real" and self.runtime == "local":
             raise ValueError("runtime: mode 'real' runs each worker as a Ray actor; set runtime = 'ray' or use "
                              "mode = 'sim'")
@@ -182,13 +180,17 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 
 def parse_spec(raw: dict) -> ExperimentSpec:
-    # [sweep] and [frontier] are for `farflung sweep` (experiments.sweep); a plain run runs the file as written.
-    check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm", "sweep", "frontier"])
+    # [sweep] and [frontier] are for `farflung sweep` (experiments.sweep), [estimate] for `farflung estimate`
+    # (experiments.estimate); a plain run runs the file as written.
+    check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm", "sweep", "frontier",
+                                   "estimate"])
     name = parse_values("", ExperimentSpec, {"name": raw.get("name", "experiment")})["name"]
     model = parse_model(raw.get("model", {}))
     data = parse_settings("data", DataConfig, raw.get("data", {}))
     optim = parse_settings("optim", OptimConfig, raw.get("optim", {}))
     run = parse_settings("run", RunConfig, raw.get("run", {}))
+    if "estimate" in raw:  # read by `farflung estimate`; checked here so that a typo fails in every mode
+        parse_settings("estimate", EstimateConfig, raw["estimate"])
     arms = parse_arms(raw.get("arm"), run.workers, run.seed)
     if run.mode == "real":
         for arm in arms:

@@ -76,7 +76,8 @@ MALFORMED = {
     "tokens-below-one-step": (experiment().replace("tokens = 1280", "tokens = 100"), "run.tokens"),
     "speed-factors-length": (experiment(arm="speed_factors = [1.0, 1.0, 1.0]"), "arm.x.speed_factors"),
     "n-embd-n-head": (experiment(model="n_embd = 30\nn_head = 4"), "model.n_head"),
-    "mode-estimate": (experiment(run='mode = "estimate"'), "run.mode"),
+    "mode": (experiment(run='mode = "dream"'), "run.mode"),
+    "estimate-key": (experiment(top='[estimate]\ndevices = 8\n'), "estimate.devices"),
     "real-needs-ray": (experiment(run='mode = "real"'), "run.runtime"),
     "real-algorithm": (experiment(run='mode = "real"').replace('runtime = "local"', 'runtime = "ray"')
                        .replace('algorithm = "ddp"', 'algorithm = "sparta"'), "arm.x.algorithm"),

@@ -1,0 +1,28 @@
+"""CALIBRATION.md's table is what the estimate computes from experiments/published/calibration.toml."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments import calibration
+from experiments.estimate import estimate_arm
+
+
+def test_calibration_table_is_recomputed_from_its_inputs():
+    assert calibration.document_table() == calibration.table()
+
+
+def test_calibration_has_four_published_figures_each_with_a_source_and_its_assumptions():
+    runs = calibration.load_runs()
+    assert len(runs) >= 4
+    assert all(run["source"] and run["assumed"] for run in runs)
+
+
+def test_intellect1_row_is_the_hand_computed_diloco_cost():
+    (run,) = [r for r in calibration.load_runs() if r["name"] == "INTELLECT-1, three continents"]
+    est = estimate_arm(calibration.arm_of(run))
+    c = 6 * 10e9 * 14680064 / 14 / (8 * 989e12 * 0.40)  # a node's share of a step on 8 H100s at 40 % MFU
+    i = 2 * 7 / 8 * (2 * 10e9) * 8 / 3.6e12 + 2 * 7 * 1e-6  # bf16 gradients over NVLink, every step
+    nbytes = 10**10 + 8 + 1024 + 24  # uint8: a byte a parameter, the codebook, 24 bytes of protobuf framing
+    e = 2 * 13 / 14 * nbytes * 8 / 1e9 + 2 * 13 * 0.1  # ring all-reduce over 14 nodes, 100 ms between two
+    assert est.compute_utilisation == pytest.approx(100 * c / (100 * (c + i) + e), rel=1e-9)
