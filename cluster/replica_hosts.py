@@ -142,10 +142,11 @@ class RayReplicaRuntime:
             n_hosts = min(len(specs), actors or max(1, int(cpus)))
             self.blocks = blocks(len(specs), n_hosts)
             self.placement = [(h, i) for h, block in enumerate(self.blocks) for i in range(len(block))]
+            # New actors start (a process importing torch each) while the corpus is loaded and stored here.
+            self.hosts, self._reusable = self._pool.acquire(n_hosts)
             if corpus is None:
                 corpus = load_corpus(specs[0].data, specs[0].seed)
             corpus_ref = ray.put(corpus)
-            self.hosts, self._reusable = self._pool.acquire(n_hosts)
             ray.get([h.load.remote([specs[w] for w in block], corpus_ref) for h, block in zip(self.hosts, self.blocks)],
                     timeout=ready_timeout_s)  # surfaces construction errors now
         except BaseException:
