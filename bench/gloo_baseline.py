@@ -94,5 +94,5 @@ def run_gloo(n_workers: int, model: str, batch_size: int, steps: int, inner_step
     return {
         "whole_s": whole_s, "startup_s": max(r["ready"] for r in reports) - t0_wall,
         "loop_s": max(r["loop_s"] for r in reports), "peak_rss_bytes": peak.bytes,
-        "final_loss": sum(r["loss"] for r in reports) / n_workers,
+        "peak_pss_bytes": peak.pss_bytes, "final_loss": sum(r["loss"] for r in reports) / n_workers,
     }

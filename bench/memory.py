@@ -1,9 +1,12 @@
-"""What a run holds in memory: sampled resident memory of a process tree, and what one replica should hold.
+"""What a run holds in memory: sampled memory of a process tree, and what one replica should hold.
 
-Resident memory is summed over this process and all its descendants (Ray's daemons and actors when Ray was started
-here, the worker processes of the gloo baseline), sampled in a background thread; shared pages (torch's libraries,
-the corpus in Ray's object store) count once per process that maps them, so the sum overstates the machine's use,
-but the overstatement is the same at every N and cancels in the growth per extra worker.
+Memory is summed over this process and all its descendants (Ray's daemons and actors when Ray was started here, the
+worker processes of the gloo baseline), sampled in a background thread, in two ways. Resident memory (RSS) counts a
+shared page once per process that maps it: torch's libraries, the corpus in Ray's object store, and every exchanged
+tensor, which an actor writes into the store, the store holds and the driver maps, so the RSS sum counts each
+exchanged byte up to three times, and that overstatement grows with the number of workers. The proportional set size
+(PSS) splits each shared page among the processes that map it, so the PSS sum counts each page once: it is the
+figure the growth per extra worker is judged on; the RSS sum is printed beside it.
 """
 
 from __future__ import annotations
@@ -17,41 +20,52 @@ from trainer.model import GPTConfig, count_params
 MB = 1 << 20
 
 
-def tree_rss_bytes(root: psutil.Process | None = None) -> int:
+def tree_memory_bytes(root: psutil.Process | None = None) -> tuple[int, int]:
+    """(RSS, PSS) summed over `root` and its descendants."""
     root = root or psutil.Process()
-    total = 0
+    rss = pss = 0
     for p in [root, *root.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
-        except psutil.Error:  # exited meanwhile
-            pass
-    return total
+            m = p.memory_full_info()
+        except psutil.Error:  # exited meanwhile, or not ours to read
+            continue
+        rss += m.rss
+        pss += getattr(m, "pss", m.rss)  # PSS is Linux's; elsewhere RSS stands in
+    return rss, pss
+
+
+def tree_rss_bytes(root: psutil.Process | None = None) -> int:
+    return tree_memory_bytes(root)[0]
 
 
 class PeakRss:
-    """`with PeakRss() as peak:` ... `peak.bytes`: the largest sum of resident memory seen while inside."""
+    """`with PeakRss() as peak:` ... `peak.bytes`, `peak.pss_bytes`: the largest sums of RSS and of PSS seen inside."""
 
     def __init__(self, interval_s: float = 0.1):
         self.interval_s = interval_s
-        self.bytes = 0
+        self.bytes = self.pss_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    def _take(self) -> None:
+        rss, pss = tree_memory_bytes()
+        self.bytes, self.pss_bytes = max(self.bytes, rss), max(self.pss_bytes, pss)
+
     def _sample(self) -> None:
         while True:
-            self.bytes = max(self.bytes, tree_rss_bytes())
+            self._take()
             if self._stop.wait(self.interval_s):
                 return
 
     def __enter__(self):
-        self.bytes = tree_rss_bytes()
+        self._take()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.bytes = max(self.bytes, tree_rss_bytes())
+        self._take()
 
 
 # float32 copies of the parameter vector each replica keeps, beyond the parameters themselves, by algorithm.

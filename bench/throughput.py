@@ -10,7 +10,8 @@ For each model in --models and each N in --workers it times, side by side in one
 * gloo (--gloo): the usual way, one torch process per worker with gloo collectives (`bench/gloo_baseline.py`).
 
 Ray is started here, before any timing, so its start-up is reported on its own line; the runner does not
-shut down a Ray it did not start, so one Ray serves every run. `--repeat R` runs everything R times in turn and
+shut down a Ray it did not start, so one Ray serves every run; each run starts its own actors (the runner's pool)
+unless --pool holds one pool of hosts across runs, as a sweep does. `--repeat R` runs everything R times in turn and
 reports each figure's median. `--json` prints all figures as one JSON object instead of the tables. Run it from the
 checkout: `python bench/throughput.py` (a few minutes on a 2-core machine with the defaults).
 """
@@ -18,6 +19,7 @@ checkout: `python bench/throughput.py` (a few minutes on a 2-core machine with t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -103,7 +105,7 @@ def run_sim(args, model: str, n_workers: int, arm: dict, layout: str) -> dict:
         steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
         last = [r["loss"] for r in steps if r.get("kind") == "step" and r["step"] == args.steps - 1]
         return {"tokens": spec.total_steps * spec.tokens_per_step, "run_s": run_s, **timing,
-                "peak_rss_bytes": peak.bytes, "final_loss": sum(last) / len(last)}
+                "peak_rss_bytes": peak.bytes, "peak_pss_bytes": peak.pss_bytes, "final_loss": sum(last) / len(last)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -131,7 +133,7 @@ def run_plain(args, model: str, n_workers: int, corpus) -> dict:
             final_loss = loss.item()
         loop_s = time.perf_counter() - t0
     return {"tokens": args.steps * batch * cfg.block_size, "loop_s": loop_s, "final_loss": final_loss,
-            "peak_rss_bytes": peak.bytes}
+            "peak_rss_bytes": peak.bytes, "peak_pss_bytes": peak.pss_bytes}
 
 
 def cpu_name() -> str:
@@ -159,6 +161,9 @@ def parse_args(argv):
     parser.add_argument("--layouts", nargs="+", default=["grouped"], choices=["grouped", "per-worker"],
                         help="how replicas sit on actors: grouped (the runtime) and/or per-worker (one actor each)")
     parser.add_argument("--gloo", action="store_true", help="also time the process-per-worker gloo baseline")
+    parser.add_argument("--pool", action="store_true",
+                        help="hold one pool of replica hosts across all runs, as a sweep does, after one untimed run "
+                             "has started them: start-up is then building the replicas only (grouped layout)")
     parser.add_argument("--repeat", type=int, default=1, help="run everything this many times; report medians")
     parser.add_argument("--eval-batches", type=int, default=1,
                         help="held-out batches per sim evaluation (at step 0 and at the end; default 1)")
@@ -190,22 +195,27 @@ def measure(args) -> dict:
     saved = cluster_runtime.RUNTIMES["ray"]
     cluster_runtime.RUNTIMES["ray"] = _Timed  # the runner looks the class up in this same dict
     rounds: dict[tuple, list[dict]] = {}
+    pool = replica_hosts.HostPool() if args.pool else contextlib.nullcontext()
     try:
-        for r in range(args.repeat):
-            for model in args.models:
-                for n in args.workers:
-                    note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: plain, batch {n * args.batch_size} ...")
-                    rounds.setdefault((model, n, "plain", ""), []).append(run_plain(args, model, n, corpus))
-                    for arm in arms:
-                        if args.gloo:
-                            note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: gloo {arm['name']} ...")
-                            rounds.setdefault((model, n, "gloo", arm["name"]), []).append(
-                                run_gloo(n, model, args.batch_size, args.steps, args.diloco * ("diloco" in arm["name"]),
-                                         args.seed))
-                        for layout in args.layouts:
-                            note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: sim {arm['name']} ({layout}) ...")
-                            rounds.setdefault((model, n, layout, arm["name"]), []).append(
-                                run_sim(args, model, n, arm, layout))
+        with pool:
+            if args.pool:
+                note("starting the pool's hosts (an untimed run) ...")
+                run_sim(args, args.models[0], min(args.workers), arms[0], "grouped")
+            for r in range(args.repeat):
+                for model in args.models:
+                    for n in args.workers:
+                        note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: plain, batch {n * args.batch_size} ...")
+                        rounds.setdefault((model, n, "plain", ""), []).append(run_plain(args, model, n, corpus))
+                        for arm in arms:
+                            if args.gloo:
+                                note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: gloo {arm['name']} ...")
+                                rounds.setdefault((model, n, "gloo", arm["name"]), []).append(
+                                    run_gloo(n, model, args.batch_size, args.steps,
+                                             args.diloco * ("diloco" in arm["name"]), args.seed))
+                            for layout in args.layouts:
+                                note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: sim {arm['name']} ({layout}) ...")
+                                rounds.setdefault((model, n, layout, arm["name"]), []).append(
+                                    run_sim(args, model, n, arm, layout))
         ray_cpus = ray.cluster_resources().get("CPU", 0.0)
     finally:
         cluster_runtime.RUNTIMES["ray"] = saved
@@ -228,12 +238,14 @@ def figures(args, measured: dict) -> dict:
                "whole_ratio": round(m["tokens"] / m["run_s"] / plain_tok_s, 3),
                "loop_ratio": round(m["tokens"] / m["loop_s"] / plain_tok_s, 3),
                "startup_s": round(m["startup_s"], 2), "peak_rss_mb": round(m["peak_rss_bytes"] / MB),
+               "peak_pss_mb": round(m["peak_pss_bytes"] / MB),
                "final_loss": round(m["final_loss"], 4), "plain_final_loss": round(plain["final_loss"], 4)}
         gloo = med.get((model, n, "gloo", arm))
         if gloo:
             row |= {"gloo_whole_ratio": round(m["tokens"] / gloo["whole_s"] / plain_tok_s, 3),
                     "gloo_loop_ratio": round(m["tokens"] / gloo["loop_s"] / plain_tok_s, 3),
                     "gloo_startup_s": round(gloo["startup_s"], 2), "gloo_peak_rss_mb": round(gloo["peak_rss_bytes"] / MB),
+                    "gloo_peak_pss_mb": round(gloo["peak_pss_bytes"] / MB),
                     "vs_gloo_whole": round(gloo["whole_s"] / m["run_s"], 3)}
         rows.append(row)
     growth = []
@@ -244,17 +256,19 @@ def figures(args, measured: dict) -> dict:
             for layout in args.layouts:
                 ns = sorted(n for (mo, n, la, a) in med if (mo, la, a) == (model, layout, arm["name"]))
                 for n1, n2 in zip(ns, ns[1:]):
-                    per = (med[model, n2, layout, arm["name"]]["peak_rss_bytes"]
-                           - med[model, n1, layout, arm["name"]]["peak_rss_bytes"]) / (n2 - n1)
+                    a, b = med[model, n1, layout, arm["name"]], med[model, n2, layout, arm["name"]]
+                    per = (b["peak_pss_bytes"] - a["peak_pss_bytes"]) / (n2 - n1)
+                    per_rss = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (n2 - n1)
                     growth.append({"model": model, "arm": arm["name"], "layout": layout, "from_n": n1, "to_n": n2,
                                    "mb_per_worker": round(per / MB, 2), "formula_mb": round(formula / MB, 2),
-                                   "ratio": round(per / formula, 2)})
+                                   "ratio": round(per / formula, 2), "rss_mb_per_worker": round(per_rss / MB, 2),
+                                   "rss_ratio": round(per_rss / formula, 2)})
     return {
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
                     "ray_cpus": measured["ray_cpus"], "torch": torch.__version__,
                     "python": platform.python_version()},
         "settings": {"models": args.models, "workers": args.workers, "steps": args.steps,
-                     "batch_size": args.batch_size, "diloco": args.diloco, "repeat": args.repeat,
+                     "batch_size": args.batch_size, "diloco": args.diloco, "repeat": args.repeat, "pool": args.pool,
                      "params": {m: count_params(PRESETS[m]) for m in args.models}},
         "load_average": measured["load"], "ray_start_s": round(measured["ray_start_s"], 2),
         "rows": rows, "memory_growth": growth,
@@ -269,20 +283,21 @@ def print_tables(out: dict) -> None:
     print(f"load average (1/5/15 min): {load['start']} at start, {load['end']} at end (this benchmark's own processes "
           "count too)")
     s = out["settings"]
-    print(f"b = {s['batch_size']}, {s['steps']} steps, medians of {s['repeat']} round(s); Ray start-up (not in any "
+    print(f"b = {s['batch_size']}, {s['steps']} steps, medians of {s['repeat']} round(s){'; hosts held in one pool across runs' if s['pool'] else ''}; Ray start-up (not in any "
           f"figure): {out['ray_start_s']} s; plain: torch's default threads; sim and gloo: 1 thread per worker")
     print()
-    cols = ["model", "n", "arm", "layout", "plain_tok_s", "whole_ratio", "loop_ratio", "startup_s", "peak_rss_mb",
-            "gloo_whole_ratio", "gloo_startup_s", "gloo_peak_rss_mb", "vs_gloo_whole"]
+    cols = ["model", "n", "arm", "layout", "plain_tok_s", "whole_ratio", "loop_ratio", "startup_s", "peak_pss_mb",
+            "peak_rss_mb", "gloo_whole_ratio", "gloo_startup_s", "gloo_peak_pss_mb", "vs_gloo_whole"]
     print("  ".join(f"{c:>{max(len(c), 6)}}" for c in cols))
     for row in out["rows"]:
         print("  ".join(f"{row.get(c, '-')!s:>{max(len(c), 6)}}" for c in cols))
     print()
-    print("memory growth per extra worker (peak resident memory, summed over the process tree) vs one replica's "
-          "params + grads + AdamW + strategy copies:")
+    print("memory growth per extra worker (peak PSS summed over the process tree, each page counted once; peak RSS "
+          "sum beside it) vs one replica's params + grads + AdamW + strategy copies:")
     for g in out["memory_growth"]:
         print(f"  {g['model']:<6} {g['arm']:<16} {g['layout']:<10} N {g['from_n']:>3} -> {g['to_n']:<3} "
-              f"{g['mb_per_worker']:>8.2f} MB/worker, formula {g['formula_mb']:.2f} MB, ratio {g['ratio']:.2f}")
+              f"{g['mb_per_worker']:>8.2f} MB/worker, formula {g['formula_mb']:.2f} MB, ratio {g['ratio']:.2f} "
+              f"(RSS: {g['rss_mb_per_worker']:.2f} MB/worker, ratio {g['rss_ratio']:.2f})")
     print()
     print("whole_ratio: tokens / wall time of experiments.run (Ray already up: run folder, actors, evaluations, training, "
           "teardown, report) over plain tok/s at batch N*b; loop_ratio: the same from actors ready to arm finished;")

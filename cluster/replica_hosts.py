@@ -12,14 +12,18 @@ stream of torch's generator, and every average is taken in the driver in worker 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from trainer.data import Corpus, load_corpus
 from trainer.replica import Replica, ReplicaSpec
 
 _LARGE_BYTES = 1 << 16  # arrays at least this large go through the object store once, whoever receives them
+_STORED_BYTES = 100 * 1024  # results this large Ray returns through the object store anyway (its inline limit)
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,24 @@ class _Shared:
     """Stands in an argument list for the `index`-th large value passed to the host beside the list."""
 
     index: int
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Stands in a host's answer for one replica's result, put in the object store as soon as it was made."""
+
+    ref: Any
+
+
+def _array_bytes(value: Any) -> int:
+    """Bytes of the numpy arrays in a result: an array, or a list or dataclass of them (events, requests)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(_array_bytes(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(_array_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
 
 
 class ReplicaHost:
@@ -42,10 +64,15 @@ class ReplicaHost:
         self.replicas = [Replica(spec, corpus) for spec in specs]
 
     def call(self, method: str, local: Sequence[int], args: Sequence[tuple], *shared: Any) -> list[Any]:
+        import ray
+
         results = []
         for i, a in zip(local, args):
             a = tuple(shared[x.index] if isinstance(x, _Shared) else x for x in a)
-            results.append(getattr(self.replicas[i], method)(*a))
+            result = getattr(self.replicas[i], method)(*a)
+            # A large result (an exchanged tensor) goes to the object store now, so that this process holds one
+            # replica's copy at a time rather than its whole block's until the call returns.
+            results.append(_Stored(ray.put(result)) if _array_bytes(result) >= _STORED_BYTES else result)
         return results
 
 
@@ -142,10 +169,11 @@ class RayReplicaRuntime:
             n_hosts = min(len(specs), actors or max(1, int(cpus)))
             self.blocks = blocks(len(specs), n_hosts)
             self.placement = [(h, i) for h, block in enumerate(self.blocks) for i in range(len(block))]
+            # New actors start (a process importing torch each) while the corpus is loaded and stored here.
+            self.hosts, self._reusable = self._pool.acquire(n_hosts)
             if corpus is None:
                 corpus = load_corpus(specs[0].data, specs[0].seed)
             corpus_ref = ray.put(corpus)
-            self.hosts, self._reusable = self._pool.acquire(n_hosts)
             ray.get([h.load.remote([specs[w] for w in block], corpus_ref) for h, block in zip(self.hosts, self.blocks)],
                     timeout=ready_timeout_s)  # surfaces construction errors now
         except BaseException:
@@ -185,7 +213,11 @@ class RayReplicaRuntime:
             answers = dict(zip(hosts, ray.get(futures, timeout=timeout_s)))
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"{method} did not return on every worker within {timeout_s:.0f} s") from None
-        return [answers[h][k] for h, k in order]
+        results = [answers[h][k] for h, k in order]
+        stored = [k for k, r in enumerate(results) if isinstance(r, _Stored)]
+        for k, value in zip(stored, ray.get([results[k].ref for k in stored])):
+            results[k] = value
+        return results
 
     def close(self) -> None:
         import ray

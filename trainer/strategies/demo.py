@@ -32,9 +32,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from hivemind.compression import serialize_torch_tensor
-from hivemind.proto import runtime_pb2
 
+from trainer.compression import tensor_message_nbytes
 from trainer.settings import setting
 from trainer.strategies.base import Exchange, Settings, StepGenerator, Strategy
 
@@ -146,11 +145,7 @@ def message_bytes(transform: BlockDCT, topk: int) -> int:
     """Serialized size of one worker's message: in-tile indices and float32 values of every kept coefficient."""
     n_kept = sum(k * (t.numel // t.tile_numel) for t, k in zip(transform.tensors, transform.kept_per_tile(topk)))
     index_dtype = torch.int16 if max(t.tile_numel for t in transform.tensors) <= 2**15 else torch.int32
-    none = runtime_pb2.CompressionType.NONE
-    return (
-        serialize_torch_tensor(torch.zeros(n_kept, dtype=index_dtype), none).ByteSize()
-        + serialize_torch_tensor(torch.zeros(n_kept, dtype=torch.float32), none).ByteSize()
-    )
+    return tensor_message_nbytes((n_kept,), index_dtype) + tensor_message_nbytes((n_kept,), torch.float32)
 
 
 class DeMo(Strategy):
