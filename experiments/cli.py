@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _interrupt_on_sigterm()
+    if args.command in ("run", "demo", "sweep"):
+        _interrupt_on_sigterm()
     try:
         if args.command == "fidelity":
             return _fidelity(args)
