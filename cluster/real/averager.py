@@ -23,6 +23,7 @@ figures per round for the records. `FaultHook` injects such a round for tests (`
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from hivemind.averaging import DecentralizedAverager
@@ -43,6 +44,9 @@ class RoundReport:
     workers: tuple[int, ...]
     received_fraction: float
     missing_workers: tuple[int, ...]
+    # Seconds from the formed group to the end of the all-reduce (load balancing and transfer); the rest of a `step`
+    # is hivemind's matchmaking (and the call's own overhead).
+    allreduce_s: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -169,10 +173,11 @@ class ExactAverager(FaultHook, DecentralizedAverager):
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         self._last_report = None
+        started = time.perf_counter()
         worker_of = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)  # peer -> its gather
         fraction, missing = self._last_report
         return RoundReport(tuple(worker_of[p] for p in group_info.peer_ids), fraction,
-                           tuple(sorted(worker_of[p] for p in missing)))
+                           tuple(sorted(worker_of[p] for p in missing)), time.perf_counter() - started)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         # hivemind's method with the runner above, copying the averages in instead of adding deltas.

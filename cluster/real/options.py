@@ -16,19 +16,22 @@ from cluster.network import Link, Network
 from trainer.compression import CODECS
 from trainer.strategies import STRATEGIES
 
-SHAPING = ("relay", "none")
+SHAPING = ("relay", "kernel", "none")
 ALLREDUCE = ("hivemind", "gloo")  # what averages a lockstep arm's exchanges
 # A link this fast is "unshaped": the Python relay moves a few hundred MB/s at most, far below it.
 UNSHAPED_BPS = 1e15
 # What the userspace relay itself can be relied on to move on a busy 2-core host, bit/s; bounds the all-reduce time
 # when the configured links are faster than the relay.
 RELAY_FLOOR_BPS = 100e6
+UNSHAPED = Link(uplink_bps=UNSHAPED_BPS, downlink_bps=UNSHAPED_BPS, one_way_latency_s=0.0)
 
 
 @dataclass(frozen=True)
 class RealOptions:
-    """`shaping`: "relay" shapes each peer's access link with a userspace relay; "none" still puts a relay in front of
-    every peer (it is what counts bytes) but at an unlimited rate and no added delay.
+    """`shaping`: "relay" shapes each peer's access link with a userspace relay; "kernel" puts each peer in a network
+    namespace behind a tc-shaped veth pair (`cluster.shaping.fabric`; root, every peer on this machine); "none" shapes
+    nothing. Whatever the backend, a relay in front of every peer counts the bytes; with "kernel" and "none" it runs at
+    an unlimited rate and adds no delay.
     `host`: the address peers listen on and announce: loopback by default (every peer on this machine); "auto" is
     the address of the Ray node each peer runs on (a Ray cluster at RAY_ADDRESS).
     `max_attempts`: averaging rounds tried (all peers together) before the run stops with an error.
@@ -57,10 +60,15 @@ class RealOptions:
             raise ValueError(f"max_attempts: must be at least 1, got {self.max_attempts}")
 
     def link_of(self, network: Network, worker: int) -> Link:
-        """The link a peer's relay is shaped to: its access link, or an unlimited one when shaping is off."""
+        """The link a peer is shaped to (by its relay or by the kernel): its access link, or an unlimited one when
+        shaping is off."""
         if self.shaping == "none":
-            return Link(uplink_bps=UNSHAPED_BPS, downlink_bps=UNSHAPED_BPS, one_way_latency_s=0.0)
+            return UNSHAPED
         return network.links[worker]
+
+    def relay_link(self, link: Link) -> Link:
+        """What a peer's counting relay itself shapes: the peer's link with the relay backend, nothing otherwise."""
+        return link if self.shaping == "relay" else UNSHAPED
 
 
 def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Sequence[int | bool] = (),
@@ -102,9 +110,21 @@ def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Se
     if network.latency_matrix_s is not None or network.region_of is not None:
         raise ValueError("network: the real mode's relays shape each worker's access link only, not a latency matrix "
                          "or regions; give per-worker links, set shaping = 'none', or use mode = 'sim'")
-    if any(link.loss > 0 for link in network.links):
+    if shaping == "kernel":
+        _check_kernel(network)
+    elif any(link.loss > 0 for link in network.links):
         raise ValueError("network.loss: the relay does not drop packets (TCP would turn loss into delay); set "
-                         "loss = 0 for the real mode")
+                         "loss = 0 for the real mode, or run.shaping = 'kernel' where the kernel has netem")
+
+
+def _check_kernel(network: Network) -> None:
+    """Whether this machine can build the arm's links with tc: root, iproute2, and netem for latency/jitter/loss."""
+    from cluster.shaping.fabric import ShapingUnavailable, check_links
+
+    try:
+        check_links(network.links)
+    except ShapingUnavailable as error:
+        raise ValueError(f"shaping: {error}") from None
 
 
 def real_algorithms(real_mode: str | None = None) -> list[str]:
@@ -120,6 +140,9 @@ def describe_shaping(shaping: str) -> str:
                 "(loopback speed)")
     from cluster.shaping import describe
 
+    if shaping == "kernel":
+        return (describe("kernel") + "; all namespaces on one Linux bridge, so a byte from peer i to peer j crosses "
+                "i's uplink then j's downlink; an unshaped relay inside each namespace counts the bytes")
     return (describe("relay") + "; one relay per peer, shaping connections accepted by that peer with its access "
             "link (downlink inbound, uplink outbound, its one-way latency once per direction)")
 
@@ -172,7 +195,7 @@ def averaging_timeouts(network: Network, nbytes: int, options: RealOptions) -> A
     min_matchmaking_s = max(5.0, 2 * request_s)
     # Between two parts from one sender a reducer may wait for every other sender's part on its downlink.
     slowest_bps = min(RELAY_FLOOR_BPS, *(min(l.uplink_bps, l.downlink_bps) for l in network.links)) \
-        if options.shaping == "relay" else RELAY_FLOOR_BPS
+        if options.shaping != "none" else RELAY_FLOOR_BPS
     part_s = n * part_size_bytes(nbytes, n) * 8 / slowest_bps
     return AveragingTimeouts(
         request_timeout_s=request_s,

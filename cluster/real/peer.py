@@ -11,12 +11,18 @@ Wiring of one peer (every address on `options.host`, loopback by default):
     other peers --> relay (announced, shaped to this worker's Link) --> p2pd (DHT + averager) <-- this process
     this p2pd   --> the other peers' relays (dials go from p2pd's own listening port: SO_REUSEPORT)
 
+With kernel shaping (`options.shaping == "kernel"`) the driver has built a network namespace per peer
+(`cluster.shaping.fabric.NamespaceSwitch`) and hands the peer its `NamespacePort`: the relay's thread and the DHT's
+process (so its p2pd) live in that namespace and use its address, and the relay only counts (tc shapes the veth).
+hivemind's processes talk to p2pd over a Unix socket, which crosses namespaces, so nothing else moves.
+
 The class is plain Python; `cluster.real.runtime` wraps it in `ray.remote`. It starts two hivemind processes (the DHT
 with its p2pd, and the averager); `shutdown` stops them and, should any outlive their grace period, kills them by pid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -29,6 +35,7 @@ import torch
 from cluster.network import Link
 from cluster.real.accounting import Address, CountingRelay
 from cluster.real.options import AveragingTimeouts, RealOptions, part_size_bytes
+from cluster.shaping.fabric import NamespacePort, in_namespace
 from cluster.shaping.relay import RelayThread
 from trainer.compression import hivemind_compression
 from trainer.replica import AwaitRequest, ExchangeRequest, Replica, ReplicaSpec, ReportRequest, StepDone
@@ -124,9 +131,10 @@ class RealPeer:
     `RealPeer(...)` builds the replica and starts the relay; `join(initial_peers)` starts the DHT (None: this peer is
     the swarm's first); `start_averaging` starts the averager."""
 
-    def __init__(self, spec: ReplicaSpec, link: Link, options: RealOptions, run_id: str):
+    def __init__(self, spec: ReplicaSpec, link: Link, options: RealOptions, run_id: str,
+                 port: NamespacePort | None = None):
         logging.getLogger("hivemind.averaging.key_manager").addFilter(_Quiet())
-        self.spec, self.options, self.run_id = spec, options, run_id
+        self.spec, self.options, self.run_id, self.port = spec, options, run_id, port
         self.dht = self.averager = self.relay = self.gloo = None
         self._owned: list = []  # the hivemind processes this peer started (psutil handles), for shutdown's last resort
         self._pending: ExchangeRequest | None = None
@@ -138,12 +146,13 @@ class RealPeer:
         self.start_clock()
         try:
             self.replica = Replica(spec)
-            host = self.host = resolve_host(options.host)
-            self._p2p_port = _free_port(host)
+            host = self.host = port.address if port is not None else resolve_host(options.host)
+            with self._in_namespace():
+                self._p2p_port = _free_port(host)
             self.dial_address: Address = (host, self._p2p_port)  # where this p2pd's outgoing connections come from
-            relay = CountingRelay.from_link(link, (host, self._p2p_port), seed=spec.seed * 1009 + spec.worker,
-                                            listen_host=host)
-            self.relay = RelayThread(relay).start()
+            relay = CountingRelay.from_link(options.relay_link(link), (host, self._p2p_port),
+                                            seed=spec.seed * 1009 + spec.worker, listen_host=host)
+            self.relay = RelayThread(relay, namespace=None if port is None else port.namespace).start()
         except BaseException:
             self.shutdown()
             raise
@@ -162,13 +171,18 @@ class RealPeer:
             client_mode=client_mode,
         )
         try:  # started only once it is held here, so that shutdown can stop it even if it fails to come up
-            self.dht.run_in_background(await_ready=True, timeout=self.options.startup_timeout_s)
+            with self._in_namespace():  # the DHT process is forked from this thread, p2pd from it
+                self.dht.run_in_background(await_ready=True, timeout=self.options.startup_timeout_s)
         finally:
             self._owned += _process_tree(self.dht.pid)
         from cluster.real.probe import serve_probe
 
         serve_probe(self.dht)  # `farflung doctor` elsewhere can measure its link to this peer
         return self.visible_maddrs()
+
+    def _in_namespace(self):
+        """This thread in the peer's namespace (kernel shaping) for the body, or nothing happens."""
+        return contextlib.nullcontext() if self.port is None else in_namespace(self.port.namespace)
 
     def visible_maddrs(self) -> list[str]:
         return [str(m) for m in self.dht.get_visible_maddrs()]

@@ -12,11 +12,14 @@ peer 0's DHT comes up first and is the bootstrap, the others join it, every peer
 in the DHT, and only when every peer sees all N listed does training start.
 
 Teardown is unconditional (`cluster.runtime.RayRuntime.close`): each peer's `shutdown` (averager, DHT, p2pd,
-relay), then its actor, then Ray if this driver started it, on success, error or Ctrl-C.
+relay), then its actor, then Ray if this driver started it, on success, error or Ctrl-C. With kernel shaping the
+driver builds every peer's namespace before the peers start (`cluster.shaping.fabric.NamespaceSwitch`) and removes
+them all after the peers have stopped, also on error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import time
@@ -86,13 +89,33 @@ def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[Re
     swarm = strategy.real_mode == "swarm"
     setup = SwarmSetup.of(strategy, specs[0].settings, plan.swarm, plan.n_workers, specs[0].batch_size,
                           plan.codec) if swarm else None
-    peer_cls = SwarmPeer if swarm else RealPeer
     links = [options.link_of(plan.network, w) for w in range(plan.n_workers)]
+    with peer_namespaces(options, links, run_id) as ports:
+        return _run_peers(plan, specs, emit, on_step, options, on_swarm, should_stop, run_id, timeouts, setup, links,
+                          ports)
+
+
+@contextlib.contextmanager
+def peer_namespaces(options: RealOptions, links, run_id: str):
+    """Kernel shaping's namespaces, one per worker (yields their ports), or nothing to build (yields Nones)."""
+    if options.shaping != "kernel":
+        yield [None] * len(links)
+        return
+    from cluster.shaping.fabric import NamespaceSwitch
+
+    with NamespaceSwitch(links, tag=run_id.rsplit("-", 1)[-1]) as switch:
+        yield list(switch.ports)
+
+
+def _run_peers(plan, specs, emit, on_step, options, on_swarm, should_stop, run_id, timeouts, setup, links,
+               ports) -> RealArmResult:
+    swarm = setup is not None
+    peer_cls = SwarmPeer if swarm else RealPeer
     wait_s = options.startup_timeout_s
     # Every actor builds its replica and relay at once; then peer 0's DHT comes up and the others join it.
     # SPREAD: on a Ray cluster the peers go to different nodes, as far-flung peers would be.
-    peers = RayRuntime(specs, peer_cls, [(link, options, run_id) for link in links], ready_timeout_s=wait_s,
-                       max_restarts=0, scheduling_strategy="SPREAD")
+    peers = RayRuntime(specs, peer_cls, [(link, options, run_id, port) for link, port in zip(links, ports)],
+                       ready_timeout_s=wait_s, max_restarts=0, scheduling_strategy="SPREAD")
     try:
         bootstrap = peers.call("join", [(None,)], workers=[0], timeout_s=wait_s)[0]
         peers.call("join", [(bootstrap,)] * (plan.n_workers - 1), workers=range(1, plan.n_workers), timeout_s=wait_s)

@@ -2,8 +2,9 @@
 
 Two backends, chosen by the experiment's `shaping` setting:
 - `relay`: a userspace asyncio TCP proxy in front of each peer (`relay.ShapingRelay`); works on any OS without root.
-- `kernel`: a Linux network namespace per peer behind a tc-shaped veth pair (`kernel.NamespaceLink`); needs root, and
-  netem in the kernel for latency, jitter and loss.
+- `kernel`: a Linux network namespace per peer behind a tc-shaped veth pair (`kernel.NamespaceLink` for one link,
+  `fabric.NamespaceSwitch` for a swarm's peers on one bridge); needs root, and netem in the kernel for latency,
+  jitter and loss.
 
 `verify` moves bytes through a shaped link and compares the wall time with what the link should take, so a run can
 check (and its manifest can record) that the shaping does what it claims.

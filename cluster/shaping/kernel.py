@@ -98,12 +98,17 @@ def netem_available() -> bool:
     return True
 
 
+def tbf_burst_bytes(rate_bps: float) -> int:
+    """What tbf lets an idle link send at once: one relay chunk, or 1 ms at the rate if more (a timer tick's worth)."""
+    return max(_TBF_BURST_BYTES, int(rate_bps / 8 * 1e-3))
+
+
 def _qdiscs(rate_bps: float, latency_s: float, jitter_s: float, loss: float) -> list[list[str]]:
     """tc arguments (after `tc qdisc add dev DEV`) for one end: netem on top when it has work, tbf beneath it."""
     # The queue holds 100 ms of traffic (at least 64 KiB): a host TCP flow then never loses packets at the qdisc (at
     # 12 KiB a 5 Mbit/s flow collapsed to a fifth of its rate), and a bulk flow adds at most ~100 ms of queueing
     # delay for others sharing the link, about what a home router's buffer does.
-    tbf = ["tbf", "rate", f"{rate_bps:.0f}bit", "burst", str(max(_TBF_BURST_BYTES, int(rate_bps / 8 * 1e-3))),
+    tbf = ["tbf", "rate", f"{rate_bps:.0f}bit", "burst", str(tbf_burst_bytes(rate_bps)),
            "limit", str(max(64 * 1024, int(rate_bps / 8 * 0.1)))]
     if not (latency_s or jitter_s or loss):
         return [["root", "handle", "1:", *tbf]]

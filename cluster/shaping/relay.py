@@ -186,19 +186,33 @@ class RelayThread:
     `with RelayThread(ShapingRelay(target, ...)) as relay: connect(relay.address)`; counters are on `relay.relay`.
     """
 
-    def __init__(self, relay: ShapingRelay, timeout_s: float = 10.0):
+    def __init__(self, relay: ShapingRelay, timeout_s: float = 10.0, namespace: str | None = None):
         self.relay = relay
         self.timeout_s = timeout_s  # binding and closing a local socket; anything slower is a bug, not the network
+        self.namespace = namespace  # a network namespace (cluster.shaping.fabric) the relay's sockets live in
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="shaping-relay", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="shaping-relay", daemon=True)
+
+    def _run(self) -> None:
+        if self.namespace is None:
+            self._loop.run_forever()
+            return
+        from cluster.shaping.fabric import in_namespace
+
+        with in_namespace(self.namespace):  # this thread only: every socket the loop opens is in the namespace
+            self._loop.run_forever()
 
     @property
     def address(self) -> tuple[str, int]:
         return self.relay.address
 
     def start(self) -> "RelayThread":
-        self._thread.start()
         try:
+            if self.namespace is not None:
+                from cluster.shaping.fabric import require_namespace
+
+                require_namespace(self.namespace)  # fail here, in one line, not as a timeout waiting on the thread
+            self._thread.start()
             asyncio.run_coroutine_threadsafe(self.relay.start(), self._loop).result(self.timeout_s)
         except BaseException:
             self.stop()
