@@ -54,3 +54,12 @@ class VirtualClock:
         """Book communication that runs in the background, off the workers' critical path."""
         for w in participants:
             self.comm_s[w] += duration_s
+
+    def state_dict(self) -> dict:
+        return {"now_s": list(self.now_s), "compute_s": list(self.compute_s), "comm_s": list(self.comm_s),
+                "idle_s": list(self.idle_s)}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert len(state["now_s"]) == len(self.now_s), "a clock is restored for the workers it was saved with"
+        self.now_s, self.compute_s = list(state["now_s"]), list(state["compute_s"])
+        self.comm_s, self.idle_s = list(state["comm_s"]), list(state["idle_s"])

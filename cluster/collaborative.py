@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cluster.checkpoint import NO_CHECKPOINTS, Checkpoints
 from cluster.driver import ArmPlan, evaluate_consensus
 from cluster.records import Record, StepRecord
 from cluster.sim import ModelledExchanges
@@ -51,8 +52,10 @@ from trainer.strategies.base import EpochAverage
 
 
 class CollaborativeDriver:
-    def __init__(self, workers, plan: ArmPlan, emit: Callable[[Record], None], on_step: Callable[[], None] = lambda: None):
+    def __init__(self, workers, plan: ArmPlan, emit: Callable[[Record], None], on_step: Callable[[], None] = lambda: None,
+                 checkpoints: Checkpoints = NO_CHECKPOINTS):
         self.workers, self.plan, self.emit, self.on_step = workers, plan, emit, on_step
+        self.checkpoints = checkpoints  # every `checkpoints.every` epochs, after the epoch (and its evaluation)
         self.exchanges = ModelledExchanges(plan)
         self.timing = plan.swarm or SwarmTiming()
         self.steps_completed = 0
@@ -68,18 +71,33 @@ class CollaborativeDriver:
         self.samples_done = 0  # averaged into the model so far, over the swarm
         budget = plan.total_steps * plan.tokens_per_step
         eval_tokens = plan.eval_every_steps * plan.tokens_per_step
-        next_eval = eval_tokens
+        self.next_eval = eval_tokens
         epoch_tokens = math.ceil(self.target_batch_size / self.batch) * self.microbatch_tokens
-        self.evaluate(0, tokens=0)
-        epoch = 0
+        epoch = self.checkpoints.restore(self)
+        if epoch == 0:
+            self.evaluate(0, tokens=0)
         while self.tokens < budget:
             # No late microbatch in the last epoch: nothing would ever apply its gradients.
             self.epoch(epoch, allow_late=self.tokens + epoch_tokens < budget, budget=budget)
             epoch += 1
-            if self.tokens >= next_eval or self.tokens >= budget:
+            if self.tokens >= self.next_eval or self.tokens >= budget:
                 self.evaluate(epoch, tokens=self.tokens)
-                while next_eval <= self.tokens:
-                    next_eval += eval_tokens
+                while self.next_eval <= self.tokens:
+                    self.next_eval += eval_tokens
+            if self.tokens < budget and self.checkpoints.due(epoch):
+                self.checkpoints.save(self, epoch)
+
+    def state_dict(self) -> dict:
+        """Between epochs: the swarm's progress, late samples carried into the next epoch, and the clock."""
+        return {"steps_completed": self.steps_completed, "carried": list(self.carried),
+                "microbatches_done": self.microbatches_done, "samples_done": self.samples_done,
+                "next_eval": self.next_eval, "exchanges": self.exchanges.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_completed, self.carried = state["steps_completed"], list(state["carried"])
+        self.microbatches_done, self.samples_done = state["microbatches_done"], state["samples_done"]
+        self.next_eval = state["next_eval"]
+        self.exchanges.load_state_dict(state["exchanges"])
 
     def evaluate(self, step: int, tokens: int) -> None:
         self.emit(evaluate_consensus(self.workers, self.plan.name, step, tokens, self.exchanges.now_s))

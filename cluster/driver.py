@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cluster.checkpoint import NO_CHECKPOINTS, Checkpoints
 from cluster.devices import DeviceProfile
 from cluster.network import Network
 from cluster.records import CommRecord, EvalRecord, Record, StepRecord
@@ -113,18 +114,33 @@ class Exchanges(Protocol):
 
 class LockstepDriver:
     def __init__(self, workers, plan: ArmPlan, exchanges: Exchanges, emit: Callable[[Record], None],
-                 on_step: Callable[[], None] = lambda: None):
+                 on_step: Callable[[], None] = lambda: None, checkpoints: Checkpoints = NO_CHECKPOINTS):
         self.workers, self.plan, self.exchanges, self.emit, self.on_step = workers, plan, exchanges, emit, on_step
+        self.checkpoints = checkpoints
         self.steps_completed = 0
         self.last_params: list[np.ndarray] = []  # every worker's parameters at the last evaluation
 
     def run(self) -> None:
-        plan = self.plan
-        self.evaluate(step=0)
-        for until in eval_points(plan.total_steps, plan.eval_every_steps):
-            self.advance(until, finish=until == plan.total_steps)
-            self.evaluate(until)
+        plan, checkpoints = self.plan, self.checkpoints
+        evals = eval_points(plan.total_steps, plan.eval_every_steps)
+        reached = checkpoints.restore(self)
+        if reached == 0:
+            self.evaluate(step=0)
+        for stop in checkpoints.stops(plan.total_steps, evals, reached):
+            self.advance(stop, finish=stop == plan.total_steps)
+            if stop in evals:
+                self.evaluate(stop)
+            if checkpoints.due(stop, plan.total_steps):
+                checkpoints.save(self, stop)
         self.exchanges.close()
+
+    def state_dict(self) -> dict:
+        """The driver's position and its exchanges' state, at a step boundary (`cluster.checkpoint`)."""
+        return {"steps_completed": self.steps_completed, "exchanges": self.exchanges.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_completed = state["steps_completed"]
+        self.exchanges.load_state_dict(state["exchanges"])
 
     def advance(self, until_step: int, finish: bool) -> None:
         replies: list = [None] * self.plan.n_workers

@@ -9,11 +9,13 @@ for the slowest member of its group; a non-blocking one runs in the background f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from cluster import collectives
 from cluster.clock import VirtualClock
 from cluster.collectives import CollectiveCost, allgather, butterfly_allreduce, butterfly_average, ring_allreduce
 from cluster.driver import ArmPlan, average
@@ -142,6 +144,28 @@ class ModelledExchanges:
     def close(self) -> None:
         assert not self.in_flight, f"exchanges never awaited: {sorted(self.in_flight)}"
 
+    def state_dict(self) -> dict:
+        """Everything that books the rest of the arm's time: clocks, busy links, the round counter, the jitter
+        stream and the exchanges in flight (their averages included). Plain values and tensors only, so a
+        checkpoint loads with `torch.load(weights_only=True)`."""
+        assert self.exact, "only an arm that trains is checkpointed; a re-timed one is replayed whole"
+        flights = list({id(f): f for f in self.in_flight.values()}.values())  # one per group, shared by its members
+        index = {id(f): i for i, f in enumerate(flights)}
+        return {
+            "clock": self.clock.state_dict(), "round": self.round, "step_compute_s": list(self.step_compute_s),
+            "link_free_s": list(self.link_free_s), "jitter_rng": self.jitter_rng.bit_generator.state,
+            "flights": [_flight_state(f) for f in flights],
+            "in_flight": [(payload, w, index[id(f)]) for (payload, w), f in self.in_flight.items()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clock.load_state_dict(state["clock"])
+        self.round = state["round"]
+        self.step_compute_s, self.link_free_s = list(state["step_compute_s"]), list(state["link_free_s"])
+        self.jitter_rng.bit_generator.state = state["jitter_rng"]
+        flights = [_flight_from(f) for f in state["flights"]]
+        self.in_flight = {(payload, w): flights[i] for payload, w, i in state["in_flight"]}
+
     def reduce(self, group: tuple[int, ...], requests: list[ExchangeRequest], index: int = 0) -> Reduced:
         """Carry out one group's exchange exactly: the average every member receives, and its cost on the links."""
         plan, first = self.plan, requests[0]
@@ -179,3 +203,20 @@ class ModelledExchanges:
                 reduced = transmit(torch.from_numpy(average(tensors, weights)), plan.codec).tensor.numpy()
         return Reduced(reduced, cost, collective, group, index, first.payload, nbytes,
                        max(r.raw_nbytes for r in requests), first.blocking)
+
+
+def _flight_state(flight: _InFlight) -> dict:
+    reduced = {f.name: getattr(flight.reduced, f.name) for f in dataclasses.fields(flight.reduced)}
+    result = reduced["result"]
+    reduced["result"] = None if result is None else torch.from_numpy(np.array(result, dtype=np.float32))
+    reduced["cost"] = {"type": type(flight.reduced.cost).__name__, **dataclasses.asdict(flight.reduced.cost)}
+    return {"reduced": reduced, "round": flight.round, "step": flight.step, "end_s": flight.end_s,
+            "waits": dict(flight.waits)}
+
+
+def _flight_from(state: dict) -> _InFlight:
+    reduced = dict(state["reduced"])
+    cost = dict(reduced["cost"])
+    reduced["cost"] = getattr(collectives, cost.pop("type"))(**cost)
+    reduced["result"] = None if reduced["result"] is None else reduced["result"].numpy()
+    return _InFlight(Reduced(**reduced), state["round"], state["step"], state["end_s"], dict(state["waits"]))

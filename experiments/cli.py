@@ -18,7 +18,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="farflung", description="Far-flung training testbed.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every arm of an experiment file")
-    run.add_argument("file", help="experiment file (.toml)")
+    run.add_argument("file", nargs="?", help="experiment file (.toml)")
+    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint (DIR: the "
+                     "folder given to --out, or its .NAME.incomplete folder); no FILE, --set or --out with it")
     demo = sub.add_parser("demo", help="run experiments/demo.toml")
     sw = sub.add_parser("sweep", help="run an experiment over the grid of its [sweep] table")
     sw.add_argument("file", help="experiment file (.toml) with a [sweep] table")
@@ -49,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("run", "demo", "sweep"):
+        _interrupt_on_sigterm()
     try:
         if args.command == "fidelity":
             return _fidelity(args)
@@ -76,14 +80,42 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"farflung: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("farflung: interrupted; nothing was completed (a run folder is renamed only once whole)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        hint = getattr(e, "hint", "interrupted; nothing was completed (a run folder is renamed only once whole)")
+        print(f"farflung: {hint}", file=sys.stderr)
+        return 143 if getattr(e, "terminated", False) else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: every process the run started is stopped and what it finished is kept."""
+
+    terminated = True
+
+
+def _interrupt_on_sigterm() -> None:
+    import signal
+    import threading
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def _run(args) -> int:
-    from experiments.runner import run
+    from experiments.runner import resume, run
 
+    if args.command == "run" and args.resume is not None:
+        given = [flag for flag, value in (("FILE", args.file), ("--set", args.overrides), ("--out", args.out)) if value]
+        if given:
+            raise ConfigError(f"--resume: the run's own config.toml says what it runs; drop {', '.join(given)}")
+        result = resume(args.resume, progress=not args.quiet, runtime=args.runtime)
+        print_summary(result.summary)
+        print(result.run_dir)
+        return 0
+    if args.command == "run" and args.file is None:
+        raise ConfigError("run: give an experiment FILE, or --resume DIR to continue an interrupted run")
     path = DEMO if args.command == "demo" else args.file
     if args.command == "run":
         from experiments import estimate

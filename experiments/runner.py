@@ -1,7 +1,9 @@
 """Runs every arm of an experiment and leaves a complete run folder, or none that claims to be.
 
 The folder is written under a hidden `.NAME.incomplete` name and renamed only when everything in
-it is written, so a crash or Ctrl-C never leaves something that looks like a finished run.
+it is written, so a crash or Ctrl-C never leaves something that looks like a finished run. Until
+then it holds the finished arms and, with `run.checkpoint_every`, the latest checkpoint of the arm
+under way, from which `resume` continues (`experiments.checkpoint`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +22,7 @@ from typing import NamedTuple
 
 import tomli_w
 
+from cluster.checkpoint import NO_CHECKPOINTS, Checkpoints
 from cluster.collaborative import CollaborativeDriver
 from cluster.devices import get_device
 from cluster.driver import ArmPlan, LockstepDriver
@@ -27,8 +31,10 @@ from cluster.replica_hosts import HostPool
 from cluster.retime import record, retime
 from cluster.runtime import RUNTIMES, start_ray
 from cluster.sim import ModelledExchanges
+from experiments.checkpoint import (ArmCheckpoints, MetricsLog, RunCheckpoints, find_incomplete, incomplete_dir,
+                                    write_atomic)
 from experiments.fields import ConfigError
-from experiments.manifest import build_manifest
+from experiments.manifest import build_manifest, git_state
 from experiments.report import write_report
 from experiments.spec import ArmConfig, ExperimentSpec, load_spec, resolved_config
 from experiments.summary import summarize
@@ -42,6 +48,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class RunResult(NamedTuple):
     run_dir: Path
     summary: dict
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run; `hint` says what was kept and how to continue."""
+
+    def __init__(self, hint: str, terminated: bool = False):
+        super().__init__(hint)
+        self.hint, self.terminated = hint, terminated
 
 
 def run(
@@ -69,25 +83,93 @@ def run(
     run_dir = choose_run_dir(spec, out)
     corpus = load_corpus(spec.data, spec.run.seed)  # fails early, before any worker starts, on bad data
     check_corpus(spec, corpus)
-    work_dir = run_dir.parent / f".{run_dir.name}.incomplete"
+    work_dir = incomplete_dir(run_dir)
     if work_dir.exists():
+        # A sweep runs an interrupted point again whole; anything else may be resumed, so it is never thrown away.
+        if traces is None and (work_dir / "config.toml").is_file():
+            raise ConfigError(f"--out: {run_dir} has an interrupted run in {work_dir.name}; continue it with "
+                              f"farflung run --resume {run_dir}, or delete {work_dir} to start again")
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
 
     config_text = tomli_w.dumps(resolved_config(spec))
-    (work_dir / "config.toml").write_text(config_text)
     manifest = build_manifest(spec, corpus, runtime_name, PROJECT_ROOT)
     if spec.run.mode == "real":
         from cluster.real import describe_shaping
 
         manifest["shaping_backend"] = describe_shaping(spec.run.shaping)
         manifest["runtime"] = runtime_name = "ray"
-    records = _run_arms(spec, runtime_name, work_dir / "metrics.jsonl", manifest, progress, corpus, traces)
+    write_atomic(work_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_atomic(work_dir / "config.toml", config_text)  # last: it makes the folder one that can be resumed
+    return _complete(spec, runtime_name, run_dir, work_dir, manifest, config_text, progress, corpus, traces)
+
+
+def resume(folder: str | Path, progress: bool = False, runtime: str | None = None) -> RunResult:
+    """Continue an interrupted run from its last checkpoint (`folder`: its --out folder or its incomplete folder).
+
+    In the simulator the result equals, bit for bit, that of a run never interrupted: finished arms are kept, the
+    arm under way continues from its latest checkpoint (from its start without one), the rest run as usual."""
+    work_dir, run_dir = find_incomplete(folder)
+    spec = load_spec(work_dir / "config.toml")
+    config_text = (work_dir / "config.toml").read_text()
+    corpus = load_corpus(spec.data, spec.run.seed)
+    manifest_path = work_dir / "manifest.json"
+    manifest = (json.loads(manifest_path.read_text()) if manifest_path.is_file()
+                else build_manifest(spec, corpus, runtime or spec.run.runtime, PROJECT_ROOT))
+    runtime_name = runtime or manifest["runtime"]
+    if runtime_name not in RUNTIMES or (spec.run.mode == "real" and runtime_name != "ray"):
+        raise ConfigError(f"--runtime: must be one of {', '.join(RUNTIMES)} (ray in real mode), got {runtime_name!r}")
+    positions = RunCheckpoints(work_dir).position([a.name for a in spec.arms])
+    print(f"farflung: resuming {run_dir}: " + "; ".join(_resume_plan(spec, positions)), file=sys.stderr, flush=True)
+    manifest.setdefault("resumed", []).append({
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime": runtime_name, "git": git_state(PROJECT_ROOT),
+        "from": {a.name: "done" if p["done"] else p["step"] for a, p in zip(spec.arms, positions)}})
+    write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return _complete(spec, runtime_name, run_dir, work_dir, manifest, config_text, progress, corpus, None)
+
+
+def _resume_plan(spec: ExperimentSpec, positions: list[dict]) -> list[str]:
+    """What a resume does with each arm, in words."""
+    plan = []
+    for arm, p in zip(spec.arms, positions):
+        unit = "epoch" if STRATEGIES[arm.algorithm].schedule == "collaborative" else "step"
+        if p["done"]:
+            plan.append(f"{arm.name} complete")
+        elif spec.run.mode == "real" and p["records"] == 0:
+            plan.append(f"{arm.name} on real peers from step 0 (real peers' state is not checkpointed)")
+        elif p["step"]:
+            plan.append(f"{arm.name} from its checkpoint at {unit} {p['step']}")
+        else:
+            plan.append(f"{arm.name} from {unit} 0")
+    return plan
+
+
+def _complete(spec: ExperimentSpec, runtime_name: str, run_dir: Path, work_dir: Path, manifest: dict,
+              config_text: str, progress: bool, corpus: Corpus, traces: dict | None) -> RunResult:
+    """Run what is left of the arms in `work_dir`, write the results and rename it to `run_dir`."""
+    try:
+        records = _run_arms(spec, runtime_name, work_dir, manifest, progress, corpus, traces)
+    except (KeyboardInterrupt, SystemExit) as e:
+        # ray.init makes SIGTERM exit with status 15 (SIGTERM's number); the CLI's handler raises KeyboardInterrupt.
+        if isinstance(e, SystemExit) and e.code != signal.SIGTERM:
+            raise
+        terminated = isinstance(e, SystemExit) or getattr(e, "terminated", False)
+        raise RunInterrupted(_interrupted_hint(spec, run_dir, work_dir), terminated) from None
     summary = _write_results(spec, work_dir, records, manifest, config_text)
     if run_dir.is_dir():
         run_dir.rmdir()  # an empty --out folder, checked at the start
     work_dir.rename(run_dir)
+    # Only now: until the rename, a kill leaves the folder resumable. A kill here leaves a finished run with them.
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return RunResult(run_dir, summary)
+
+
+def _interrupted_hint(spec: ExperimentSpec, run_dir: Path, work_dir: Path) -> str:
+    positions = RunCheckpoints(work_dir).position([a.name for a in spec.arms])
+    kept = [f"{a.name} complete" if p["done"] else f"{a.name} to step {p['step']}"
+            for a, p in zip(spec.arms, positions) if p["done"] or p["step"]]
+    return (f"interrupted; kept in {work_dir}: {', '.join(kept) or 'no checkpoint yet'}; continue with "
+            f"farflung run --resume {run_dir}")
 
 
 def check_corpus(spec: ExperimentSpec, corpus: Corpus) -> None:
@@ -112,6 +194,7 @@ class ArmJob:
     manifest: dict
     corpus: Corpus | None = None  # loaded once for every arm; the simulator's replicas share it
     traces: dict | None = None  # a sweep's recorded lockstep arms, by training configuration
+    checkpoints: Checkpoints = NO_CHECKPOINTS  # where a simulated arm saves its state and resumes from
 
 
 def _simulate_lockstep(job: ArmJob) -> None:
@@ -126,7 +209,7 @@ def _simulate_lockstep(job: ArmJob) -> None:
             job.traces[key] = record(workers, plan, job.emit, job.on_step)
         return
     with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
-        LockstepDriver(workers, plan, ModelledExchanges(plan), job.emit, job.on_step).run()
+        LockstepDriver(workers, plan, ModelledExchanges(plan), job.emit, job.on_step, job.checkpoints).run()
 
 
 def training_key(spec: ExperimentSpec, arm: ArmConfig) -> str:
@@ -135,13 +218,14 @@ def training_key(spec: ExperimentSpec, arm: ArmConfig) -> str:
     config = resolved_config(spec)
     (table,) = [a for a in config["arm"] if a["name"] == arm.name]
     clockless = {k: v for k, v in table.items() if k not in ("name", "baseline", "network", "device", "speed_factors")}
-    whole = {k: config[k] for k in ("model", "data", "optim")} | {"run": config["run"], "arm": clockless}
+    run = {k: v for k, v in config["run"].items() if k != "checkpoint_every"}  # saving state changes no number
+    whole = {k: config[k] for k in ("model", "data", "optim")} | {"run": run, "arm": clockless}
     return json.dumps(whole, sort_keys=True)
 
 
 def _simulate_collaborative(job: ArmJob) -> None:
     with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
-        CollaborativeDriver(workers, arm_plan(job.spec, job.arm), job.emit, job.on_step).run()
+        CollaborativeDriver(workers, arm_plan(job.spec, job.arm), job.emit, job.on_step, job.checkpoints).run()
 
 
 def _real_peers(job: ArmJob) -> None:
@@ -172,28 +256,43 @@ def driver_for(mode: str, algorithm: str) -> Callable[[ArmJob], None]:
     return DRIVERS[(mode, strategy.schedule if mode == "sim" else strategy.real_mode)]
 
 
-def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manifest: dict, progress: bool,
+def _run_arms(spec: ExperimentSpec, runtime_name: str, work_dir: Path, manifest: dict, progress: bool,
               corpus: Corpus | None = None, traces: dict | None = None) -> list[Record]:
-    """Run every arm in turn, writing each record to `metrics_path` as it comes; returns them all."""
-    records: list[Record] = []
+    """Run every arm in turn that `work_dir` does not hold finished, writing each record to its metrics.jsonl as it
+    comes; returns them all (those of the finished arms and checkpoints first)."""
+    saved = RunCheckpoints(work_dir)
+    names = [a.name for a in spec.arms]
+    positions = saved.position(names)
+    records: list[Record] = saved.keep_records(names, positions)
+    # A sweep's trace is recorded from an arm's first step: an arm that records or replays one never stops early.
+    every = spec.run.checkpoint_every if traces is None and spec.run.mode == "sim" else 0
     bar = _progress_bar(spec, progress)
     wall: dict[str, float] = {}
     started_ray = runtime_name == "ray" and start_ray()
     # The simulator's actors serve arm after arm, so a run starts its processes once (unless a caller holds a pool).
     pooled = runtime_name == "ray" and spec.run.mode == "sim" and HostPool.current() is None
     try:
-        with open(metrics_path, "w") as metrics, HostPool() if pooled else contextlib.nullcontext():
+        counts = {name: p["records"] for name, p in zip(names, positions)}
+        with (MetricsLog(work_dir / "metrics.jsonl", counts) as metrics,
+              HostPool() if pooled else contextlib.nullcontext()):
 
             def emit(record: Record) -> None:
                 records.append(record)
-                metrics.write(json.dumps(record.to_json()) + "\n")
+                metrics.write(record)
 
-            for arm in spec.arms:
+            for index, arm in enumerate(spec.arms):
+                if positions[index]["done"]:
+                    wall[arm.name] = positions[index]["wall_s"]
+                    bar.update(spec.total_steps)
+                    continue
                 bar.set_description(arm.name)
-                t0 = time.perf_counter()
-                job = ArmJob(spec, arm, runtime_name, emit, lambda: bar.update(1), manifest, corpus, traces)
+                checkpoints = ArmCheckpoints(saved, index, arm.name, metrics, every, positions[index]["wall_s"])
+                job = ArmJob(spec, arm, runtime_name, emit, lambda: bar.update(1), manifest, corpus, traces,
+                             checkpoints)
                 driver_for(spec.run.mode, arm.algorithm)(job)
-                wall[arm.name] = round(time.perf_counter() - t0, 3)
+                wall[arm.name] = round(checkpoints.wall_s, 3)
+                metrics.sync()
+                saved.mark_done(index, arm.name, metrics.counts.get(arm.name, 0), wall[arm.name])
     finally:
         bar.close()
         if started_ray:
@@ -214,8 +313,8 @@ def _write_results(spec: ExperimentSpec, work_dir: Path, records: list[Record], 
     ]
     summary = summarize(records, arms, spec.baseline.name, spec.run.target_loss)
     summary = {"experiment": spec.name, "seed": spec.run.seed, **summary}
-    (work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (work_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(work_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(work_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     write_report(work_dir, records, summary, config_text, manifest, title=f"farflung: {spec.name}")
     return summary
 

@@ -63,6 +63,11 @@ class RunConfig:
                         "nothing trains, the cost model extrapolates (farflung estimate)", choices=MODES)
     runtime: str = setting("ray", "where workers run: Ray actors, or objects in this process", choices=RUNTIMES)
     shaping: str = setting("relay", "real mode: how each peer's link is shaped", choices=SHAPING)
+    # Off by default: a checkpoint writes every replica's parameters and optimizer state, which for a big model or
+    # many workers costs disk and time that a short run does not need. Finished arms are kept either way.
+    checkpoint_every: int = setting(0, "simulator: steps (a collaborative arm's epochs) between the checkpoints "
+                                    "`farflung run --resume` continues from; 0: none, only finished arms are kept",
+                                    low=0)
 
     def check(self) -> None:
         if self.mode == "real" and self.runtime == "local":

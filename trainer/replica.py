@@ -291,3 +291,27 @@ class Replica:
         model.eval()
         losses = [model(x, y)[1].item() for x, y in self._heldout]
         return float(np.mean(losses))
+
+    def state_dict(self) -> dict:
+        """Everything this replica carries into its next step: parameters, inner optimizer, data sampler, its
+        stream of torch's generator, progress, top-k error feedback and the strategy's own state. Only between
+        steps (a checkpoint's boundary), when no strategy generator is part-way through a step. The tensors are
+        this replica's own: save them before it trains on."""
+        p = self._progress
+        assert p.pending is None, "a replica is checkpointed between steps, never inside one"
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(), "rng": self._rng_state.clone(),
+            "progress": {"step": p.step, "finished": p.finished, "flops": p.flops},
+            "residuals": dict(self._residuals), "strategy": self.strategy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s state, on a replica built from the same spec."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self._rng_state = state["rng"].clone()
+        self._progress = _Progress(**state["progress"])
+        self._residuals = {payload: r.clone() for payload, r in state["residuals"].items()}
+        self.strategy.load_state_dict(state["strategy"])

@@ -152,6 +152,17 @@ class Strategy:
         """
         return True
 
+    def state_dict(self) -> dict:
+        """What this strategy carries from one step to the next (shared copies, outer optimizers, exchanges in
+        flight, counters), as tensors and plain values; taken between steps, never inside one. The replica's
+        model, inner optimizer, sampler and random stream are the replica's own. A strategy with such state
+        overrides both methods; the checkpoint test (tests/cluster/test_checkpoint.py) holds every one to a
+        resumed run that equals an uninterrupted one."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert not state, f"{self.name} keeps no state between steps, but was given {sorted(state)}"
+
     def train_step(self, step: int) -> StepGenerator:
         """One optimisation step on this worker; returns the training loss of its batch."""
         raise NotImplementedError

@@ -63,6 +63,15 @@ class Collaborative(Strategy):
         self.samples = 0
         self.carried_losses: list[float] = []
 
+    def state_dict(self) -> dict:
+        # A late microbatch of the epoch just closed is already in `accumulated`, its loss in `carried_losses`.
+        return {"accumulated": self.accumulated.clone(), "samples": self.samples,
+                "carried_losses": list(self.carried_losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accumulated = state["accumulated"].clone()
+        self.samples, self.carried_losses = state["samples"], list(state["carried_losses"])
+
     def averages_state_after(self, epoch: int) -> bool:
         """hivemind.Optimizer averages the state when the epoch it moves to is a multiple of average_state_every,
         and only with someone to average with."""

@@ -34,6 +34,12 @@ class DelayedDDP(Strategy):
         super().__init__(settings, replica)
         self.in_flight_step: int | None = None  # the step whose gradients are being averaged
 
+    def state_dict(self) -> dict:
+        return {"in_flight_step": self.in_flight_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.in_flight_step = state["in_flight_step"]
+
     def train_step(self, step: int) -> StepGenerator:
         replica = self.replica
         loss = replica.forward_backward()

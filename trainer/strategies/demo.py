@@ -170,6 +170,12 @@ class DeMo(Strategy):
         self.decays = torch.cat([torch.full((p.numel(),), p.dim() >= 2) for p in parameters])
         self.nbytes = message_bytes(self.transform, settings.topk)
 
+    def state_dict(self) -> dict:
+        return {"momentum": self.momentum.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.momentum = state["momentum"].clone()
+
     def train_step(self, step: int) -> StepGenerator:
         replica, settings, optim = self.replica, self.settings, self.replica.spec.optim
         loss = replica.forward_backward()

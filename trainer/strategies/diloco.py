@@ -38,6 +38,15 @@ class DiLoCo(Strategy):
         self.shared = replica.flat_params().clone()
         self.steps_since_sync = 0
 
+    def state_dict(self) -> dict:
+        return {"shared": self.shared.clone(), "outer_optimizer": self.outer_optimizer.state_dict(),
+                "steps_since_sync": self.steps_since_sync}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shared = state["shared"].clone()
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self.steps_since_sync = state["steps_since_sync"]
+
     def train_step(self, step: int) -> StepGenerator:
         loss = self.replica.forward_backward()
         self.replica.optimizer_step(step)

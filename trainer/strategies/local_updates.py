@@ -63,6 +63,13 @@ class LocalUpdates(Strategy):
         self.sent: torch.Tensor | None = None  # parameters of the round in flight (delayed averaging)
         self.diverged = False  # whether replicas may differ since their last exact average
 
+    def state_dict(self) -> dict:
+        return {"sent": None if self.sent is None else self.sent.clone(), "diverged": self.diverged}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sent = None if state["sent"] is None else state["sent"].clone()
+        self.diverged = state["diverged"]
+
     def train_step(self, step: int) -> StepGenerator:
         replica = self.replica
         loss = replica.forward_backward()

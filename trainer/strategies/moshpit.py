@@ -138,6 +138,12 @@ class Moshpit(Strategy):
             return moshpit_groups(spec.n_workers, s.target_group_size, round_index)
         return random_groups(spec.n_workers, s.target_group_size, round_index, spec.seed)
 
+    def state_dict(self) -> dict:
+        return {"averaging_round": self.averaging_round}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averaging_round = state["averaging_round"]
+
     def train_step(self, step: int) -> StepGenerator:
         loss = self.replica.forward_backward()
         self.replica.optimizer_step(step)

@@ -59,6 +59,12 @@ class SPARTA(Strategy):
         self.k = selected_count(settings.fraction, self.n_params)
         self.diverged = False  # whether replicas may differ since the last full average
 
+    def state_dict(self) -> dict:
+        return {"diverged": self.diverged}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.diverged = state["diverged"]
+
     def train_step(self, step: int) -> StepGenerator:
         replica = self.replica
         loss = replica.forward_backward()

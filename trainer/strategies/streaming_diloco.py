@@ -94,6 +94,19 @@ class StreamingDiLoCo(Strategy):
         self.sent_at: dict[int, int] = {}  # fragment -> step after which its exchange started
         self.diverged = [False] * settings.fragments  # whether a fragment may differ across replicas
 
+    def state_dict(self) -> dict:
+        return {"shared": [s.detach().clone() for s in self.shared],
+                "outer_optimizers": [o.state_dict() for o in self.outer_optimizers],
+                "sent_at": dict(self.sent_at), "diverged": list(self.diverged)}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for shared, saved in zip(self.shared, state["shared"], strict=True):
+                shared.copy_(saved)
+        for optimizer, saved in zip(self.outer_optimizers, state["outer_optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        self.sent_at, self.diverged = dict(state["sent_at"]), list(state["diverged"])
+
     def offset(self, p: int) -> int:
         return p * self.settings.inner_steps // self.settings.fragments
 
