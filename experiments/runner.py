@@ -11,14 +11,17 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import tomli_w
 
+from cluster.arm_scheduler import ArmScheduler, TraceClaims
 from cluster.collaborative import CollaborativeDriver
 from cluster.devices import get_device
 from cluster.driver import ArmPlan, LockstepDriver
@@ -101,21 +104,56 @@ class ArmJob:
     manifest: dict
     corpus: Corpus | None = None  # loaded once for every arm; the simulator's replicas share it
     traces: dict | None = None  # a sweep's recorded lockstep arms, by training configuration
+    scheduler: ArmScheduler | None = None  # arms side by side: where a training arm gets its slot of CPUs
+    placement: dict = field(default_factory=dict)  # where and when the arm trained, filled by the scheduler
+
+    @property
+    def owner(self) -> tuple:
+        return (id(self.spec), self.arm.name)
 
 
-def _simulate_lockstep(job: ArmJob) -> None:
+@contextlib.contextmanager
+def _workers(job: ArmJob):
+    """The arm's replicas: on a slot of its own when arms run side by side, otherwise as the runtime places them."""
+    specs = replica_specs(job.spec, job.arm)
+    if job.scheduler is None:
+        with RUNTIMES[job.runtime](specs, corpus=job.corpus) as workers:
+            yield workers
+        return
+    import ray
+
+    with job.scheduler.slot(job.placement) as slot:
+        # `actors` only where the slot is smaller than what the runtime takes by itself (a CPU per worker, up to
+        # the cluster's), so that a runtime class wrapped by a caller (a benchmark) keeps its (specs, corpus) call.
+        fits = min(len(specs), int(ray.cluster_resources().get("CPU", 1)))
+        extra = {"actors": slot.cpus} if slot.cpus < fits else {}
+        with RUNTIMES[job.runtime](specs, corpus=job.corpus, **extra) as workers:
+            yield workers
+
+
+def _simulate_lockstep(job: ArmJob) -> bool:
     plan = arm_plan(job.spec, job.arm)
     if job.traces is not None and STRATEGIES[job.arm.algorithm].retimable:
         key = training_key(job.spec, job.arm)
-        if key in job.traces:
+        claim = job.scheduler.claims.claim(job.traces, key, job.owner) if job.scheduler else None
+        mine = claim is not None and claim.owner == job.owner
+        if claim is not None and not mine:
+            job.scheduler.claims.wait(claim)  # an earlier arm trains this configuration
+        if key in job.traces and not mine:
             retime(job.traces[key], plan, job.emit, job.on_step)
-            job.manifest.setdefault("retimed", []).append(job.arm.name)
-            return
-        with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
-            job.traces[key] = record(workers, plan, job.emit, job.on_step)
-        return
-    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
+            return True
+        recorded = False
+        try:
+            with _workers(job) as workers:
+                job.traces[key] = record(workers, plan, job.emit, job.on_step)
+            recorded = True
+        finally:
+            if claim is not None:
+                TraceClaims.settle(claim, recorded)
+        return False
+    with _workers(job) as workers:
         LockstepDriver(workers, plan, ModelledExchanges(plan), job.emit, job.on_step).run()
+    return False
 
 
 def training_key(spec: ExperimentSpec, arm: ArmConfig) -> str:
@@ -128,12 +166,20 @@ def training_key(spec: ExperimentSpec, arm: ArmConfig) -> str:
     return json.dumps(whole, sort_keys=True)
 
 
-def _simulate_collaborative(job: ArmJob) -> None:
-    with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
+def claim_traces(scheduler: ArmScheduler, spec: ExperimentSpec, traces: dict) -> None:
+    """Decide, in arm order, which of the spec's arms train a configuration not yet traced (see `TraceClaims`)."""
+    for arm in spec.arms:
+        if spec.run.mode == "sim" and STRATEGIES[arm.algorithm].retimable:
+            scheduler.claims.claim(traces, training_key(spec, arm), (id(spec), arm.name))
+
+
+def _simulate_collaborative(job: ArmJob) -> bool:
+    with _workers(job) as workers:
         CollaborativeDriver(workers, arm_plan(job.spec, job.arm), job.emit, job.on_step).run()
+    return False
 
 
-def _real_peers(job: ArmJob) -> None:
+def _real_peers(job: ArmJob) -> bool:
     """Real hivemind peers; `run_real_arm` drives them in lockstep or as a swarm, as the strategy runs on real peers."""
     from cluster.real import RealOptions, run_real_arm
 
@@ -144,11 +190,13 @@ def _real_peers(job: ArmJob) -> None:
                             host="auto" if os.environ.get("RAY_ADDRESS") else "127.0.0.1"),
         on_swarm=lambda s: _announce_swarm(job.manifest, job.arm.name, s),
     )
+    return False
 
 
 # The driver of an arm, by mode and by how the strategy runs there: its `schedule` in the simulator, its `real_mode`
-# on real peers (where local-updates runs as a hivemind.Optimizer swarm, not in lockstep).
-DRIVERS: dict[tuple[str, str], Callable[[ArmJob], None]] = {
+# on real peers (where local-updates runs as a hivemind.Optimizer swarm, not in lockstep). Each returns whether the
+# arm was re-timed from a trace rather than trained.
+DRIVERS: dict[tuple[str, str], Callable[[ArmJob], bool]] = {
     ("sim", "lockstep"): _simulate_lockstep,
     ("sim", "collaborative"): _simulate_collaborative,
     ("real", "lockstep"): _real_peers,
@@ -156,41 +204,102 @@ DRIVERS: dict[tuple[str, str], Callable[[ArmJob], None]] = {
 }
 
 
-def driver_for(mode: str, algorithm: str) -> Callable[[ArmJob], None]:
+def driver_for(mode: str, algorithm: str) -> Callable[[ArmJob], bool]:
     strategy = STRATEGIES[algorithm]
     return DRIVERS[(mode, strategy.schedule if mode == "sim" else strategy.real_mode)]
 
 
+@dataclass
+class _ArmOutcome:
+    records: list[Record]
+    retimed: bool
+    wall_s: float
+    placement: dict
+
+
+def _run_arm(job: ArmJob, records: list[Record]) -> _ArmOutcome:
+    t0 = time.perf_counter()
+    retimed = driver_for(job.spec.run.mode, job.arm.algorithm)(job)
+    return _ArmOutcome(records, retimed, round(time.perf_counter() - t0, 3), job.placement)
+
+
 def _run_arms(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manifest: dict, progress: bool,
               corpus: Corpus | None = None, traces: dict | None = None) -> list[Record]:
-    """Run every arm in turn, writing each record to `metrics_path` as it comes; returns them all."""
-    records: list[Record] = []
-    bar = _progress_bar(spec, progress)
-    wall: dict[str, float] = {}
+    """Run every arm, side by side where the simulator's replicas are on Ray (one after another otherwise: in this
+    process, and on real peers, whose shaped links would be shared unfairly by concurrent arms); writes the records
+    to `metrics_path` in arm order, whatever order the arms finish in, and returns them in that order."""
+    bar = _Bar(spec, progress)
     started_ray = runtime_name == "ray" and start_ray()
-    # The simulator's actors serve arm after arm, so a run starts its processes once (unless a caller holds a pool).
-    pooled = runtime_name == "ray" and spec.run.mode == "sim" and HostPool.current() is None
     try:
-        with open(metrics_path, "w") as metrics, HostPool() if pooled else contextlib.nullcontext():
-
-            def emit(record: Record) -> None:
-                records.append(record)
-                metrics.write(json.dumps(record.to_json()) + "\n")
-
-            for arm in spec.arms:
-                bar.set_description(arm.name)
-                t0 = time.perf_counter()
-                job = ArmJob(spec, arm, runtime_name, emit, lambda: bar.update(1), manifest, corpus, traces)
-                driver_for(spec.run.mode, arm.algorithm)(job)
-                wall[arm.name] = round(time.perf_counter() - t0, 3)
+        with contextlib.ExitStack() as stack:
+            scheduler = None
+            if runtime_name == "ray" and spec.run.mode == "sim":
+                scheduler = ArmScheduler.current()
+                if scheduler is None:  # a sweep holds one for all its points; a run alone opens its own
+                    pool = HostPool.current() or stack.enter_context(HostPool())
+                    scheduler = stack.enter_context(ArmScheduler.for_cluster(pool, spec.run.workers, len(spec.arms)))
+            outcomes = _outcomes(spec, runtime_name, metrics_path, manifest, bar, corpus, traces, scheduler)
     finally:
         bar.close()
         if started_ray:
             import ray
 
             ray.shutdown()
-    manifest["wall_s_per_arm"] = wall
-    return records
+    manifest["wall_s_per_arm"] = {a.name: o.wall_s for a, o in zip(spec.arms, outcomes)}
+    retimed = [a.name for a, o in zip(spec.arms, outcomes) if o.retimed]
+    if retimed:
+        manifest["retimed"] = retimed
+    if scheduler is not None:
+        manifest["arms_side_by_side"] = scheduler.concurrency
+        manifest["arm_placement"] = {a.name: o.placement for a, o in zip(spec.arms, outcomes) if o.placement}
+    return [r for o in outcomes for r in o.records]
+
+
+def _outcomes(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manifest: dict, bar: _Bar,
+              corpus: Corpus | None, traces: dict | None, scheduler: ArmScheduler | None) -> list[_ArmOutcome]:
+    done: dict[int, _ArmOutcome] = {}
+    written = [0]  # arms whose records are in the file
+
+    def job(arm: ArmConfig, records: list[Record]) -> ArmJob:
+        def on_step() -> None:
+            if scheduler is not None:
+                scheduler.check()  # an arm stops at its next step once the run or sweep has stopped
+            bar.step()
+
+        return ArmJob(spec, arm, runtime_name, records.append, on_step, manifest, corpus, traces, scheduler)
+
+    with open(metrics_path, "w") as metrics:
+
+        def finished(index: int, outcome: _ArmOutcome) -> None:
+            """Write every arm whose predecessors are all written: the file is the one a sequential run writes."""
+            done[index] = outcome
+            bar.arm_done(outcome.retimed)
+            while written[0] in done:
+                metrics.writelines(json.dumps(r.to_json()) + "\n" for r in done[written[0]].records)
+                written[0] += 1
+            metrics.flush()
+
+        if scheduler is None:
+            for index, arm in enumerate(spec.arms):
+                bar.set_description(arm.name)
+                records: list[Record] = []
+                finished(index, _run_arm(job(arm, records), records))
+            return [done[i] for i in range(len(spec.arms))]
+        if traces is not None:
+            claim_traces(scheduler, spec, traces)
+        bar.set_description(f"{len(spec.arms)} arms")
+        with ThreadPoolExecutor(max_workers=len(spec.arms), thread_name_prefix="arm") as threads:
+            futures = {}
+            for index, arm in enumerate(spec.arms):
+                records = []
+                futures[threads.submit(_run_arm, job(arm, records), records)] = index
+            try:
+                for future in as_completed(futures):
+                    finished(futures[future], future.result())
+            except BaseException:
+                scheduler.cancel()  # the other arms stop at their next step; the error is this one
+                raise
+    return [done[i] for i in range(len(spec.arms))]
 
 
 def _write_results(spec: ExperimentSpec, work_dir: Path, records: list[Record], manifest: dict,
@@ -260,20 +369,37 @@ def _announce_swarm(manifest: dict, arm: str, swarm) -> None:
     }
 
 
-class _NoProgress:
-    """Stands in for a progress bar when none is wanted, so the loop never asks."""
+class _Bar:
+    """One progress bar over every step of every arm (re-timed arms step fast), with arms trained and re-timed;
+    safe to update from the arms' threads. Without `enabled`, nothing is shown and nothing is imported."""
 
-    def update(self, n: int = 1) -> None: ...
+    def __init__(self, spec: ExperimentSpec, enabled: bool):
+        self._lock = threading.Lock()
+        self._trained = self._retimed = 0
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
 
-    def set_description(self, text: str) -> None: ...
+            self._bar = tqdm(total=spec.total_steps * len(spec.arms), unit="step", file=sys.stderr,
+                             dynamic_ncols=True)
 
-    def close(self) -> None: ...
+    def step(self) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._bar.update(1)
 
+    def set_description(self, text: str) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._bar.set_description(text)
 
-def _progress_bar(spec: ExperimentSpec, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
+    def arm_done(self, retimed: bool) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._retimed += retimed
+                self._trained += not retimed
+                self._bar.set_postfix(arms_trained=self._trained, arms_retimed=self._retimed)
 
-    return tqdm(total=spec.total_steps * len(spec.arms), unit="step", file=sys.stderr, dynamic_ncols=True)
-
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
