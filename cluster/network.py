@@ -12,6 +12,12 @@ one-way latency, and any transfer between them is capped at `inter_region_bps` (
 limit on a long-haul path, not a trunk shared by all flows). The bandwidth of one transfer from worker i to worker j is
 `pair_bandwidth_bps(i, j) = min(i's uplink, j's downlink, inter-region cap if the pair crosses regions)`.
 
+Sites (`network = { sites = ["frankfurt", "virginia", "singapore"] }`, or `{ frankfurt = 4, virginia = 4 }`) place
+workers in cities: `cluster.sites` holds round trips measured between cloud regions (Azure's published P50 table) and
+builds the latency matrix (one-way = RTT/2 between sites; a same-site pair is two datacenter access links) and the
+regions (one per site, transfers between them capped at 5 Gbit/s, a cloud VM's single-flow limit). The sources are
+cited there.
+
 Presets (figures per worker; "pair" is the resulting worker-to-worker one-way latency):
 
 | preset         | uplink     | downlink   | access latency | pair latency | jitter | source                     |
@@ -36,6 +42,8 @@ import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
+
+from cluster import sites
 
 _PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
@@ -174,7 +182,7 @@ class Network:
 
 
 _LINK_KEYS = ("bandwidth", "downlink", "jitter", "latency", "loss", "preset", "uplink")
-_NETWORK_KEYS = tuple(sorted(_LINK_KEYS + ("latency_matrix", "regions", "workers")))
+_NETWORK_KEYS = tuple(sorted(_LINK_KEYS + ("latency_matrix", "regions", "site_bandwidth", "sites", "workers")))
 _REGION_KEYS = ("assignment", "inter_bandwidth", "inter_latency")
 
 
@@ -293,6 +301,27 @@ def regions_table(network: Network) -> dict[str, Any] | None:
     return table
 
 
+def _sites(spec: dict, links: list[Link]) -> dict[str, Any]:
+    """The latency matrix and regions of workers placed at named sites (`cluster.sites` says how)."""
+    for key in ("latency_matrix", "regions"):
+        if key in spec:
+            raise ValueError(f"{key}: conflicts with sites, which build every pair's latency and the regions from "
+                             f"measured round trips; drop {key} or drop sites")
+    placed = sites.site_of_workers(spec["sites"], len(links))
+    bps = _at("site_bandwidth", parse_bandwidth, spec.get("site_bandwidth", sites.SITE_BANDWIDTH_BPS))
+    # The measured round trips ran between datacenter hosts; a slower access link adds its excess at each end.
+    extra = [max(0.0, link.one_way_latency_s - sites.DATACENTER_ACCESS_S) for link in links]
+    matrix = tuple(
+        tuple(0.0 if i == j
+              else links[i].one_way_latency_s + links[j].one_way_latency_s if a == b
+              else sites.site_one_way_s(a, b) + extra[i] + extra[j]
+              for j, b in enumerate(placed))
+        for i, a in enumerate(placed))
+    order = list(dict.fromkeys(placed))
+    return {"latency_matrix_s": matrix, "region_of": tuple(order.index(site) for site in placed),
+            "inter_region_bps": bps}
+
+
 def build_network(spec: str | dict, n_workers: int) -> Network:
     """A `Network` from a preset name or a `[network]` table.
 
@@ -301,8 +330,12 @@ def build_network(spec: str | dict, n_workers: int) -> Network:
     worker index ("0", "3") to per-link keys that override that worker's link; a worker `preset` replaces the base link
     before the worker's other keys apply. `regions = {assignment = [0, 0, 1, 1], inter_latency = "40ms",
     inter_bandwidth = "1Gbit"}` puts workers in regions (see the module docstring); give inter_latency (default 0; not
-    allowed with a latency_matrix), inter_bandwidth (default: no cap) or both. Without a top-level preset, uplink (or
-    bandwidth) and latency are required and downlink defaults to uplink. Errors are `ValueError`s whose message starts
+    allowed with a latency_matrix), inter_bandwidth (default: no cap) or both. `sites = ["frankfurt", "virginia"]`
+    (one per worker), `{frankfurt = 4, virginia = 4}` or `"frankfurt:4,virginia:4"` places workers in cities and
+    builds the latency matrix and regions from measured round trips (`cluster.sites`; not with latency_matrix or
+    regions), with `site_bandwidth` capping transfers between sites; the link keys then set each worker's access link
+    within its site, on top of the `datacenter` preset. Without a top-level preset (or sites), uplink (or bandwidth)
+    and latency are required and downlink defaults to uplink. Errors are `ValueError`s whose message starts
     with the key path inside the table; a bare preset name is treated as `{preset = name}`.
     """
     if n_workers < 1:
@@ -314,8 +347,11 @@ def build_network(spec: str | dict, n_workers: int) -> Network:
     for key in spec:
         if key not in _NETWORK_KEYS:
             raise ValueError(f"{key}: unknown key; allowed: {', '.join(_NETWORK_KEYS)}")
+    if "site_bandwidth" in spec and "sites" not in spec:
+        raise ValueError("site_bandwidth: caps transfers between sites; set sites too (e.g. sites = "
+                         "['frankfurt', 'virginia']) or use regions.inter_bandwidth")
     link_table = {key: value for key, value in spec.items() if key in _LINK_KEYS}
-    default = _resolve_link(link_table, None, "", _LINK_KEYS)
+    default = _resolve_link(link_table, PRESETS["datacenter"] if "sites" in spec else None, "", _LINK_KEYS)
     links = [default] * n_workers
 
     overrides = spec.get("workers", {})
@@ -332,6 +368,8 @@ def build_network(spec: str | dict, n_workers: int) -> Network:
                              f"got {table!r}")
         links[index] = _resolve_link(table, default, f"workers.{key}.", _LINK_KEYS)
 
+    if "sites" in spec:
+        return Network(links=tuple(links), **_sites(spec, links))
     matrix = _latency_matrix(spec["latency_matrix"], n_workers) if "latency_matrix" in spec else None
     regions = _regions(spec["regions"], n_workers, matrix is not None) if "regions" in spec else {}
     return Network(links=tuple(links), latency_matrix_s=matrix, **regions)

@@ -35,7 +35,7 @@ from experiments.manifest import build_manifest
 from experiments.report import write_report
 from experiments.spec import ArmConfig, ExperimentSpec, load_spec, resolved_config
 from experiments.summary import summarize
-from trainer.data import Corpus, load_corpus
+from trainer.data import Corpus, check_fits, load_corpus
 from trainer.replica import ReplicaSpec
 from trainer.strategies import STRATEGIES
 
@@ -71,6 +71,7 @@ def run(
         raise ConfigError(f"runtime: must be one of {', '.join(RUNTIMES)}, got {runtime_name!r}")
     run_dir = choose_run_dir(spec, out)
     corpus = load_corpus(spec.data, spec.run.seed)  # fails early, before any worker starts, on bad data
+    check_corpus(spec, corpus)
     work_dir = run_dir.parent / f".{run_dir.name}.incomplete"
     if work_dir.exists():
         shutil.rmtree(work_dir)
@@ -90,6 +91,16 @@ def run(
         run_dir.rmdir()  # an empty --out folder, checked at the start
     work_dir.rename(run_dir)
     return RunResult(run_dir, summary)
+
+
+def check_corpus(spec: ExperimentSpec, corpus: Corpus) -> None:
+    """What the experiment asks of its corpus that only the loaded corpus can answer, before any worker starts."""
+    check_fits(corpus, spec.run.workers, spec.model.block_size)
+    floor = corpus.entropy_rate_nats
+    if spec.run.target_loss is not None and floor is not None and spec.run.target_loss <= floor:
+        raise ConfigError(f"run.target_loss: {spec.run.target_loss:g} is at or below the corpus's entropy rate, "
+                          f"{floor:.4f} nats per byte, the lowest loss any model can reach on it; set a target "
+                          "above it")
 
 
 @dataclass(frozen=True)

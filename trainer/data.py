@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.settings import setting
+from trainer.settings import ConfigError, setting
 
 # Files are joined with a blank line so that one module's last line never fuses with the next module's first.
 FILE_SEPARATOR = b"\n\n"
@@ -82,7 +82,7 @@ def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
         description = (f"first-order Markov source, {cfg.synthetic_symbols} symbols, "
                        f"Dirichlet({cfg.synthetic_concentration}) rows, seed {seed}")
     else:
-        raise ValueError(f"data.corpus: unknown corpus {cfg.corpus!r}; use 'stdlib', 'text' or 'synthetic'")
+        raise ConfigError(f"data.corpus: unknown corpus {cfg.corpus!r}; use 'stdlib', 'text' or 'synthetic'")
 
     train, heldout = split_heldout(np.frombuffer(data, dtype=np.uint8), cfg.heldout_fraction)
     return Corpus(name=cfg.corpus, train=train, heldout=heldout, sha256=hashlib.sha256(data).hexdigest(),
@@ -154,19 +154,52 @@ def text_files(folder: Path) -> list[Path]:
 
 def _text_bytes(path: str | None, max_bytes: int | None) -> tuple[bytes, int]:
     if path is None:
-        raise ValueError("data.path: required when data.corpus = 'text'; give a file or folder of text")
+        raise ConfigError("data.path: required when data.corpus = 'text'; give a file or folder of text")
     p = Path(path).expanduser()
     if not p.exists():
-        raise ValueError(f"data.path: {path!r} does not exist; give a file or folder of text")
-    if p.is_dir():
-        files = text_files(p)
-        data = _concat_files(files, max_bytes)
-    else:
-        files = [p]
-        data = p.read_bytes()[:max_bytes]
+        raise ConfigError(f"data.path: {path!r} does not exist; give a file or folder of text")
+    try:
+        files = text_files(p) if p.is_dir() else [p]
+        data = _concat_files(files, max_bytes) if p.is_dir() else p.read_bytes()[:max_bytes]
+    except OSError as e:
+        raise ConfigError(f"data.path: {path!r} cannot be read ({e.strerror or e}); give a readable file or folder "
+                          "of text") from None
     if not data:
-        raise ValueError(f"data.path: {path!r} holds no bytes; give a non-empty file or folder of text")
+        raise ConfigError(f"data.path: {path!r} holds no bytes; give a non-empty file or folder of text")
+    for f in files:
+        _check_text(f, path)
     return data, len(files)
+
+
+def _check_text(file: Path, path: str) -> None:
+    """Refuse a file that is not text: the model is byte-level and would train on anything, but a corpus of images or
+    archives is a wrong path, not an experiment, and its results would be meaningless beside a text run."""
+    head = file.read_bytes()[:_TEXT_PROBE_BYTES]
+    if b"\0" in head:
+        raise ConfigError(f"data.path: {str(file)!r} looks binary (it holds NUL bytes); give text files only, or a "
+                          f"folder without it ({path!r})")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # a multi-byte character cut by the probe's end is still text
+            raise ConfigError(f"data.path: {str(file)!r} is not UTF-8 text (byte {e.start}); give text files only, "
+                              f"or a folder without it ({path!r})") from None
+
+
+_TEXT_PROBE_BYTES = 1 << 16
+
+
+def check_fits(corpus: Corpus, n_workers: int, seq_len: int) -> None:
+    """What the workers' samplers and held-out batches need of the corpus, checked before any worker starts."""
+    shard = len(corpus.train) // n_workers
+    if shard < seq_len + 1:
+        raise ConfigError(
+            f"data: the train split has {len(corpus.train)} bytes, so each of {n_workers} workers gets a {shard}-byte "
+            f"shard, shorter than seq_len + 1 = {seq_len + 1}; use a larger corpus (data.max_bytes, "
+            f"data.synthetic_bytes), fewer workers or a shorter model.block_size")
+    if len(corpus.heldout) < seq_len + 1:
+        raise ConfigError(f"data.heldout_fraction: the held-out split has {len(corpus.heldout)} bytes, fewer than "
+                          f"seq_len + 1 = {seq_len + 1}; raise data.heldout_fraction or use a larger corpus")
 
 
 # ------------------------------------------------------------------------------------------------------------- synthetic

@@ -8,7 +8,8 @@
 - `options`: shaping on/off, where peers listen, and hivemind's timeouts derived from the arm's links.
 - `swarm`, `swarm_arm`: collaborative and local-updates arms on `hivemind.Optimizer`, each peer training at its own
   pace (the peer, and the driver that polls and stops them).
-- `join`, `doctor`: the volunteer's commands: join a running swarm arm from elsewhere; check this machine first.
+- `join`, `doctor`: the volunteer's commands: join a running swarm arm from elsewhere; check this machine first
+  (`doctor_checks`: what doctor measures; `network_file`: the measured links as an experiment's network).
 - `probe`: the measurement protocol every real peer serves for `doctor` (and `doctor --serve`).
 
 Lockstep arms (a strategy's `real_mode = "lockstep"`: ddp, diloco) have blocking, dense exchanges among all workers,

@@ -73,7 +73,7 @@ def _check(args: argparse.Namespace) -> None:
         raise JoinError(f"--epochs: must be at least 1, got {args.epochs}")
     if args.threads is not None and args.threads < 1:
         raise JoinError(f"--threads: must be at least 1, got {args.threads}")
-    if args.timeout <= 0:
+    if not 0 < args.timeout < float("inf"):
         raise JoinError(f"--timeout: must be positive, got {args.timeout}")
 
 

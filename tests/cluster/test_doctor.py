@@ -1,5 +1,5 @@
-"""`farflung doctor` against a probe server behind a shaping relay, against a closed port, and on Ctrl-C; no p2pd may
-outlive the command that started it."""
+"""`farflung doctor` against a probe server behind a shaping relay (and the network it writes of that link), against
+a closed port, and on Ctrl-C; no p2pd may outlive the command that started it."""
 
 import json
 import select
@@ -7,15 +7,20 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from cluster.network import build_network
 from cluster.real.probe import address_kind
 from cluster.shaping.relay import RelayThread, ShapingRelay
 from experiments import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# A fresh `python -m experiments.cli` imports torch and hivemind before its daemon starts: seconds on a quiet machine,
+# most of a minute on a loaded 2-core one.
+STARTUP_S = 90
 RATE_BPS, ONE_WAY_S = 20e6, 0.050
 # A well-formed peer id that nothing on this machine has.
 NOBODY = "12D3KooWPoea5ho9VykyKJZs9Fc62Zr7FUyHL5hVg128Z8HVYN1j"
@@ -58,10 +63,10 @@ def probe_server():
     """`farflung doctor --serve` on loopback, and a relay in front shaped to 20 Mbit/s and 50 ms each way."""
     before = _p2pd_pids()
     server = subprocess.Popen([sys.executable, "-m", "experiments.cli", "doctor", "--serve", "--host", "127.0.0.1",
-                               "--serve-for", "60"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               "--serve-for", "300"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     try:
-        maddr = _read_line(server, 30)
+        maddr = _read_line(server, STARTUP_S)
         _, _, host, _, port, _, peer_id = maddr.split("/")
         with RelayThread(ShapingRelay((host, int(port)), inbound_bps=RATE_BPS, outbound_bps=RATE_BPS,
                                       one_way_latency_s=ONE_WAY_S)) as relay:
@@ -92,17 +97,18 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.hivemind
-def test_doctor_measures_the_shaped_link(probe_server, capsys):
+def test_doctor_measures_the_shaped_link_and_writes_it_as_a_network(probe_server, capsys, tmp_path):
     before = _p2pd_pids()
     start = time.perf_counter()
-    code = cli.main(["doctor", "--host", "127.0.0.1", "--initial-peers", probe_server["relayed"], "--json"])
+    code = cli.main(["doctor", "--host", "127.0.0.1", "--initial-peers", probe_server["relayed"], "--json",
+                     "--write-network", str(tmp_path / "measured.toml")])
     seconds = time.perf_counter() - start
     result = json.loads(capsys.readouterr().out)
     checks = {c["name"]: c for c in result["checks"]}
     print(json.dumps({name: c["figure"] for name, c in checks.items()}, indent=1), f"{seconds:.1f} s")
     assert code == 0 and result["ok"], result
-    assert [c["status"] for c in result["checks"]] == ["ok"] * 6
-    assert list(checks) == ["p2pd", "dht", "reachable", "latency", "upload", "download"]
+    assert [c["status"] for c in result["checks"]] == ["ok"] * 7
+    assert list(checks) == ["p2pd", "dht", "reachable", "latency", "upload", "download", "network"]
     assert checks["dht"]["values"]["peers_seen"] == 1
     assert checks["reachable"]["values"]["dialback"][0]["ok"]  # the server dialled this loopback address back
     # Everything crossed the relay (the server also listens directly; a measurement over that would read ~0.3 ms).
@@ -116,6 +122,18 @@ def test_doctor_measures_the_shaped_link(probe_server, capsys):
     # (4 streams: 19.5-20); timing only the writes (not the acknowledgement) or skipping the relay reads 100s.
     for name in ("upload", "download"):
         assert 15 <= checks[name]["values"]["mbit_s"] <= 25, checks[name]["figure"]
+    # The file is a 2-worker network (this machine, the relayed peer) with the link as measured, within the same
+    # bounds; its figures are the checks' own, rounded to 1 us and 1 kbit/s.
+    assert checks["network"]["values"]["workers"] == 2
+    print((tmp_path / "measured.toml").read_text())
+    network = build_network(tomllib.loads((tmp_path / "measured.toml").read_text()), 2)
+    assert network.pair_latency_s(0, 1) == network.pair_latency_s(1, 0)
+    assert network.pair_latency_s(0, 1) == pytest.approx(checks["latency"]["values"]["rtt_ms"] / 2e3, abs=1e-6)
+    assert 49.75e-3 <= network.pair_latency_s(0, 1) <= 57.5e-3
+    upload, download = network.pair_bandwidth_bps(0, 1), network.pair_bandwidth_bps(1, 0)
+    assert upload == pytest.approx(checks["upload"]["values"]["mbit_s"] * 1e6, abs=1e3)
+    assert download == pytest.approx(checks["download"]["values"]["mbit_s"] * 1e6, abs=1e3)
+    assert 15e6 <= upload <= 25e6 and 15e6 <= download <= 25e6
     assert _p2pd_left_by(before) == set()
 
 
@@ -127,7 +145,7 @@ def test_ctrl_c_stops_doctor_and_its_daemon(probe_server):
                                "--initial-peers", probe_server["relayed"], "--bytes", "40MB"],
                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline, daemons = time.monotonic() + 30, []
+        deadline, daemons = time.monotonic() + STARTUP_S, []
         while not daemons and time.monotonic() < deadline and doctor.poll() is None:
             time.sleep(0.1)
             daemons = [c for c in psutil.Process(doctor.pid).children() if c.name() == "p2pd"]

@@ -117,6 +117,9 @@ class Moshpit(Strategy):
     def check_arm(cls, settings: MoshpitSettings, n_workers: int, codec: str) -> None:
         if settings.grouping == "grid":
             check_grid(n_workers, settings.target_group_size)
+        elif settings.target_group_size > n_workers:
+            raise ValueError(f"target_group_size: a group of {settings.target_group_size} needs at least that many "
+                             f"workers, and run.workers = {n_workers}; set target_group_size to at most {n_workers}")
 
     @classmethod
     def replicas_agree_at_end(cls, settings: MoshpitSettings) -> bool:
