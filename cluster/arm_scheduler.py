@@ -19,9 +19,20 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 
 from cluster.replica_hosts import HostPool, HostSlot
+
+
+def completed(futures) -> Iterator:
+    """The futures as they finish, like `concurrent.futures.as_completed`, but waiting in short slices: a signal
+    (Ctrl-C) delivered to one of Ray's threads is then handled by the main thread within a slice, not only when the
+    next arm ends."""
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        yield from done
 
 
 class Cancelled(Exception):

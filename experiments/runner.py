@@ -14,14 +14,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import tomli_w
 
-from cluster.arm_scheduler import ArmScheduler, TraceClaims
+from cluster.arm_scheduler import ArmScheduler, TraceClaims, completed
 from cluster.collaborative import CollaborativeDriver
 from cluster.devices import get_device
 from cluster.driver import ArmPlan, LockstepDriver
@@ -305,7 +305,7 @@ def _outcomes(spec: ExperimentSpec, runtime_name: str, metrics_path: Path, manif
                 records = []
                 futures[threads.submit(_run_arm, job(arm, records), records)] = index
             try:
-                for future in as_completed(futures):
+                for future in completed(futures):
                     finished(futures[future], future.result())
             except BaseException:
                 scheduler.cancel()  # the other arms stop at their next step; the error is this one

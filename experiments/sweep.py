@@ -31,7 +31,7 @@ import pickle
 import sys
 import time
 import tomllib
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,7 @@ def _run_side_by_side(run, todo: list, out_dir: Path, runtime: str | None, trace
 
     Which arm trains each configuration is claimed in point order before any point starts, so the same arms train
     as when the points run one after another. A point's folder is complete when its run returns, in any order."""
-    from cluster.arm_scheduler import ArmScheduler
+    from cluster.arm_scheduler import ArmScheduler, completed
     from experiments.runner import STRATEGIES, claim_traces, training_key
 
     if not todo:
@@ -206,7 +206,7 @@ def _run_side_by_side(run, todo: list, out_dir: Path, runtime: str | None, trace
             futures = {threads.submit(run, spec, out=_point_dir(out_dir, i), runtime=runtime, traces=traces): i
                        for i, spec in todo}
             try:
-                for future in as_completed(futures):
+                for future in completed(futures):
                     future.result()
                     finished(futures[future])
             except BaseException:
