@@ -171,6 +171,8 @@ def sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out: st
                 run(specs[index], out=_point_dir(out_dir, index), runtime=runtime, traces=traces)
                 finished(index)
     finally:
+        # Points that finished while another failed were not counted above; their traces are whole: keep them.
+        traces.save()
         bar.close()
         if started_ray:
             import ray
