@@ -12,7 +12,9 @@ stream of torch's generator, and every average is taken in the driver in worker 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,16 +91,34 @@ class HostPool:
     `with HostPool():` makes it the pool every `RayReplicaRuntime` inside draws from (the runner opens one per run
     unless one is open already, e.g. around a sweep or a benchmark); outside any, a runtime has hosts of its own.
     Hosts hold a CPU each in Ray's accounting while they live, so a pool closes with the work it was opened for.
+    Arms that run side by side (`cluster.arm_scheduler`) each draw from a `HostSlot` of the pool instead, which
+    `HostPool.serving` makes the current pool of the arm's thread.
     """
 
     _open: list[HostPool] = []
+    _thread = threading.local()  # a thread's own pool (an arm's slot), which comes before the open ones
 
     def __init__(self):
         self.idle: list = []
+        self._slots: list[HostSlot] = []
 
     @classmethod
     def current(cls) -> HostPool | None:
+        own = getattr(cls._thread, "pool", None)
+        if own is not None:
+            return own
         return cls._open[-1] if cls._open else None
+
+    @classmethod
+    @contextlib.contextmanager
+    def serving(cls, pool: HostPool):
+        """Within: the replica runtimes this thread opens draw their hosts from `pool`."""
+        before = getattr(cls._thread, "pool", None)
+        cls._thread.pool = pool
+        try:
+            yield pool
+        finally:
+            cls._thread.pool = before
 
     def acquire(self, n: int) -> tuple[list, bool]:
         """n hosts, and whether they may serve a later arm."""
@@ -122,9 +142,28 @@ class HostPool:
         else:
             _kill(hosts)
 
+    def slots(self, count: int, cpus: int, ready_timeout_s: float = 60.0) -> list[HostSlot]:
+        """`count` slots of `cpus` CPUs, each on one node, kept (with their hosts) while the pool lives.
+
+        Slots that the cluster cannot place within `ready_timeout_s` (its CPUs held by something else) are given
+        up; at least one is kept, waited for as long as it takes, since a run needs somewhere to train."""
+        if [s.cpus for s in self._slots] == [cpus] * count:
+            return self._slots
+        self.close()  # idle hosts hold CPUs that the slots' placement groups need
+        made = [HostSlot(cpus) for _ in range(count)]
+        ready = [made[0]] + [s for s in made[1:] if s.wait(ready_timeout_s)]
+        for s in made:
+            if s not in ready:
+                s.close()
+        self._slots = ready
+        return self._slots
+
     def close(self) -> None:
         _kill(self.idle)
         self.idle = []
+        for slot in self._slots:
+            slot.close()
+        self._slots = []
 
     def __enter__(self):
         HostPool._open.append(self)
@@ -133,6 +172,67 @@ class HostPool:
     def __exit__(self, *exc):
         HostPool._open.remove(self)
         self.close()
+
+
+class HostSlot(HostPool):
+    """`cpus` CPUs on one node (a STRICT_PACK placement group) and the hosts living in them, one arm at a time's.
+
+    Packing an arm on one node keeps its replicas' calls on one machine; the slots of several arms land where the
+    cluster has room, which spreads them over nodes once a node is full."""
+
+    def __init__(self, cpus: int):
+        from ray.util.placement_group import placement_group
+
+        super().__init__()
+        self.cpus = cpus
+        self.group = placement_group([{"CPU": 1.0}] * cpus, strategy="STRICT_PACK")
+        self.hosts: list = [None] * cpus
+        self._nodes: dict[int, str] = {}
+
+    def wait(self, timeout_s: float) -> bool:
+        return self.group.wait(timeout_seconds=timeout_s)
+
+    def acquire(self, n: int) -> tuple[list, bool]:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        assert n <= self.cpus, f"{n} hosts asked of a slot of {self.cpus} CPUs"
+        for i in range(n):
+            if self.hosts[i] is None:
+                strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i)
+                self.hosts[i] = ray.remote(ReplicaHost).options(num_cpus=1.0, scheduling_strategy=strategy).remote()
+                self._nodes.pop(i, None)
+        return self.hosts[:n], True
+
+    def release(self, hosts: list, healthy: bool) -> None:
+        if not healthy:
+            _kill(hosts)
+            gone = {id(h) for h in hosts}
+            self.hosts = [None if id(h) in gone else h for h in self.hosts]
+
+    def nodes(self) -> list[str]:
+        """The Ray node of each live host, as the host itself reports it."""
+        import ray
+
+        live = [i for i, h in enumerate(self.hosts) if h is not None]
+        missing = [i for i in live if i not in self._nodes]
+        found = ray.get([self.hosts[i].__ray_call__.remote(_node_id) for i in missing])
+        self._nodes.update(zip(missing, found))
+        return [self._nodes[i] for i in live]
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        _kill([h for h in self.hosts if h is not None])
+        self.hosts = [None] * self.cpus
+        with contextlib.suppress(Exception):  # the cluster is already gone
+            remove_placement_group(self.group)
+
+
+def _node_id(_host) -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _kill(hosts: list) -> None:

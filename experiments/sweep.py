@@ -7,18 +7,18 @@ The file's `[sweep]` table maps any `--set` key to a list of values or a range, 
     "arm.*.network.latency" = ["1ms", "10ms", "50ms", "150ms", "300ms"]
     # zip = true pairs the keys' values instead of taking every combination
 
-Every point is checked before anything runs: a bad key or value fails naming the key and the point. Points then run in
-order; an arm whose strategy is retimable (`Strategy.retimable`) trains once per training configuration (what it
-trains, not its network, devices or speed factors) and is re-timed from that trace at every other point
-(`cluster.retime`). `DIR/results.csv` and `DIR/results.jsonl` hold one row per point and arm and are rewritten whole
-after every point. Interrupted, `--resume DIR` runs only the points without a finished run folder; traces are kept in
+Every point is checked before anything runs: a bad key or value fails naming the key and the point. An arm whose
+strategy is retimable (`Strategy.retimable`) trains once per training configuration (what it trains, not its network,
+devices or speed factors) and is re-timed from that trace at every other point (`cluster.retime`). On Ray the points
+run side by side, their arms sharing the cluster's CPUs (`cluster.arm_scheduler`); with `runtime = "local"` one after
+another. Either way the same arms train and every point's records are the same, bit for bit. `DIR/results.csv` and
+`DIR/results.jsonl` hold one row per point and arm and are rewritten whole after every point that finishes. Interrupted, `--resume DIR` runs only the points without a finished run folder; traces are kept in
 `DIR/traces/` so a resumed sweep does not train again what it already trained. At the end the sweep writes
 `DIR/report.html` (`experiments.sweep_report`): the frontier the file's `[frontier]` table defines, and the plots.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -31,6 +31,7 @@ import pickle
 import sys
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -146,22 +147,32 @@ def sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out: st
     traces = _Traces(out_dir / "traces")
     rows: dict[int, list[dict]] = {}
     bar = _bar(len(points), progress)
+    todo = [i for i in range(len(points)) if not (_point_dir(out_dir, i) / "summary.json").is_file()]
+
+    def finished(index: int) -> None:
+        traces.save()
+        rows[index] = _rows(index, dict(zip(keys, points[index])), _point_dir(out_dir, index))
+        _write_results(out_dir, keys, rows)
+        bar.update(1)
+        retimed = sum(r["retimed"] for rs in rows.values() for r in rs)
+        bar.set_postfix(arms_trained=sum(map(len, rows.values())) - retimed, arms_retimed=retimed)
+
+    for index in range(len(points)):
+        if index not in todo:
+            finished(index)
     # One Ray and one set of simulator actors for the whole sweep, not a start and stop per point.
     on_ray = (runtime or specs[0].run.runtime) == "ray" and specs[0].run.mode == "sim"
     started_ray = on_ray and start_ray()
     try:
-        with HostPool() if on_ray else contextlib.nullcontext():
-            for index, (spec, values) in enumerate(zip(specs, points)):
-                run_dir = out_dir / "points" / f"{index:04d}"
-                if not (run_dir / "summary.json").is_file():
-                    run(spec, out=run_dir, runtime=runtime, traces=traces)
-                    traces.save()
-                rows[index] = _rows(index, dict(zip(keys, values)), run_dir)
-                _write_results(out_dir, keys, rows)
-                bar.update(1)
-                retimed = sum(r["retimed"] for rs in rows.values() for r in rs)
-                bar.set_postfix(arms_trained=sum(map(len, rows.values())) - retimed, arms_retimed=retimed)
+        if on_ray:
+            _run_side_by_side(run, [(i, specs[i]) for i in todo], out_dir, runtime, traces, finished)
+        else:
+            for index in todo:
+                run(specs[index], out=_point_dir(out_dir, index), runtime=runtime, traces=traces)
+                finished(index)
     finally:
+        # Points that finished while another failed were not counted above; their traces are whole: keep them.
+        traces.save()
         bar.close()
         if started_ray:
             import ray
@@ -169,6 +180,42 @@ def sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out: st
             ray.shutdown()
     write_sweep_report(out_dir)
     return out_dir
+
+
+def _point_dir(out_dir: Path, index: int) -> Path:
+    return out_dir / "points" / f"{index:04d}"
+
+
+def _run_side_by_side(run, todo: list, out_dir: Path, runtime: str | None, traces: dict, finished) -> None:
+    """The points on Ray, as many at once as the scheduler has slots for their arms (and a few more, so that a
+    point that only re-times never waits behind one that trains); each point's arms side by side within it.
+
+    Which arm trains each configuration is claimed in point order before any point starts, so the same arms train
+    as when the points run one after another. A point's folder is complete when its run returns, in any order."""
+    from cluster.arm_scheduler import ArmScheduler, completed
+    from experiments.runner import STRATEGIES, claim_traces, training_key
+
+    if not todo:
+        return
+    first = todo[0][1]
+    trained = {training_key(spec, arm) if STRATEGIES[arm.algorithm].retimable else (i, arm.name)
+               for i, spec in todo for arm in spec.arms}
+    with HostPool() as pool, ArmScheduler.for_cluster(pool, first.run.workers, len(trained)) as scheduler:
+        for _, spec in todo:
+            claim_traces(scheduler, spec, traces)
+        in_flight = max(2, 2 * scheduler.concurrency)
+        with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="point") as threads:
+            futures = {threads.submit(run, spec, out=_point_dir(out_dir, i), runtime=runtime, traces=traces): i
+                       for i, spec in todo}
+            try:
+                for future in completed(futures):
+                    future.result()
+                    finished(futures[future])
+            except BaseException:
+                scheduler.cancel()  # running arms stop at their next step, points not begun never begin
+                for future in futures:
+                    future.cancel()
+                raise
 
 
 class _Traces(dict):
@@ -184,7 +231,7 @@ class _Traces(dict):
             self[key] = trace
 
     def save(self) -> None:
-        for key, trace in self.items():
+        for key, trace in list(self.items()):  # arms of points still running may add traces meanwhile
             file = self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
             if not file.exists():
                 partial = file.with_suffix(".partial")
