@@ -105,7 +105,8 @@ class ArmJob:
 
 def _simulate_lockstep(job: ArmJob) -> None:
     plan = arm_plan(job.spec, job.arm)
-    if job.traces is not None and STRATEGIES[job.arm.algorithm].retimable:
+    # A hostile peer's poison depends on what it would have sent, which a trace does not keep: such an arm trains.
+    if job.traces is not None and STRATEGIES[job.arm.algorithm].retimable and not job.arm.hostile:
         key = training_key(job.spec, job.arm)
         if key in job.traces:
             retime(job.traces[key], plan, job.emit, job.on_step)
@@ -246,7 +247,7 @@ def arm_plan(spec: ExperimentSpec, arm: ArmConfig) -> ArmPlan:
         total_steps=spec.total_steps, tokens_per_step=spec.tokens_per_step,
         eval_every_steps=spec.eval_every_steps, seed=spec.run.seed,
         client_mode=tuple(w in arm.client_mode for w in range(spec.run.workers)),
-        swarm=arm.swarm,
+        swarm=arm.swarm, aggregation=arm.aggregation, hostile=arm.hostile,
     )
 
 
