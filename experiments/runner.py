@@ -142,7 +142,7 @@ def _real_peers(job: ArmJob) -> None:
         arm_plan(job.spec, job.arm), replica_specs(job.spec, job.arm), job.emit, on_step=job.on_step,
         # On a Ray cluster (RAY_ADDRESS) peers on different machines reach each other by node address.
         options=RealOptions(shaping=job.spec.run.shaping, allreduce=job.arm.allreduce,
-                            host="auto" if os.environ.get("RAY_ADDRESS") else "127.0.0.1"),
+                            host="auto" if os.environ.get("RAY_ADDRESS") else "127.0.0.1", secret=_run_secret()),
         on_swarm=lambda s: _announce_swarm(job.manifest, job.arm.name, s),
     )
 
@@ -249,6 +249,15 @@ def arm_plan(spec: ExperimentSpec, arm: ArmConfig) -> ArmPlan:
         client_mode=tuple(w in arm.client_mode for w in range(spec.run.workers)),
         swarm=arm.swarm, aggregation=arm.aggregation, hostile=arm.hostile,
     )
+
+
+def _run_secret() -> bytes | None:
+    from cluster.real.secret import run_secret
+
+    try:
+        return run_secret()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _announce_swarm(manifest: dict, arm: str, swarm) -> None:
