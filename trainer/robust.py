@@ -33,7 +33,8 @@ AGGREGATIONS = ("mean", "centered_clip", "median", "trimmed_mean")
 class Aggregation:
     """How an arm's reducers combine contributions (keys of the `algorithm` table of a strategy that averages)."""
 
-    aggregation: str = setting("mean", "how each reducer combines its peers' contributions", choices=AGGREGATIONS)
+    aggregation: str = setting("mean", "simulator: how each reducer combines its peers' contributions",
+                              choices=AGGREGATIONS)
     clip_tau: float = setting(1.0, "centered_clip: the clipping radius tau (an L2 norm, per butterfly part)",
                               low=0.0, high=1e12, low_open=True)
     clip_iters: int = setting(5, "centered_clip: iterations from the coordinate-wise median", low=1, high=1000)
