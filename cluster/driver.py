@@ -21,10 +21,12 @@ import numpy as np
 
 from cluster.checkpoint import NO_CHECKPOINTS, Checkpoints
 from cluster.devices import DeviceProfile
+from cluster.hostile import HostileFault
 from cluster.network import Network
 from cluster.records import CommRecord, EvalRecord, Record, StepRecord
 from cluster.swarm_timing import SwarmTiming
 from trainer.replica import AwaitRequest, StepDone
+from trainer.robust import Aggregation
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class ArmPlan:
     seed: int
     client_mode: tuple[bool, ...] = ()  # per worker: no inbound connections, reduces no butterfly part
     swarm: SwarmTiming | None = None  # a swarm arm's matchmaking and timeouts (collaborative)
+    aggregation: Aggregation | None = None  # how reducers combine contributions (None: the plain mean)
+    hostile: tuple[HostileFault, ...] = ()  # peers that poison what they send (cluster.hostile)
 
     def flops_per_second(self, worker: int) -> float:
         return self.devices[worker].effective_flops * self.speed_factors[worker]

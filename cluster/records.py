@@ -82,6 +82,7 @@ class CommRecord(Record):
     # workers whose part or contribution went missing (-1: a peer outside the arm, joined from elsewhere)
     received_fraction: list[float | None] | None = extra()
     missing_peers: list[int] | None = extra()
+    rejected: list[int] | None = extra()  # sim: senders whose contribution was refused (non-finite, wrong shape/dtype)
     measured: bool | None = extra()  # real mode: times and bytes measured, not modelled
     failed: bool | None = extra()  # collaborative: the round exceeded averaging_timeout
     samples: list[int] | None = extra()  # swarm: each peer's samples in the epoch

@@ -16,6 +16,8 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from cluster.driver import ArmPlan, LockstepDriver
 from cluster.records import EvalRecord, Record
 from cluster.sim import ModelledExchanges
@@ -27,6 +29,7 @@ class TensorShape:
     """Stands for a request's tensor in a trace: the cost model needs its size, never its values."""
 
     size: int
+    finite: bool = True  # whether the reducers accepted it (a non-finite contribution is refused)
 
 
 @dataclass
@@ -77,7 +80,8 @@ class _ReplayDriver(LockstepDriver):
 
 def _strip(event):
     if isinstance(event, ExchangeRequest):
-        return dataclasses.replace(event, tensor=TensorShape(int(event.tensor.size)))
+        tensor = event.tensor
+        return dataclasses.replace(event, tensor=TensorShape(int(tensor.size), bool(np.isfinite(tensor).all())))
     return event
 
 

@@ -19,8 +19,10 @@ from cluster import collectives
 from cluster.clock import VirtualClock
 from cluster.collectives import CollectiveCost, allgather, butterfly_allreduce, butterfly_average, ring_allreduce
 from cluster.driver import ArmPlan, average
+from cluster.hostile import HostileSenders, screen
 from cluster.records import CommRecord
 from trainer.compression import transmit
+from trainer.robust import aggregate
 from trainer.replica import AwaitRequest, ExchangeRequest, StepDone
 
 
@@ -37,6 +39,7 @@ class Reduced:
     message_bytes: int
     raw_bytes: int
     blocking: bool
+    rejected: tuple[int, ...] = ()  # members whose contribution the reducers refused
 
     def record(self, arm: str, round_: int, step: int, *, idle_s: list[float], time_s: float, staleness: int,
                **extra) -> CommRecord:
@@ -45,7 +48,7 @@ class Reduced:
             participants=list(self.group), message_bytes=self.message_bytes, raw_bytes=self.raw_bytes,
             bytes_sent=list(self.cost.bytes_sent), bytes_received=list(self.cost.bytes_received),
             comm_s=self.cost.time_s, blocking=self.blocking, idle_s=idle_s, time_s=time_s, staleness=staleness,
-            **extra,
+            rejected=list(self.rejected) or None, **extra,
         )
 
 
@@ -73,6 +76,7 @@ class ModelledExchanges:
         self.link_free_s = [0.0] * plan.n_workers  # a worker's link carries one exchange at a time
         self.in_flight: dict[tuple[str, int], _InFlight] = {}
         self.jitter_rng = np.random.default_rng([plan.seed, 0x7177])
+        self.hostile = HostileSenders(plan.hostile, plan.seed)
 
     @property
     def now_s(self) -> float:
@@ -103,7 +107,7 @@ class ModelledExchanges:
             groups.setdefault(group, []).append(w)
         for index, (group, members) in enumerate(sorted(groups.items())):
             assert list(group) == members, f"group {group} was asked for by workers {members}"
-            reduced = self.reduce(group, [requests[w] for w in group], index)
+            reduced = self.reduce(group, [requests[w] for w in group], index, step)
             duration = reduced.cost.time_s
             if reduced.blocking:
                 not_before = max(self.link_free_s[w] for w in group)
@@ -166,8 +170,14 @@ class ModelledExchanges:
         flights = [_flight_from(f) for f in state["flights"]]
         self.in_flight = {(payload, w): flights[i] for payload, w, i in state["in_flight"]}
 
-    def reduce(self, group: tuple[int, ...], requests: list[ExchangeRequest], index: int = 0) -> Reduced:
-        """Carry out one group's exchange exactly: the average every member receives, and its cost on the links."""
+    def reduce(self, group: tuple[int, ...], requests: list[ExchangeRequest], index: int = 0, step: int = 0) -> Reduced:
+        """Carry out one group's exchange exactly: what every member receives, and its cost on the links.
+
+        Hostile members' contributions are poisoned as they leave them (`cluster.hostile`); the reducers refuse what
+        is malformed or non-finite and combine the rest by the arm's aggregation. A robust rule needs every
+        contribution to a part at that part's reducer, which a ring's running sum never gathers: it runs as a
+        butterfly (the same bytes per peer as a ring, two latencies instead of 2(N-1)), and with sparse messages on
+        the all-gather every peer already holds."""
         plan, first = self.plan, requests[0]
         assert all(
             (r.payload, r.collective, r.blocking, r.sparse) == (first.payload, first.collective, first.blocking, first.sparse)
@@ -177,23 +187,35 @@ class ModelledExchanges:
         tensors = [r.tensor for r in requests]
         weights = [r.weight for r in requests]
         nbytes = max(r.nbytes for r in requests)
+        size = first.tensor.size
+        rule = plan.aggregation if plan.aggregation is not None and plan.aggregation.robust else None
+        if self.exact:
+            if self.hostile:
+                tensors = [self.hostile.sent(w, first.payload, t, step, self.round) for w, t in zip(group, tensors)]
+            refused = screen(tensors)
+        else:
+            refused = [i for i, t in enumerate(tensors) if not t.finite]
+        if refused and len(refused) < len(tensors):
+            tensors = [t for i, t in enumerate(tensors) if i not in refused]
+            weights = [w for i, w in enumerate(weights) if i not in refused]
         reduced = None
         if first.sparse:
             # Sparse messages cannot be summed on the way: every peer gathers all and averages locally.
             collective = "allgather"
             cost = allgather(plan.network, participants, [r.nbytes for r in requests], rng=self.jitter_rng)
             if self.exact:
-                reduced = average(tensors, weights)
-        elif first.collective == "butterfly":
+                reduced = average(tensors, weights) if rule is None else aggregate(tensors, weights, rule)
+        elif first.collective == "butterfly" or rule is not None:
             collective = "butterfly"
             client = [plan.client_mode[w] for w in group] if plan.client_mode else None
             cost = butterfly_allreduce(
-                plan.network, participants, nbytes, client_mode=client, rng=self.jitter_rng, vector_size=tensors[0].size
+                plan.network, participants, nbytes, client_mode=client, rng=self.jitter_rng, vector_size=size
             )
             if self.exact:
                 # Element by element, the parts' boundaries (the bandwidths) do not change the average's bits.
-                reduced = transmit(torch.from_numpy(butterfly_average(tensors, weights, cost.part_sizes)), plan.codec)
-                reduced = reduced.tensor.numpy()
+                combined = (butterfly_average(tensors, weights, cost.part_sizes) if rule is None
+                            else aggregate(tensors, weights, rule, cost.part_sizes))
+                reduced = transmit(torch.from_numpy(combined), plan.codec).tensor.numpy()
         else:
             assert first.collective == "ring_allreduce", f"unknown collective {first.collective!r}"
             collective = "ring_allreduce"
@@ -202,7 +224,7 @@ class ModelledExchanges:
                 # The reduced parts travel back through the same codec (the all-gather half of the exchange).
                 reduced = transmit(torch.from_numpy(average(tensors, weights)), plan.codec).tensor.numpy()
         return Reduced(reduced, cost, collective, group, index, first.payload, nbytes,
-                       max(r.raw_nbytes for r in requests), first.blocking)
+                       max(r.raw_nbytes for r in requests), first.blocking, tuple(group[i] for i in refused))
 
 
 def _flight_state(flight: _InFlight) -> dict:

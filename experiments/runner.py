@@ -227,7 +227,8 @@ def _workers(job: ArmJob):
 
 def _simulate_lockstep(job: ArmJob) -> bool:
     plan = arm_plan(job.spec, job.arm)
-    if job.traces is not None and STRATEGIES[job.arm.algorithm].retimable:
+    # A hostile peer's poison depends on what it would have sent, which a trace does not keep: such an arm trains.
+    if job.traces is not None and STRATEGIES[job.arm.algorithm].retimable and not job.arm.hostile:
         key = training_key(job.spec, job.arm)
         claim = job.scheduler.claims.claim(job.traces, key, job.owner) if job.scheduler else None
         mine = claim is not None and claim.owner == job.owner
@@ -282,7 +283,7 @@ def _real_peers(job: ArmJob) -> bool:
         arm_plan(job.spec, job.arm), replica_specs(job.spec, job.arm), job.emit, on_step=job.on_step,
         # On a Ray cluster (RAY_ADDRESS) peers on different machines reach each other by node address.
         options=RealOptions(shaping=job.spec.run.shaping, allreduce=job.arm.allreduce,
-                            host="auto" if os.environ.get("RAY_ADDRESS") else "127.0.0.1"),
+                            host="auto" if os.environ.get("RAY_ADDRESS") else "127.0.0.1", secret=_run_secret()),
         on_swarm=lambda s: _announce_swarm(job.manifest, job.arm.name, s),
     )
     return False
@@ -484,8 +485,17 @@ def arm_plan(spec: ExperimentSpec, arm: ArmConfig) -> ArmPlan:
         total_steps=spec.total_steps, tokens_per_step=spec.tokens_per_step,
         eval_every_steps=spec.eval_every_steps, seed=spec.run.seed,
         client_mode=tuple(w in arm.client_mode for w in range(spec.run.workers)),
-        swarm=arm.swarm,
+        swarm=arm.swarm, aggregation=arm.aggregation, hostile=arm.hostile,
     )
+
+
+def _run_secret() -> bytes | None:
+    from cluster.real.secret import run_secret
+
+    try:
+        return run_secret()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _announce_swarm(manifest: dict, arm: str, swarm) -> None:

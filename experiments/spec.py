@@ -29,6 +29,7 @@ from typing import Any
 from cluster.devices import get_device
 from cluster.estimate import EstimateConfig
 from cluster.heterogeneity import speed_factors
+from cluster.hostile import HostileFault, hostile_table, parse_hostile
 from cluster.network import Network, build_network, regions_table
 from cluster.real.options import ALLREDUCE, SHAPING, check_real_arm
 from cluster.swarm_timing import SwarmTiming
@@ -38,6 +39,7 @@ from trainer.data import DataConfig
 from trainer.model import PRESETS as MODEL_PRESETS
 from trainer.model import GPTConfig
 from trainer.replica import OptimConfig
+from trainer.robust import Aggregation
 from trainer.settings import Setting, describe, setting, settings_of
 from trainer.strategies import STRATEGIES, Strategy
 from trainer.strategies.base import Settings
@@ -90,6 +92,8 @@ class ArmConfig:
     allreduce: str = setting("hivemind", "real mode, lockstep arms: hivemind's DecentralizedAverager, or gloo",
                              choices=ALLREDUCE, note="real mode, ddp and diloco arms")
     swarm: SwarmTiming | None = None  # a collaborative arm's matchmaking and timeouts, from its algorithm table
+    aggregation: Aggregation | None = None  # an averaging strategy's reducers' rule, from its algorithm table
+    hostile: tuple[HostileFault, ...] = ()  # faults.hostile: peers that poison what they send (cluster.hostile)
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,11 @@ class ExperimentSpec:
 
 
 def algorithm_settings(strategy: type[Strategy]) -> tuple[type, ...]:
-    """What an arm's `algorithm` table sets: the strategy's settings, and for a swarm its timing (the cluster's)."""
-    return (strategy.Settings, SwarmTiming) if strategy.schedule == "collaborative" else (strategy.Settings,)
+    """What an arm's `algorithm` table sets: the strategy's settings, for a swarm its timing (the cluster's), and
+    for a strategy whose exchanges a robust rule can combine (`Strategy.robust_aggregation`) that rule."""
+    if strategy.schedule == "collaborative":
+        return (strategy.Settings, SwarmTiming)
+    return (strategy.Settings, Aggregation) if strategy.robust_aggregation else (strategy.Settings,)
 
 
 def algorithm_catalog() -> list[dict[str, Any]]:
@@ -187,8 +194,8 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 def parse_spec(raw: dict) -> ExperimentSpec:
     # [sweep] and [frontier] are for `farflung sweep` (experiments.sweep), [estimate] for `farflung estimate`
     # (experiments.estimate); a plain run runs the file as written.
-    check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm", "sweep", "frontier",
-                                   "estimate"])
+    check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm", "faults", "sweep",
+                                   "frontier", "estimate"])
     name = parse_values("", ExperimentSpec, {"name": raw.get("name", "experiment")})["name"]
     model = parse_model(raw.get("model", {}))
     data = parse_settings("data", DataConfig, raw.get("data", {}))
@@ -196,9 +203,13 @@ def parse_spec(raw: dict) -> ExperimentSpec:
     run = parse_settings("run", RunConfig, raw.get("run", {}))
     if "estimate" in raw:  # read by `farflung estimate`; checked here so that a typo fails in every mode
         parse_settings("estimate", EstimateConfig, raw["estimate"])
-    arms = parse_arms(raw.get("arm"), run.workers, run.seed)
+    arms = parse_arms(raw.get("arm"), run.workers, run.seed, raw.get("faults"))
     if run.mode == "real":
         for arm in arms:
+            if arm.hostile or (arm.aggregation is not None and arm.aggregation.robust):
+                key = "faults.hostile" if arm.hostile else "algorithm.aggregation"
+                raise ConfigError(f"arm.{arm.name}.{key}: hostile peers and robust aggregation run in the simulator "
+                                  f"only; use mode = 'sim'")
             try:
                 check_real_arm(arm.algorithm, arm.codec, arm.network, arm.client_mode, arm.speed_factors, run.shaping,
                                arm.allreduce)
@@ -224,10 +235,12 @@ def parse_model(table: Any) -> GPTConfig:
     return config
 
 
-def parse_arms(arms: Any, n_workers: int, seed: int = 0) -> tuple[ArmConfig, ...]:
+def parse_arms(arms: Any, n_workers: int, seed: int = 0, faults: Any = None) -> tuple[ArmConfig, ...]:
+    """The arms; `faults` (the run's `[faults]` table) applies to every arm whose own `faults` does not set a key."""
     if not isinstance(arms, list) or not arms:
         raise ConfigError("arm: at least one [[arm]] table is required (name, algorithm, network)")
-    parsed = [parse_arm(f"arm[{i}]", table, n_workers, seed) for i, table in enumerate(arms)]
+    run_faults = check_keys("faults", faults, FAULT_KEYS) if faults is not None else {}
+    parsed = [parse_arm(f"arm[{i}]", table, n_workers, seed, run_faults) for i, table in enumerate(arms)]
     names = [a.name for a in parsed]
     for i, n in enumerate(names):
         if n in names[:i]:
@@ -240,10 +253,12 @@ def parse_arms(arms: Any, n_workers: int, seed: int = 0) -> tuple[ArmConfig, ...
     return tuple(parsed)
 
 
-ARM_KEYS = ["name", "algorithm", "network", "device", "speed_factors", "codec", "baseline", "client_mode", "allreduce"]
+ARM_KEYS = ["name", "algorithm", "network", "device", "speed_factors", "codec", "baseline", "client_mode", "allreduce",
+            "faults"]
+FAULT_KEYS = ["hostile"]
 
 
-def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0) -> ArmConfig:
+def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0, run_faults: dict | None = None) -> ArmConfig:
     check_keys(path, table, ARM_KEYS)
     if "name" not in table:
         raise ConfigError(f"{path}.name: every arm needs a name, e.g. name = \"diloco-home\"")
@@ -251,7 +266,13 @@ def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0) -> ArmConfig
     path = f"arm.{name}"
     plain = parse_values(path, ArmConfig, {k: table[k] for k in ("device", "codec", "baseline", "allreduce")
                                            if k in table})
-    algorithm, settings, swarm = parse_algorithm(f"{path}.algorithm", table.get("algorithm"))
+    algorithm, settings, swarm, aggregation = parse_algorithm(f"{path}.algorithm", table.get("algorithm"))
+    faults = check_keys(f"{path}.faults", table["faults"], FAULT_KEYS) if "faults" in table else {}
+    where = f"{path}.faults" if "hostile" in faults else "faults"
+    hostile = parse_hostile(f"{where}.hostile", {**(run_faults or {}), **faults}.get("hostile"), n_workers)
+    if hostile and STRATEGIES[algorithm].schedule != "lockstep":
+        raise ConfigError(f"{where}.hostile: hostile peers are modelled for lockstep algorithms only, not "
+                          f"{algorithm!r}; give this arm faults = {{ hostile = [] }}")
     network, label = parse_network(f"{path}.network", table.get("network"), n_workers)
     speed_raw = table.get("speed_factors", [1.0] * n_workers)
     try:
@@ -268,7 +289,8 @@ def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0) -> ArmConfig
     if len(set(client)) == n_workers:
         raise ConfigError(f"{path}.client_mode: at least one worker must accept connections to reduce a part")
     arm = ArmConfig(name=name, algorithm=algorithm, settings=settings, network=network, network_label=label,
-                    speed_factors=speed, client_mode=tuple(sorted(set(client))), swarm=swarm, **plain)
+                    speed_factors=speed, client_mode=tuple(sorted(set(client))), swarm=swarm, aggregation=aggregation,
+                    hostile=hostile, **plain)
     try:
         get_device(arm.device)
     except ValueError as e:
@@ -297,8 +319,9 @@ def parse_network(path: str, value: Any, n_workers: int) -> tuple[Network, str]:
     return network, value if isinstance(value, str) else str(value.get("preset", "custom"))
 
 
-def parse_algorithm(path: str, value: Any) -> tuple[str, Settings, SwarmTiming | None]:
-    """The algorithm's name, its settings and, for a swarm, its timing: all keys of the one `algorithm` table."""
+def parse_algorithm(path: str, value: Any) -> tuple[str, Settings, SwarmTiming | None, Aggregation | None]:
+    """The algorithm's name, its settings, for a swarm its timing and for an averaging strategy its aggregation: all
+    keys of the one `algorithm` table."""
     if value is None:
         raise ConfigError(f"{path}: every arm needs an algorithm: one of {', '.join(STRATEGIES)}")
     table = {"name": value} if isinstance(value, str) else value
@@ -309,7 +332,8 @@ def parse_algorithm(path: str, value: Any) -> tuple[str, Settings, SwarmTiming |
     classes = algorithm_settings(strategy)
     check_keys(path, table, ["name", *(key for cls in classes for key in settings_of(cls))])
     parsed = [parse_settings(path, cls, {k: v for k, v in table.items() if k in settings_of(cls)}) for cls in classes]
-    return name, parsed[0], parsed[1] if len(parsed) > 1 else None
+    extra = {type(p): p for p in parsed[1:]}
+    return name, parsed[0], extra.get(SwarmTiming), extra.get(Aggregation)
 
 
 def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
@@ -329,13 +353,15 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
             {
                 "name": a.name,
                 "baseline": a.baseline,
-                "algorithm": {"name": a.algorithm, **asdict(a.settings), **(asdict(a.swarm) if a.swarm else {})},
+                "algorithm": {"name": a.algorithm, **asdict(a.settings), **(asdict(a.swarm) if a.swarm else {}),
+                              **(asdict(a.aggregation) if a.aggregation else {})},
                 "network": network_table(a.network, a.network_label),
                 "device": a.device,
                 "speed_factors": list(a.speed_factors),
                 "codec": a.codec,
                 "client_mode": list(a.client_mode),
                 "allreduce": a.allreduce,
+                **({"faults": {"hostile": hostile_table(a.hostile)}} if a.hostile else {}),
             }
             for a in spec.arms
         ],

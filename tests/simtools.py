@@ -36,7 +36,7 @@ def simulate(
     n: int, batch_size: int, steps: int, algorithm: str, settings, *, codec: str = "none",
     network="datacenter", eval_every: int | None = None, device: str = "laptop-cpu",
     speed_factors: tuple[float, ...] | None = None, client_mode: tuple[bool, ...] = (),
-    model=TINY, optim=TINY_OPTIM, swarm=None, make_runtime=LocalRuntime,
+    model=TINY, optim=TINY_OPTIM, swarm=None, make_runtime=LocalRuntime, aggregation=None, hostile=(),
 ) -> Simulated:
     """Run one arm of `n` tiny replicas (in this process, unless `make_runtime` says otherwise) and its records."""
     specs = [
@@ -48,6 +48,7 @@ def simulate(
         devices=(get_device(device),) * n, speed_factors=speed_factors or (1.0,) * n, codec=codec,
         total_steps=steps, tokens_per_step=n * batch_size * model.block_size,
         eval_every_steps=eval_every or steps, seed=SEED, client_mode=client_mode, swarm=swarm,
+        aggregation=aggregation, hostile=tuple(hostile),
     )
     runtime = make_runtime(specs)
     records: list[Record] = []

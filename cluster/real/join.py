@@ -30,6 +30,16 @@ import time
 from cluster.real.swarm import CONFIG_KEY, RUNS_KEY, EpochRecord, SwarmSetup
 
 
+def _secret() -> bytes | None:
+    """The run secret of the swarm to join, from this machine's environment (`cluster.real.secret`)."""
+    from cluster.real.secret import run_secret
+
+    try:
+        return run_secret()
+    except ValueError as e:
+        raise JoinError(str(e)) from None
+
+
 class JoinError(Exception):
     """A user-facing problem: one line, naming the flag or what to check."""
 
@@ -98,7 +108,9 @@ def find_run(initial_peers: list[str], run_id: str | None, timeout_s: float) -> 
     """(run id, arm configuration) read from the swarm by a client DHT that is shut down again."""
     import hivemind
 
-    dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=False)
+    from cluster.real.peer import _authorizer
+
+    dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=False, authorizer=_authorizer(_secret()))
     try:
         try:
             dht.run_in_background(await_ready=True, timeout=timeout_s)
@@ -158,7 +170,7 @@ def join(args: argparse.Namespace) -> int:
     spec = replica_spec(config, args.threads)
     setup = SwarmSetup(**config["setup"])
     host = args.host or default_host(args.initial_peers[0])
-    options = RealOptions(shaping="none", host=host, startup_timeout_s=args.timeout)
+    options = RealOptions(shaping="none", host=host, startup_timeout_s=args.timeout, secret=_secret())
     print(f"joining {config['arm']} ({config['algorithm']}, {config['n_workers']} peers) run id {run_id} as {host}",
           flush=True)
     unshaped = Link(uplink_bps=UNSHAPED_BPS, downlink_bps=UNSHAPED_BPS, one_way_latency_s=0.0)

@@ -9,7 +9,7 @@ cost model the simulator uses) with generous floors for a busy host.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.collectives import butterfly_allreduce
 from cluster.network import Link, Network
@@ -41,7 +41,8 @@ class RealOptions:
     (torch.distributed, unshaped: the datacenter baseline) for lockstep arms (ddp, diloco).
     `drop_parts_at`: a fault to inject (tests): at these exchanges of a lockstep arm (0-based, in order; on the first
     attempt), or in the gradient round of these epochs of a collaborative arm, worker 0, as a reducer, drops every
-    other sender's parts after the first, so that the round is a partial average (`cluster.real.averager`)."""
+    other sender's parts after the first, so that the round is a partial average (`cluster.real.averager`).
+    `secret`: the run secret (`cluster.real.secret`): a peer without it is refused by the DHT and the averagers."""
 
     shaping: str = "relay"
     host: str = "127.0.0.1"
@@ -50,6 +51,7 @@ class RealOptions:
     swarm_timeout_s: float = 3600.0
     allreduce: str = "hivemind"
     drop_parts_at: tuple[int, ...] = ()
+    secret: bytes | None = field(default=None, repr=False)  # from the environment, never the experiment file
 
     def __post_init__(self) -> None:
         if self.shaping not in SHAPING:

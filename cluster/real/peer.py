@@ -168,7 +168,7 @@ class RealPeer:
         self.dht = hivemind.DHT(
             initial_peers=initial_peers, start=False, host_maddrs=[f"/ip4/{host}/tcp/{self._p2p_port}"],
             announce_maddrs=[] if client_mode else [f"/ip4/{host}/tcp/{self.relay.address[1]}"],
-            client_mode=client_mode,
+            client_mode=client_mode, authorizer=_authorizer(self.options.secret),
         )
         try:  # started only once it is held here, so that shutdown can stop it even if it fails to come up
             with self._in_namespace():  # the DHT process is forked from this thread, p2pd from it
@@ -201,6 +201,10 @@ class RealPeer:
             compression=hivemind_compression(self.spec.codec), bandwidth=bandwidth_mbps, allow_state_sharing=False,
             part_size_bytes=part_size_bytes(4 * self.replica.num_params(), n), start=False,
         )
+        from cluster.real.secret import secret_schema_hash
+
+        # Matchmaking refuses a peer whose schema hash differs: bound to the run secret, it shuts outsiders out.
+        self.averager.schema_hash = secret_schema_hash(self.averager.schema_hash, self.options.secret)
         try:
             self.averager.run_in_background(await_ready=True, timeout=self.options.startup_timeout_s)
         finally:
@@ -387,3 +391,12 @@ class RealPeer:
                 except psutil.NoSuchProcess:  # the normal case: hivemind's shutdown already stopped it
                     pass
             self._owned = []
+
+
+def _authorizer(secret: bytes | None):
+    """hivemind's DHT authorizer for a run with a secret (`cluster.real.secret`); None for an open swarm."""
+    if secret is None:
+        return None
+    from cluster.real.secret import SecretAuthorizer
+
+    return SecretAuthorizer(secret)

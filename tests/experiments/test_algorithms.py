@@ -10,11 +10,12 @@ import pytest
 from cluster.real.options import real_algorithms
 from cluster.swarm_timing import SwarmTiming
 from experiments import cli
-from experiments.spec import ARM_KEYS, algorithm_catalog, algorithm_settings
+from experiments.spec import ARM_KEYS, FAULT_KEYS, algorithm_catalog, algorithm_settings
 from trainer.compression import CODECS
 from trainer.data import DataConfig
 from trainer.model import GPTConfig
 from trainer.replica import OptimConfig
+from trainer.robust import Aggregation
 from trainer.settings import check_fields, settings_of
 from trainer.strategies import STRATEGIES
 
@@ -53,7 +54,8 @@ def test_the_readme_table_lists_every_algorithm_with_its_declared_settings_and_d
     assert sorted(documented) == sorted(STRATEGIES)
     for name, strategy in STRATEGIES.items():
         summary, settings = documented[name]
-        declared = {s.name: s.default for cls in algorithm_settings(strategy) for s in settings_of(cls).values()}
+        declared = {s.name: s.default for cls in algorithm_settings(strategy) if cls is not Aggregation
+                    for s in settings_of(cls).values()}
         assert settings == declared, name
         # 15 in the README for 15.0 is the same default, but false is not 0 and "grid" is not grid.
         assert {k: type(v) is bool for k, v in settings.items()} == {k: type(v) is bool for k, v in declared.items()}
@@ -67,6 +69,16 @@ def test_collaborative_takes_the_swarm_timing_and_only_collaborative_does():
     assert "matchmaking_time" in readme_algorithms()["collaborative"][1]
 
 
+def test_the_readme_names_the_algorithms_that_take_a_robust_aggregation_and_its_defaults():
+    sentence = README[README.index("The `algorithm` table of"):].split("\n\n")[0]
+    takers, keys = sentence.removeprefix("The `algorithm` table of").split("also takes")
+    assert sorted(re.findall(r"`([\w-]+)`", takers)) == sorted(
+        n for n, s in STRATEGIES.items() if Aggregation in algorithm_settings(s))
+    pairs = dict(re.findall(r"`(\w+)`\s+(\"\w+\"|\d+(?:\.\d+)?)", without_parentheses(keys.split(":", 1)[1])))
+    assert {k: tomllib.loads(f"v = {v}")["v"] for k, v in pairs.items()} == {
+        s.name: s.default for s in settings_of(Aggregation).values()}
+
+
 def test_the_readme_section_table_lists_every_declared_key():
     rows = {section: re.findall(r"`(\w+)`", without_parentheses(keys)) for section, keys in table_after("| section")}
     assert sorted(rows["`[model]`"]) == sorted(["preset", *settings_of(GPTConfig)])
@@ -76,6 +88,7 @@ def test_the_readme_section_table_lists_every_declared_key():
 
     assert sorted(rows["`[run]`"]) == sorted(settings_of(RunConfig))
     assert sorted(rows["`[[arm]]`"]) == sorted(ARM_KEYS)
+    assert sorted(rows["`[faults]`"]) == sorted(FAULT_KEYS)
 
 
 def test_the_readme_real_mode_table_groups_algorithms_by_their_declared_real_mode():

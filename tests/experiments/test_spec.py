@@ -111,8 +111,8 @@ MALFORMED = {
                              "got -1"),
     "swarm-timing-elsewhere": (experiment().replace('algorithm = "ddp"', 'algorithm = { name = "diloco", '
                                                     'matchmaking_time = 2 }'),
-                               "arm.x.algorithm.matchmaking_time: unknown key; allowed: inner_steps, name, outer_lr, "
-                               "outer_momentum"),
+                               "arm.x.algorithm.matchmaking_time: unknown key; allowed: aggregation, clip_iters, "
+                               "clip_tau, inner_steps, name, outer_lr, outer_momentum, trim_fraction"),
 }
 
 

@@ -125,6 +125,9 @@ class Strategy:
     # hivemind's DecentralizedAverager, or gloo), "swarm" (as hivemind.Optimizer, see `swarm_mapping`), or None
     # (simulator only).
     real_mode: ClassVar[str | None] = None
+    # Whether the arm's reducers may combine this strategy's exchanges by a robust rule (`trainer.robust`): true for
+    # dense averages of equally weighted contributions, which a coordinate-wise median or a clipped mean can replace.
+    robust_aggregation: ClassVar[bool] = False
 
     def __init__(self, settings: Settings, replica: Replica):
         self.settings = settings

@@ -20,6 +20,7 @@ class DDP(Strategy):
     name = "ddp"
     summary = "gradients, ring all-reduce every step (the baseline)"
     Settings = DDPSettings
+    robust_aggregation = True
     real_mode = "lockstep"
 
     def train_step(self, step: int) -> StepGenerator:

@@ -29,6 +29,7 @@ class DelayedDDP(Strategy):
     name = "ddp-delayed"
     summary = "gradients every step, overlapped with the next step's compute (one step stale)"
     Settings = DelayedDDPSettings
+    robust_aggregation = True
 
     def __init__(self, settings: DelayedDDPSettings, replica):
         super().__init__(settings, replica)

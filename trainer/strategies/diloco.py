@@ -27,6 +27,7 @@ class DiLoCo(Strategy):
     name = "diloco"
     summary = "pseudo-gradient every `inner_steps`, outer Nesterov SGD"
     Settings = DiLoCoSettings
+    robust_aggregation = True
     real_mode = "lockstep"
 
     def __init__(self, settings: DiLoCoSettings, replica):

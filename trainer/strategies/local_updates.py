@@ -47,6 +47,7 @@ class LocalUpdates(Strategy):
     summary = ("hivemind's `use_local_updates`: own AdamW every step, parameters butterfly-averaged every "
                "`average_state_every` steps")
     Settings = LocalUpdatesSettings
+    robust_aggregation = True
     real_mode = "swarm"
 
     @classmethod

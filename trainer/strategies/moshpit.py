@@ -112,6 +112,7 @@ class Moshpit(Strategy):
     summary = ("parameters averaged in groups of `target_group_size` on Moshpit's grid (or random groups); no "
                "global all-reduce")
     Settings = MoshpitSettings
+    robust_aggregation = True
 
     @classmethod
     def check_arm(cls, settings: MoshpitSettings, n_workers: int, codec: str) -> None:

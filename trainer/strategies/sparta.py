@@ -52,6 +52,7 @@ class SPARTA(Strategy):
     name = "sparta"
     summary = "a random `fraction` of the parameters averaged every step"
     Settings = SPARTASettings
+    robust_aggregation = True
 
     def __init__(self, settings: SPARTASettings, replica):
         super().__init__(settings, replica)

@@ -80,6 +80,7 @@ class StreamingDiLoCo(Strategy):
     name = "streaming-diloco"
     summary = "one of `fragments` parameter fragments at staggered steps, overlapped with `overlap_steps` of compute"
     Settings = StreamingDiLoCoSettings
+    robust_aggregation = True
 
     def __init__(self, settings: StreamingDiLoCoSettings, replica):
         super().__init__(settings, replica)
