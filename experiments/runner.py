@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import tomli_w
 
+from cluster.churn import ChurnDriver, ChurnExchanges
 from cluster.collaborative import CollaborativeDriver
 from cluster.devices import get_device
 from cluster.driver import ArmPlan, LockstepDriver
@@ -105,6 +106,10 @@ class ArmJob:
 
 def _simulate_lockstep(job: ArmJob) -> None:
     plan = arm_plan(job.spec, job.arm)
+    if job.arm.faults is not None:  # who takes part depends on the clock: trained, never re-timed
+        with RUNTIMES[job.runtime](replica_specs(job.spec, job.arm), corpus=job.corpus) as workers:
+            ChurnDriver(workers, plan, ChurnExchanges(plan, job.arm.faults), job.emit, job.on_step).run()
+        return
     if job.traces is not None and STRATEGIES[job.arm.algorithm].retimable:
         key = training_key(job.spec, job.arm)
         if key in job.traces:

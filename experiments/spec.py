@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.devices import get_device
+from cluster.faults import FaultsConfig, parse_faults
 from cluster.heterogeneity import speed_factors
 from cluster.network import Network, build_network, regions_table
 from cluster.real.options import ALLREDUCE, SHAPING, check_real_arm
@@ -87,6 +88,7 @@ class ArmConfig:
     allreduce: str = setting("hivemind", "real mode, lockstep arms: hivemind's DecentralizedAverager, or gloo",
                              choices=ALLREDUCE, note="real mode, ddp and diloco arms")
     swarm: SwarmTiming | None = None  # a collaborative arm's matchmaking and timeouts, from its algorithm table
+    faults: FaultsConfig | None = None  # the arm's [arm.faults] table, else the run's [faults] (cluster.faults)
 
 
 @dataclass(frozen=True)
@@ -183,13 +185,15 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 def parse_spec(raw: dict) -> ExperimentSpec:
     # [sweep] and [frontier] are for `farflung sweep` (experiments.sweep); a plain run runs the file as written.
-    check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm", "sweep", "frontier"])
+    check_keys("experiment", raw, ["name", "description", "model", "data", "optim", "run", "arm", "sweep", "frontier",
+                                   "faults"])
     name = parse_values("", ExperimentSpec, {"name": raw.get("name", "experiment")})["name"]
     model = parse_model(raw.get("model", {}))
     data = parse_settings("data", DataConfig, raw.get("data", {}))
     optim = parse_settings("optim", OptimConfig, raw.get("optim", {}))
     run = parse_settings("run", RunConfig, raw.get("run", {}))
     arms = parse_arms(raw.get("arm"), run.workers, run.seed)
+    arms = tuple(with_faults(arm, raw.get("arm")[i], raw.get("faults"), run) for i, arm in enumerate(arms))
     if run.mode == "real":
         for arm in arms:
             try:
@@ -233,7 +237,21 @@ def parse_arms(arms: Any, n_workers: int, seed: int = 0) -> tuple[ArmConfig, ...
     return tuple(parsed)
 
 
-ARM_KEYS = ["name", "algorithm", "network", "device", "speed_factors", "codec", "baseline", "client_mode", "allreduce"]
+ARM_KEYS = ["name", "algorithm", "network", "device", "speed_factors", "codec", "baseline", "client_mode", "allreduce",
+            "faults"]
+
+
+def with_faults(arm: ArmConfig, table: dict, run_faults: Any, run: RunConfig) -> ArmConfig:
+    """The arm with its fault trace: its own `faults` table, else the run's."""
+    path, value = (f"arm.{arm.name}.faults", table["faults"]) if "faults" in table else ("faults", run_faults)
+    if value is None:
+        return arm
+    faults = parse_faults(path, value, run.workers)
+    if run.mode != "sim" or STRATEGIES[arm.algorithm].schedule != "lockstep":
+        what = "real mode" if run.mode != "sim" else f"a {arm.algorithm} arm"
+        raise ConfigError(f"{path}: faults are simulated for lockstep arms only, not yet in {what}; remove the "
+                          f"table for arm {arm.name!r}")
+    return replace(arm, faults=faults)
 
 
 def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0) -> ArmConfig:
@@ -329,7 +347,7 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
                 "codec": a.codec,
                 "client_mode": list(a.client_mode),
                 "allreduce": a.allreduce,
-            }
+            } | ({"faults": a.faults.raw} if a.faults is not None else {})
             for a in spec.arms
         ],
     }
