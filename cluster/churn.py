@@ -94,10 +94,10 @@ class ChurnExchanges(ModelledExchanges):
         return max(o.leave, start) if o.leave <= until_s else None
 
     def leave(self, worker: int, time_s: float, step: int, cause: str, phase: str | None = None,
-              back: float | None = None, by_step: bool = False, round_: int | None = None, lost: float = 0.0) -> None:
-        """The worker is gone from `time_s`: what it computed since its last round is lost (with `lost`, worker-seconds
-        the others waited for it)."""
-        lost += max(0.0, self.unsynced_s[worker] + time_s - self.clock.now_s[worker])
+              back: float | None = None, by_step: bool = False, round_: int | None = None, waited: float | None = None) -> None:
+        """The worker is gone from `time_s`: what it computed since its last round is lost (`waited`: worker-seconds
+        the others waited for it in an exchange)."""
+        lost = max(0.0, self.unsynced_s[worker] + time_s - self.clock.now_s[worker])
         if cause != "exchange":
             self.outage[worker] = self.next_outage(worker)
             self.outage_index[worker] += 1
@@ -108,7 +108,8 @@ class ChurnExchanges(ModelledExchanges):
         self.step_compute_s[worker] = self.unsynced_s[worker] = 0.0
         self.pending.append(FaultRecord(arm=self.plan.name, worker=worker, event="leave", time_s=time_s, step=step,
                                         cause=cause, phase=phase, round=round_, back_s=None if by_step else back,
-                                        back_step=int(back) if by_step and back is not None else None, lost_s=lost))
+                                        back_step=int(back) if by_step and back is not None else None, lost_s=lost,
+                                        timeout_s=waited))
 
     def _returns(self, step: int, now_s: float) -> None:
         for w in range(self.plan.n_workers):
@@ -165,10 +166,10 @@ class ChurnExchanges(ModelledExchanges):
                 back = None if fault.down_s is None else end_s[w] + fault.down_s
                 self.step_compute_s[w] = 0.0
                 self.leave(w, end_s[w], step, cause="exchange", phase=fault.phase, back=back, round_=round_,
-                           lost=self._waited.get(w, 0.0))
+                           waited=self._waited.get(w, 0.0))
             else:
                 self.pending.append(FaultRecord(arm=self.plan.name, worker=w, event="cancel", time_s=end_s[w],
-                                                step=step, round=round_, lost_s=self._waited.get(w, 0.0)))
+                                                step=step, round=round_, timeout_s=self._waited.get(w, 0.0)))
         self._joins(regrouped, replies, step, sides, side_of)
         out = self._shown(records) + self.pending
         self.pending = []

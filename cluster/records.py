@@ -120,7 +120,8 @@ class FaultRecord(Record):
     round: int | None = extra()  # ... the exchange's round
     back_s: float | None = extra()  # leave: when the trace brings it back (simulated seconds)
     back_step: int | None = extra()  # ... or at which step
-    lost_s: float | None = extra()  # leave/cancel: compute thrown away and the others' timeout waits, worker-seconds
+    lost_s: float | None = extra()  # leave: its compute since its last round, thrown away
+    timeout_s: float | None = extra()  # exchange faults: worker-seconds the survivors waited in timeouts
     sources: list[int] | None = extra()  # join: the peers it downloaded the state from
     state_bytes: int | None = extra()  # join: the state's size
     wait_s: float | None = extra()  # join: from its return until the download began
