@@ -302,6 +302,7 @@ class ChurnDriver(LockstepDriver):
         if all(t is None for t in tails):
             return None
         assert all(t is not None for t in tails), "only some workers made a request"
+        assert len({type(t) for t in tails}) == 1, "workers made different kinds of request"
         for w, t in enumerate(tails):
             ex.request_made(w, t)
         return tails

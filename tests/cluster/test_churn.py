@@ -185,3 +185,52 @@ def test_bad_fault_tables_name_the_field():
     for table, message in cases:
         with pytest.raises(ConfigError, match=message):
             parse_faults("faults", table, 4)
+
+
+def test_a_straggler_computes_slower_over_its_interval_only():
+    plan = plan_of(2, 4)
+    ex = ChurnExchanges(plan, parse_faults("faults", {"stragglers": [{"worker": 1, "from_s": 1, "to_s": 2,
+                                                                      "speed": 0.25}]}, 2))
+    flops = 1e9
+    full = flops / plan.flops_per_second(1)
+    assert ex.compute_seconds(1, flops) == full
+    ex.clock.now_s[1] = 1.5
+    assert ex.compute_seconds(1, flops) == flops / (plan.flops_per_second(1) * 0.25)
+    assert ex.compute_seconds(0, flops) == full
+    ex.clock.now_s[1] = 2.0
+    assert ex.compute_seconds(1, flops) == full
+
+
+def test_churn_file_compares_each_faulty_arm_with_its_twin_without_faults():
+    from pathlib import Path
+
+    from experiments.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[2] / "experiments" / "churn.toml")
+    arms = {a.name: a for a in spec.arms}
+    faulty = [a for a in spec.arms if a.faults is not None]
+    assert faulty and spec.run.workers == 8
+    for arm in faulty:
+        twin = arms[arm.name.removesuffix("-churn")]
+        assert twin.faults is None and twin.network_label == arm.network_label == "home-broadband"
+        assert (twin.algorithm, twin.settings) == (arm.algorithm, arm.settings)
+
+
+def test_faults_in_the_experiment_file_read_back_and_refuse_what_is_not_simulated():
+    import tomli_w
+    import tomllib
+
+    from experiments.spec import parse_spec, resolved_config
+
+    raw = {"run": {"workers": 4, "tokens": 4096}, "model": {"preset": "tiny"},
+           "faults": {"mtbf": "1min", "mttr": "10s"},
+           "arm": [{"name": "a", "algorithm": "ddp", "network": "home-broadband"},
+                   {"name": "b", "algorithm": "diloco", "network": "home-broadband",
+                    "faults": {"events": [{"worker": 1, "leave_s": 3, "return_s": 9}]}}]}
+    spec = parse_spec(raw)
+    assert spec.arms[0].faults.mtbf_s == 60.0 and spec.arms[1].faults.events[0].back == 9.0
+    back = parse_spec(tomllib.loads(tomli_w.dumps(resolved_config(spec))))
+    assert back.arms == spec.arms
+    raw["arm"][1] = {"name": "c", "algorithm": "collaborative", "network": "home-broadband"}
+    with pytest.raises(ConfigError, match="^faults: faults are simulated for lockstep arms only"):
+        parse_spec(raw)
