@@ -8,8 +8,11 @@ returning peer loads the state of a live one (`trainer.replica_state`), as `load
 - A peer leaves at a step or simulated time (its compute since its last round is lost), or during an exchange.
 - An exchange proceeds without the peers that are gone (hivemind's matchmaking forms the group of those that
   answer), split into the sides of a partition in force when it starts.
-- A peer failing in a butterfly exchange (hivemind's `allreduce.py`): `sending`: the reducers wait `sender_timeout`,
-  ban it and average its parts without it; its own part is lost. `reducing`: its contribution is in the others'
+- A peer failing in a butterfly exchange (hivemind's `allreduce.py`, and the fault kinds of its fault-tolerance
+  tests): `before`: after the group has formed and the parts were assigned, before it sends anything; `sending`:
+  while it sends. Either way the reducers wait `sender_timeout`, ban it and average without it, and its own part
+  is lost (here a sender that dies while sending is taken to have delivered none of its parts; hivemind keeps the
+  parts it had received, `TensorPartReducer.on_sender_failed`). `reducing`: its contribution is in the others'
   parts but its part is lost. A lost part is not re-requested: each survivor keeps its own values for it
   (`TensorPartContainer.register_failed_reducer`), and the survivors wait `reducer_timeout` for it. `cancel`: the
   peer stays, keeps its own tensor, and its part is lost at once (CANCELLED), without a timeout. A ring all-reduce
@@ -130,16 +133,7 @@ class ChurnExchanges(ModelledExchanges):
         arrived = [self.clock.now_s[w] for w in range(n) if live[w] == LIVE]
         start_s = max(arrived) if arrived else max(self.clock.now_s)
         self._returns(step, start_s)
-        self._faulted = {}
-        for w in range(n):
-            fault = self.faults.exchange_fault(w, self.round)
-            if fault is None or live[w] != LIVE:
-                continue
-            if fault.phase == "before":  # gone before matchmaking: the group forms without it
-                back = None if fault.down_s is None else start_s + fault.down_s
-                self.leave(w, self.clock.now_s[w], step, cause="exchange", phase="before", back=back, round_=self.round)
-            else:
-                self._faulted[w] = fault
+        self._faulted = {w: f for w in range(n) if live[w] == LIVE and (f := self.faults.exchange_fault(w, self.round))}
         sides = self.faults.sides(start_s, n)
         side_of = {w: i for i, side in enumerate(sides) for w in side} if sides else {}
         regrouped = []
@@ -162,7 +156,7 @@ class ChurnExchanges(ModelledExchanges):
                 self.unsynced_s[w], self.synced_s[w] = 0.0, self.clock.now_s[w]
         end_s = {w: self.link_free_s[w] for w in range(n)}
         for w, fault in self._faulted.items():
-            if fault.phase in ("sending", "reducing"):
+            if fault.phase != "cancel":
                 back = None if fault.down_s is None else end_s[w] + fault.down_s
                 self.step_compute_s[w] = 0.0
                 self.leave(w, end_s[w], step, cause="exchange", phase=fault.phase, back=back, round_=round_,
@@ -204,7 +198,7 @@ class ChurnExchanges(ModelledExchanges):
         else:  # a ring's chunks, as its reduce-scatter cuts them
             parts = [size // len(group) + (1 if i < size % len(group) else 0) for i in range(len(group))]
         bounds = np.cumsum([0] + parts)
-        excluded = {w for w in faulted if self._faulted[w].phase in ("sending", "cancel")}
+        excluded = {w for w in faulted if self._faulted[w].phase != "reducing"}
         kept = [i for i, w in enumerate(group) if w not in excluded]
         tensors, weights = [requests[i].tensor for i in kept], [requests[i].weight for i in kept]
         if reduced.collective == "butterfly":
@@ -216,9 +210,9 @@ class ChurnExchanges(ModelledExchanges):
         wait = 0.0
         for i in lost:
             phase = self._faulted[group[i]].phase
-            if phase == "reducing" or (phase == "sending" and parts[i] > 0):
+            if phase != "cancel" and (phase == "reducing" or parts[i] > 0):
                 wait = max(wait, self.faults.reducer_timeout_s)
-            elif phase == "sending":
+            elif phase != "cancel":
                 wait = max(wait, self.faults.sender_timeout_s)
         lost_elements = sum(parts[i] for i in lost)
         fractions = []
