@@ -42,7 +42,7 @@ def churn_figure(records: list[Record], arms: list[str], workers: dict[str, int]
             for start, stop, state in spans:
                 if stop > start:
                     chart.broken_barh([(start, stop - start)], (w - 0.4, 0.8), color=STATE_COLOR[state])
-        chart.set(title=f"{arm}: peers (green live, red gone, orange waiting for the state)", xlabel="simulated s",
+        chart.set(title=f"{arm}: peers (green live, red gone, orange waiting)", xlabel="simulated s",
                   ylabel="worker", yticks=range(workers[arm]))
         chart.title.set_fontsize(8)
         evals = sorted((r for r in records if isinstance(r, EvalRecord) and r.arm == arm), key=lambda r: r.time_s)
@@ -50,7 +50,28 @@ def churn_figure(records: list[Record], arms: list[str], workers: dict[str, int]
         for r in records:
             if isinstance(r, FaultRecord) and r.arm == arm and r.event in ("leave", "join"):
                 loss.axvline(r.time_s, color=STATE_COLOR["gone" if r.event == "leave" else "live"], lw=0.6, alpha=0.7)
-        loss.set(title=f"{arm}: held-out loss (red: a peer left, green: one loaded the state)", xlabel="simulated s",
+        loss.set(title=f"{arm}: held-out loss (red: a peer left, green: state loaded)", xlabel="simulated s",
                  ylabel="loss")
         loss.title.set_fontsize(8)
     return figure
+
+
+def faults_html(summary: dict, seconds) -> str:
+    """The summary's fault figures, one row per arm with faults; '' when no arm had any."""
+    import html
+
+    rows = []
+    for name, arm in summary["arms"].items():
+        f = arm.get("faults")
+        if f is None:
+            continue
+        goodput = "—" if f["goodput"] is None else f"{100 * f['goodput']:.1f} %"
+        cells = [name, f["failures"], f["joins"], f["rounds_without_someone"], seconds(f["time_lost_to_faults_s"]),
+                 seconds(f["time_in_state_downloads_s"]), goodput]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    if not rows:
+        return ""
+    head = ["arm", "failures", "joins", "rounds without someone", "time lost to faults (worker-s)",
+            "state downloads", "goodput"]
+    return ("<h2>Faults</h2>\n<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>\n" + "\n".join(rows)
+            + "</table>\n<p>Goodput is the compute that reached a round over workers × simulated time.</p>\n")

@@ -17,7 +17,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 from cluster.records import EvalRecord, Record
 from experiments.churn_report import NAME as CHURN_PLOT
-from experiments.churn_report import churn_figure
+from experiments.churn_report import churn_figure, faults_html
 
 BASELINE_COLOR = "black"
 ARM_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -246,7 +246,7 @@ pre {{ background: #f6f6f6; padding: 0.75rem; overflow-x: auto; font-size: 0.85r
 {chr(10).join(rows)}</table>
 <p>Ratios are to the baseline, {e(summary["baseline"])}. Utilisation is compute time over workers × simulated time.</p>
 {_ranking_html(summary)}
-<h2>Plots</h2>
+{faults_html(summary, human_seconds)}<h2>Plots</h2>
 {images}
 <h2>Manifest</h2>
 <table>{manifest_rows}</table>

@@ -113,7 +113,7 @@ def test_state_download_time_is_the_alpha_beta_formula():
     assert two.bytes_sent == (0, share, nbytes - share)
 
 
-def test_a_returning_peer_loads_a_live_peers_state_and_pays_for_it():
+def test_a_returning_peer_loads_a_live_peers_state_and_pays_for_it(tmp_path):
     runtime, records, ex = churn_run(4, 8, {"events": [{"worker": 3, "leave_step": 2, "return_step": 5}]})
     (join,) = [r for r in records if isinstance(r, FaultRecord) and r.event == "join"]
     assert join.worker == 3 and join.sources == [0] and join.step == 5
@@ -124,6 +124,17 @@ def test_a_returning_peer_loads_a_live_peers_state_and_pays_for_it():
         np.testing.assert_array_equal(params[0], p)
     steps3 = [r.step for r in records if isinstance(r, StepRecord) and r.worker == 3]
     assert steps3 == [0, 1, 5, 6, 7]  # it contributes again from the step after the round it loaded the state in
+
+    from experiments.report import write_report
+    from experiments.summary import summarize
+
+    arms = [{"name": "arm", "workers": 4, "algorithm": "ddp", "network": "home", "device": "laptop-cpu",
+             "codec": "none"}]
+    summary = summarize(records, arms, "arm", None)
+    assert summary["arms"]["arm"]["faults"]["failures"] == 1 and summary["arms"]["arm"]["faults"]["joins"] == 1
+    paths = write_report(tmp_path, records, summary, "", {}, "churn")
+    assert (tmp_path / "membership.png").read_bytes().startswith(b"\x89PNG")
+    assert "rounds without someone" in (tmp_path / "report.html").read_text() and len(paths) == 5
 
 
 def test_a_peer_that_restarts_alone_waits_and_never_replaces_the_swarm():
