@@ -295,3 +295,32 @@ def butterfly_average(tensors: Sequence[np.ndarray], weights: Sequence[float], p
         out[start:stop] = total / sum(weights)
         start = stop
     return out.reshape(np.shape(tensors[0]))
+
+
+def state_download(
+    network: Network, receiver: int, sources: Sequence[int], nbytes: int, rng: np.random.Generator | None = None
+) -> CollectiveCost:
+    """A joining peer downloads the state (parameters, optimizer and strategy state: S = nbytes) from `sources`.
+
+    hivemind's `load_state_from_peers` streams it from one peer (the highest `state_sharing_priority`); with k
+    sources each sends an equal share S_s (the first S mod k one byte larger), all at once:
+
+        time_s = max(8 S / receiver.downlink_bps,  max_s 8 S_s / pair_bandwidth(s, receiver))  +  max_s latency(s, receiver)
+
+    pair_bandwidth(s, r) is s's uplink, r's downlink and, across regions, the inter-region cap: the transfer costs
+    time on both links. With `rng` and jitter the latency term is drawn as in `broadcast`. Bytes are in participant
+    order, the receiver first: it receives S and sends nothing; source s sends S_s.
+    """
+    participants = [receiver, *sources]
+    _check(network, participants, nbytes)
+    assert sources, "a state download needs a source"
+    k = len(sources)
+    shares = [nbytes // k + (1 if i < nbytes % k else 0) for i in range(k)]
+    transfer_s = max(8 * nbytes / network.links[receiver].downlink_bps,
+                     max(8 * b / network.pair_bandwidth_bps(s, receiver) for s, b in zip(sources, shares)))
+    pairs = [(s, receiver) for s in sources]
+    if rng is not None and _has_jitter(network, pairs):
+        latency_s = _jittered_latency(network, pairs, rng)
+    else:
+        latency_s = max(network.pair_latency_s(s, receiver) for s in sources)
+    return CollectiveCost(transfer_s + latency_s, (0, *shares), (nbytes, *([0] * k)))

@@ -83,6 +83,7 @@ class CommRecord(Record):
     received_fraction: list[float | None] | None = extra()
     missing_peers: list[int] | None = extra()
     rejected: list[int] | None = extra()  # sim: senders whose contribution was refused (non-finite, wrong shape/dtype)
+    absent: list[int] | None = extra()  # faults: workers the exchange was meant for that were gone or cut off
     measured: bool | None = extra()  # real mode: times and bytes measured, not modelled
     failed: bool | None = extra()  # collaborative: the round exceeded averaging_timeout
     samples: list[int] | None = extra()  # swarm: each peer's samples in the epoch
@@ -106,7 +107,29 @@ class EvalRecord(Record):
     param_spread: float  # the replicas' mean distance to their mean, relative to its norm: 0 when they agree
 
 
-KINDS: dict[str, type[Record]] = {cls.kind: cls for cls in (StepRecord, CommRecord, EvalRecord)}
+@dataclass(frozen=True, kw_only=True)
+class FaultRecord(Record):
+    """A change in who takes part (`cluster.churn`): a peer leaves, returns, loads the state, or cancels a round."""
+
+    kind: ClassVar[str] = "fault"
+    worker: int
+    event: str  # leave | return | join (the state loaded) | cancel
+    time_s: float  # the worker's clock when it happened
+    step: int  # the step in progress
+    cause: str | None = extra()  # leave: event (the written trace), mtbf (the seeded one) or exchange
+    phase: str | None = extra()  # leave or cancel during an exchange: before, sending, reducing, cancel
+    round: int | None = extra()  # ... the exchange's round
+    back_s: float | None = extra()  # leave: when the trace brings it back (simulated seconds)
+    back_step: int | None = extra()  # ... or at which step
+    lost_s: float | None = extra()  # leave: its compute since its last round, thrown away
+    timeout_s: float | None = extra()  # exchange faults: worker-seconds the survivors waited in timeouts
+    sources: list[int] | None = extra()  # join: the peers it downloaded the state from
+    state_bytes: int | None = extra()  # join: the state's size
+    wait_s: float | None = extra()  # join: from its return until the download began
+    download_s: float | None = extra()  # join: the download (`collectives.state_download`)
+
+
+KINDS: dict[str, type[Record]] = {cls.kind: cls for cls in (StepRecord, CommRecord, EvalRecord, FaultRecord)}
 
 
 def from_json(line: dict[str, Any]) -> Record:

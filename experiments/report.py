@@ -16,6 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 from cluster.records import EvalRecord, Record
+from experiments.churn_report import NAME as CHURN_PLOT
+from experiments.churn_report import churn_figure, faults_html
 
 BASELINE_COLOR = "black"
 ARM_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -67,8 +69,12 @@ def write_report(run_dir: Path, records: list[Record], summary: dict, config_tex
         "loss_vs_time.png": _loss_figure(evals, summary, x_key="time_s"),
         "bytes.png": _bytes_figure(summary),
     }
+    churn = churn_figure(records, list(summary["arms"]), {n: a["workers"] for n, a in summary["arms"].items()})
+    names = PLOT_NAMES + ((CHURN_PLOT,) if churn is not None else ())
+    if churn is not None:
+        figures[CHURN_PLOT] = churn
     paths = []
-    for name in PLOT_NAMES:
+    for name in names:
         path = run_dir / name
         # No 'Software' metadata, so a rerun of a deterministic experiment gives byte-identical files.
         figures[name].savefig(path, format="png", dpi=110, metadata={"Software": None})
@@ -240,7 +246,7 @@ pre {{ background: #f6f6f6; padding: 0.75rem; overflow-x: auto; font-size: 0.85r
 {chr(10).join(rows)}</table>
 <p>Ratios are to the baseline, {e(summary["baseline"])}. Utilisation is compute time over workers × simulated time.</p>
 {_ranking_html(summary)}
-<h2>Plots</h2>
+{faults_html(summary, human_seconds)}<h2>Plots</h2>
 {images}
 <h2>Manifest</h2>
 <table>{manifest_rows}</table>

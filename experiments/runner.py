@@ -26,6 +26,7 @@ import tomli_w
 
 from cluster.arm_scheduler import ArmScheduler, TraceClaims, completed
 from cluster.checkpoint import NO_CHECKPOINTS, Checkpoints
+from cluster.churn import ChurnDriver, ChurnExchanges
 from cluster.collaborative import CollaborativeDriver
 from cluster.devices import get_device
 from cluster.driver import ArmPlan, LockstepDriver
@@ -225,10 +226,21 @@ def _workers(job: ArmJob):
             yield workers
 
 
+def retimable(spec: ExperimentSpec, arm: ArmConfig) -> bool:
+    """Whether a recorded run of the arm's training configuration can stand in for training it. Not a hostile
+    peer's arm (its poison depends on what it would have sent, which a trace does not keep), nor one with faults (who
+    takes part depends on the clock)."""
+    return (spec.run.mode == "sim" and STRATEGIES[arm.algorithm].retimable and not arm.hostile
+            and arm.faults is None)
+
+
 def _simulate_lockstep(job: ArmJob) -> bool:
     plan = arm_plan(job.spec, job.arm)
-    # A hostile peer's poison depends on what it would have sent, which a trace does not keep: such an arm trains.
-    if job.traces is not None and STRATEGIES[job.arm.algorithm].retimable and not job.arm.hostile:
+    if job.arm.faults is not None:
+        with _workers(job) as workers:
+            ChurnDriver(workers, plan, ChurnExchanges(plan, job.arm.faults), job.emit, job.on_step).run()
+        return False
+    if job.traces is not None and retimable(job.spec, job.arm):
         key = training_key(job.spec, job.arm)
         claim = job.scheduler.claims.claim(job.traces, key, job.owner) if job.scheduler else None
         mine = claim is not None and claim.owner == job.owner
@@ -265,7 +277,7 @@ def training_key(spec: ExperimentSpec, arm: ArmConfig) -> str:
 def claim_traces(scheduler: ArmScheduler, spec: ExperimentSpec, traces: dict) -> None:
     """Decide, in arm order, which of the spec's arms train a configuration not yet traced (see `TraceClaims`)."""
     for arm in spec.arms:
-        if spec.run.mode == "sim" and STRATEGIES[arm.algorithm].retimable:
+        if retimable(spec, arm):
             scheduler.claims.claim(traces, training_key(spec, arm), (id(spec), arm.name))
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 from cluster.devices import get_device
 from cluster.estimate import EstimateConfig
+from cluster.faults import KEYS as CHURN_KEYS
+from cluster.faults import FaultsConfig, parse_faults
 from cluster.heterogeneity import speed_factors
 from cluster.hostile import HostileFault, hostile_table, parse_hostile
 from cluster.network import Network, build_network, regions_table
@@ -94,6 +96,7 @@ class ArmConfig:
     swarm: SwarmTiming | None = None  # a collaborative arm's matchmaking and timeouts, from its algorithm table
     aggregation: Aggregation | None = None  # an averaging strategy's reducers' rule, from its algorithm table
     hostile: tuple[HostileFault, ...] = ()  # faults.hostile: peers that poison what they send (cluster.hostile)
+    faults: FaultsConfig | None = None  # churn: the arm's faults table over the run's, key by key (cluster.faults)
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,12 @@ def parse_spec(raw: dict) -> ExperimentSpec:
     if "estimate" in raw:  # read by `farflung estimate`; checked here so that a typo fails in every mode
         parse_settings("estimate", EstimateConfig, raw["estimate"])
     arms = parse_arms(raw.get("arm"), run.workers, run.seed, raw.get("faults"))
+    arms = tuple(with_faults(arm, raw["arm"][i], raw.get("faults"), run) for i, arm in enumerate(arms))
+    if run.checkpoint_every:
+        for arm in arms:
+            if arm.hostile or arm.faults is not None:
+                raise ConfigError(f"run.checkpoint_every: arm {arm.name!r} has faults, whose state a checkpoint does "
+                                  "not hold yet; set run.checkpoint_every = 0 or run the faults without checkpoints")
     if run.mode == "real":
         for arm in arms:
             if arm.hostile or (arm.aggregation is not None and arm.aggregation.robust):
@@ -255,7 +264,22 @@ def parse_arms(arms: Any, n_workers: int, seed: int = 0, faults: Any = None) -> 
 
 ARM_KEYS = ["name", "algorithm", "network", "device", "speed_factors", "codec", "baseline", "client_mode", "allreduce",
             "faults"]
-FAULT_KEYS = ["hostile"]
+FAULT_KEYS = ["hostile", *CHURN_KEYS]  # hostile peers (cluster.hostile) and churn (cluster.faults)
+
+
+def with_faults(arm: ArmConfig, table: dict, run_faults: Any, run: RunConfig) -> ArmConfig:
+    """The arm with its churn: its own `faults` table's keys over the run's (`hostile` is read by `parse_arm`)."""
+    own = {k: v for k, v in table.get("faults", {}).items() if k in CHURN_KEYS}
+    value = {k: v for k, v in (run_faults or {}).items() if k in CHURN_KEYS} | own
+    if not value:
+        return arm
+    path = f"arm.{arm.name}.faults" if own else "faults"
+    faults = parse_faults(path, value, run.workers)
+    if run.mode != "sim" or STRATEGIES[arm.algorithm].schedule != "lockstep":
+        what = "real mode" if run.mode != "sim" else f"a {arm.algorithm} arm"
+        raise ConfigError(f"{path}: faults are simulated for lockstep arms only, not yet in {what}; remove the "
+                          f"table for arm {arm.name!r}")
+    return replace(arm, faults=faults)
 
 
 def parse_arm(path: str, table: Any, n_workers: int, seed: int = 0, run_faults: dict | None = None) -> ArmConfig:
@@ -361,7 +385,8 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
                 "codec": a.codec,
                 "client_mode": list(a.client_mode),
                 "allreduce": a.allreduce,
-                **({"faults": {"hostile": hostile_table(a.hostile)}} if a.hostile else {}),
+                **({"faults": ({"hostile": hostile_table(a.hostile)} if a.hostile else {})
+                    | (a.faults.raw if a.faults is not None else {})} if a.hostile or a.faults is not None else {}),
             }
             for a in spec.arms
         ],

@@ -10,7 +10,8 @@ import json
 import math
 from pathlib import Path
 
-from cluster.records import CommRecord, EvalRecord, Record, StepRecord, from_json, of_kind
+from cluster.records import CommRecord, EvalRecord, FaultRecord, Record, StepRecord, from_json, of_kind
+from experiments.fault_summary import fault_summary
 
 
 def read_metrics(path: str | Path) -> list[Record]:
@@ -102,7 +103,7 @@ def _summarize_arm(arm: dict, records: list[Record], target: float | None) -> di
     reached = next((r for r, loss in zip(evals, losses) if target is not None and loss is not None and loss <= target),
                    None)
 
-    return {
+    summary = {
         "algorithm": arm["algorithm"],
         "network": arm["network"],
         "device": arm["device"],
@@ -126,6 +127,9 @@ def _summarize_arm(arm: dict, records: list[Record], target: float | None) -> di
         "time_to_target_s": float(reached.time_s) if reached else None,
         "tokens_to_target": int(reached.tokens) if reached else None,
     }
+    if any(isinstance(r, FaultRecord) or (isinstance(r, CommRecord) and r.absent) for r in records):
+        summary["faults"] = fault_summary(records, workers, time_s)
+    return summary
 
 
 def _finite(value: float | None) -> float | None:

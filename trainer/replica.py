@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from trainer import replica_state
 from trainer.compression import topk_fraction, transmit, transmit_topk
 from trainer.data import Corpus, DataConfig, ShardSampler, heldout_batches, load_corpus
 from trainer.model import GPT, GPTConfig, training_flops_per_token
@@ -273,6 +274,15 @@ class Replica:
 
     def params(self) -> np.ndarray:
         return self.flat_params().numpy().copy()
+
+    def export_state(self) -> dict:
+        """Parameters, optimizer and strategy state, as a joining peer downloads them (`trainer.replica_state`)."""
+        return replica_state.export_state(self)
+
+    def import_state(self, state: dict) -> int:
+        """Load another replica's `export_state`; returns its size in bytes."""
+        replica_state.import_state(self, state)
+        return replica_state.state_nbytes(state)
 
     def num_params(self) -> int:
         return self.model.num_params()
