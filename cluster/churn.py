@@ -187,8 +187,8 @@ class ChurnExchanges(ModelledExchanges):
             shown.append(replace(r, group=len(shown), **extra))
         return shown
 
-    def reduce(self, group: tuple[int, ...], requests: list, index: int = 0) -> Reduced:
-        reduced = super().reduce(group, requests, index)
+    def reduce(self, group: tuple[int, ...], requests: list, index: int = 0, step: int = 0) -> Reduced:
+        reduced = super().reduce(group, requests, index, step)
         faulted = [w for w in group if w in self._faulted]
         if len(group) < 2 or not faulted:
             return reduced

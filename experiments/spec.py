@@ -275,6 +275,10 @@ def with_faults(arm: ArmConfig, table: dict, run_faults: Any, run: RunConfig) ->
         return arm
     path = f"arm.{arm.name}.faults" if own else "faults"
     faults = parse_faults(path, value, run.workers)
+    if arm.hostile or (arm.aggregation is not None and arm.aggregation.robust):
+        # A survivor's average is taken again without the failed peers, by the mean: not yet by a robust rule.
+        raise ConfigError(f"{path}: churn is not yet simulated together with hostile peers or a robust aggregation; "
+                          f"give arm {arm.name!r} one or the other")
     if run.mode != "sim" or STRATEGIES[arm.algorithm].schedule != "lockstep":
         what = "real mode" if run.mode != "sim" else f"a {arm.algorithm} arm"
         raise ConfigError(f"{path}: faults are simulated for lockstep arms only, not yet in {what}; remove the "
