@@ -193,7 +193,7 @@ def _run_side_by_side(run, todo: list, out_dir: Path, runtime: str | None, trace
     Which arm trains each configuration is claimed in point order before any point starts, so the same arms train
     as when the points run one after another. A point's folder is complete when its run returns, in any order."""
     from cluster.arm_scheduler import ArmScheduler, completed
-    from experiments.runner import STRATEGIES, claim_traces, training_key
+    from experiments.arms import STRATEGIES, claim_traces, training_key
 
     if not todo:
         return
