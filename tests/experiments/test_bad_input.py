@@ -344,3 +344,46 @@ def test_join_numbers_are_refused_before_anything_starts(flag, value):
         return
     with pytest.raises(join.JoinError, match=flag):
         join._check(args)
+
+
+# ------------------------------------------------------------------------------------------------- fault tables
+
+FAULT_VALUES = st.one_of(
+    JUNK,
+    st.lists(st.fixed_dictionaries({}, optional={
+        "worker": st.integers(-2, 6), "leave_step": st.integers(-3, 40), "return_step": st.integers(-3, 40),
+        "leave_s": JUNK, "round": st.integers(-2, 5), "phase": st.sampled_from(["before", "sending", "x", ""]),
+        "peers": st.lists(st.integers(-1, 5), max_size=3), "kind": st.sampled_from(["sign_flip", "noise", "nope"]),
+        "from_step": st.integers(-2, 10), "groups": st.lists(st.lists(st.integers(-1, 5), max_size=3), max_size=3),
+        "speed": JUNK, "from_s": JUNK, "to_s": JUNK}), max_size=3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(table=st.dictionaries(st.sampled_from(["events", "mtbf", "mttr", "exchange", "stragglers", "partition",
+                                              "sender_timeout", "reducer_timeout", "state_sources", "hostile"]),
+                             FAULT_VALUES, max_size=3))
+def test_fault_tables_are_parsed_or_refused_in_one_line(table):
+    raw = copy.deepcopy(BASE)
+    raw["arm"] = raw["arm"][:2]
+    raw["faults"] = table
+    _refused(raw)
+
+
+@pytest.mark.parametrize("faults,says", [
+    ({"mtbf": "1min"}, "mttr"),
+    ({"events": [{"worker": 1, "leave_step": 5, "return_step": 9}], "mtbf": "1min", "mttr": "10s"},
+     "contradictory"),
+    ({"events": [{"worker": 1, "leave_step": 5, "return_step": 9}, {"worker": 1, "leave_step": 7}]},
+     "leaves again before it has returned"),
+    ({"exchange": [{"worker": 2, "round": 1, "phase": "sending"}, {"worker": 2, "round": 1, "phase": "reducing"}]},
+     "fails twice in one round"),
+    ({"partition": [{"groups": [[0, 1], [1, 2, 3]], "from_s": 0, "to_s": 1}]}, "on two sides"),
+    ({"sender_timeout": "10s", "reducer_timeout": "5s"}, "must be longer than sender_timeout"),
+])
+def test_contradictory_faults_are_refused(faults, says):
+    raw = copy.deepcopy(BASE)
+    raw["arm"] = raw["arm"][:2]
+    raw["faults"] = faults
+    error = _refused(raw)
+    assert error is not None and says in str(error) and str(error).startswith("faults")
