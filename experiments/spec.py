@@ -268,9 +268,10 @@ FAULT_KEYS = ["hostile", *CHURN_KEYS]  # hostile peers (cluster.hostile) and chu
 
 
 def with_faults(arm: ArmConfig, table: dict, run_faults: Any, run: RunConfig) -> ArmConfig:
-    """The arm with its churn: its own `faults` table's keys over the run's (`hostile` is read by `parse_arm`)."""
+    """The arm with its churn: its own `faults` table's churn keys if it has any, else the run's (a trace is one
+    whole: an arm's `events` replace the run's `mtbf`, they do not add to it); `hostile` is read by `parse_arm`."""
     own = {k: v for k, v in table.get("faults", {}).items() if k in CHURN_KEYS}
-    value = {k: v for k, v in (run_faults or {}).items() if k in CHURN_KEYS} | own
+    value = own or {k: v for k, v in (run_faults or {}).items() if k in CHURN_KEYS}
     if not value:
         return arm
     path = f"arm.{arm.name}.faults" if own else "faults"
