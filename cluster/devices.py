@@ -35,6 +35,11 @@ DEVICES: dict[str, DeviceProfile] = {
     # Memory: 80 GB HBM2e, or 40 GB HBM2 for the first SKU (A100 datasheet).
     "a100": DeviceProfile("a100", 312e12, 0.40, "NVIDIA A100 80GB, 312 TFLOP/s dense bf16", 80e9),
     "a100-40gb": DeviceProfile("a100-40gb", 312e12, 0.40, "NVIDIA A100 40GB, 312 TFLOP/s dense bf16", 40e9),
+    # B200 in an HGX/DGX B200 board (1000 W): 2250 TFLOP/s dense BF16, 4500 with 2:4 sparsity (NVIDIA's figures as
+    # tabulated at glennklockwood.com/garden/processors/B200); consistent with the DGX B200 datasheet's 72 PFLOP/s
+    # sparse FP8 for eight GPUs. MFU as for H100 (no published large-run MFU on B200 was found).
+    # Memory: 180 GB HBM3e per GPU (DGX B200 datasheet: 1,440 GB for eight GPUs).
+    "b200": DeviceProfile("b200", 2250e12, 0.40, "NVIDIA B200 (HGX), 2250 TFLOP/s dense bf16", 180e9),
     # Ada Lovelace (AD102) whitepaper, RTX 4090: 165.2 TFLOP/s FP16/BF16 tensor with FP32 accumulate, dense. GeForce
     # cards run FP32 accumulate at half the FP16-accumulate rate (330 TFLOP/s), and training uses FP32 accumulate.
     # Lower MFU than datacenter parts: smaller memory and consumer cards usually train smaller, less efficient models.

@@ -26,3 +26,15 @@ def test_intellect1_row_is_the_hand_computed_diloco_cost():
     nbytes = 10**10 + 8 + 1024 + 24  # uint8: a byte a parameter, the codebook, 24 bytes of protobuf framing
     e = 2 * 13 / 14 * nbytes * 8 / 1e9 + 2 * 13 * 0.1  # ring all-reduce over 14 nodes, 100 ms between two
     assert est.compute_utilisation == pytest.approx(100 * c / (100 * (c + i) + e), rel=1e-9)
+
+
+def test_covenant_row_is_the_hand_computed_topk_allgather_cost():
+    (run,) = [r for r in calibration.load_runs() if r["name"].startswith("Covenant-72B")]
+    est = estimate_arm(calibration.arm_of(run))
+    c = 6 * 72e9 * 7864320 / 20 / (8 * 2250e12 * 0.40)  # a peer's share of a step on 8 B200s at 40 % MFU
+    i = 2 * 7 / 8 * (2 * 72e9) * 8 / 3.6e12 + 2 * 7 * 1e-6  # bf16 gradients over NVLink, every step
+    k = 72e9 / 64  # top-k keeps 1/64 of the values
+    nbytes = (4 * k + 20) + (4 * k + 22)  # int32 indices and float32 values, each with its protobuf framing
+    e = 19 * nbytes * 8 / 10e9 + 19 * 0.1  # ring all-gather of 20 peers' messages, 100 ms between two
+    assert est.exchange_s == pytest.approx(e, rel=1e-12)
+    assert est.compute_utilisation == pytest.approx(30 * c / (30 * (c + i) + e), rel=1e-9)
