@@ -212,5 +212,5 @@ def test_devices():
     assert get_device("laptop-cpu").effective_flops == pytest.approx(100e9)
     for name, device in DEVICES.items():
         assert device.name == name and device.peak_flops > 0 and 0 < device.mfu <= 1
-    with pytest.raises(ValueError, match=r"^unknown device 'tpu'; known: a100, a100-40gb, apple-m2, h100"):
+    with pytest.raises(ValueError, match=r"^unknown device 'tpu'; known: a100, a100-40gb, apple-m2, b200, h100"):
         get_device("tpu")
