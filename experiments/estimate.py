@@ -11,7 +11,6 @@ and token, the Kaplan et al. 2020 approximation, attention left out).
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from cluster.estimate import EstimateConfig
 from cluster.network import PRESETS as LINK_PRESETS
 from cluster.network import Network, build_network, parse_bandwidth, parse_duration
 from experiments.fields import ConfigError, parse_settings
-from experiments.spec import ExperimentSpec, apply_overrides, parse_spec
+from experiments.spec import ExperimentSpec, parse_spec, read_experiment
 from trainer.model import GPTConfig, count_params, training_flops_per_token
 from trainer.settings import settings_of
 from trainer.strategies import STRATEGIES
@@ -85,15 +84,7 @@ def arms_from_spec(spec: ExperimentSpec, config: EstimateConfig) -> list[ArmInpu
 
 
 def load_arms(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[ArmInput]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: experiment file not found; give the path of a .toml file")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    raw.setdefault("name", path.stem)
-    raw = apply_overrides(raw, overrides)
+    raw = read_experiment(path, overrides)
     config = parse_settings("estimate", EstimateConfig, raw.get("estimate", {}))
     return arms_from_spec(parse_spec(raw), config)
 

@@ -146,6 +146,11 @@ def algorithm_catalog() -> list[dict[str, Any]]:
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
+    return parse_spec(read_experiment(path, overrides))
+
+
+def read_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """An experiment file's tables with the `--set` overrides applied, before any of it is parsed."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: experiment file not found; give the path of a .toml file such as experiments/demo.toml")
@@ -154,7 +159,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     raw.setdefault("name", path.stem)
-    return parse_spec(apply_overrides(raw, overrides))
+    return apply_overrides(raw, overrides)
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
