@@ -41,7 +41,9 @@ def tree_rss_bytes(root: psutil.Process | None = None) -> int:
 class PeakRss:
     """`with PeakRss() as peak:` ... `peak.bytes`, `peak.pss_bytes`: the largest sums of RSS and of PSS seen inside."""
 
-    def __init__(self, interval_s: float = 0.1):
+    # Reading PSS parses every mapping of every process in the tree (Ray's workers included): at 0.1 s it took a
+    # core's worth of time from the 2-core machine it measured, the plain PyTorch run first of all.
+    def __init__(self, interval_s: float = 1.0):
         self.interval_s = interval_s
         self.bytes = self.pss_bytes = 0
         self._stop = threading.Event()
