@@ -33,7 +33,7 @@ import torch
 from cluster.collectives import butterfly_average, state_download
 from cluster.driver import ArmPlan, LockstepDriver, average, evaluate_consensus
 from cluster.faults import FaultsConfig, FaultTrace, Outage
-from cluster.records import CommRecord, FaultRecord, StepRecord
+from cluster.records import CommRecord, FaultRecord
 from cluster.sim import ModelledExchanges, Reduced
 from trainer.compression import transmit
 from trainer.replica import StepDone
@@ -269,37 +269,24 @@ class ChurnDriver(LockstepDriver):
         super().__init__(workers, plan, exchanges, emit, on_step)
         exchanges.workers = workers
 
-    def account(self, events: list[list]) -> list | None:
-        plan, ex = self.plan, self.exchanges
-        steps = [[e for e in evs if isinstance(e, StepDone)] for evs in events]
-        assert len({len(s) for s in steps}) == 1, "workers left lockstep"
-        for done in zip(*steps):
-            for w, d in enumerate(done):
-                if ex.status[w] == LIVE:
-                    rest_s = ex.compute_seconds(w, d.flops)
-                    t = ex.failure_in(w, d.step, ex.clock.now_s[w] + rest_s)
-                    if t is not None:
-                        ex.leave(w, t, d.step, cause=ex.next_outage(w).cause)
-                if ex.status[w] != LIVE:
-                    ex.step_compute_s[w] = 0.0
-                    continue
-                time_s, compute_s = ex.step_done(w, d)
-                ex.unsynced_s[w] += rest_s
-                self.emit(StepRecord(arm=plan.name, worker=w, step=d.step, tokens=(d.step + 1) * plan.tokens_per_step,
-                                     loss=d.loss, time_s=time_s, compute_s=compute_s))
-            for record in ex.pending:
-                self.emit(record)
-            ex.pending = []
-            self.on_step()
-            self.steps_completed = done[0].step + 1
-        tails = [evs[-1] if evs and not isinstance(evs[-1], StepDone) else None for evs in events]
-        if all(t is None for t in tails):
-            return None
-        assert all(t is not None for t in tails), "only some workers made a request"
-        assert len({type(t) for t in tails}) == 1, "workers made different kinds of request"
-        for w, t in enumerate(tails):
-            ex.request_made(w, t)
-        return tails
+    def book_step(self, w: int, d: StepDone) -> None:
+        """A live worker's step, unless the trace takes it down before the step's compute is over."""
+        ex = self.exchanges
+        if ex.status[w] == LIVE:
+            rest_s = ex.compute_seconds(w, d.flops)
+            t = ex.failure_in(w, d.step, ex.clock.now_s[w] + rest_s)
+            if t is not None:
+                ex.leave(w, t, d.step, cause=ex.next_outage(w).cause)
+        if ex.status[w] != LIVE:
+            ex.step_compute_s[w] = 0.0
+            return
+        super().book_step(w, d)
+        ex.unsynced_s[w] += rest_s
+
+    def step_booked(self) -> None:
+        for record in self.exchanges.pending:
+            self.emit(record)
+        self.exchanges.pending = []
 
     def evaluate(self, step: int) -> None:
         live = [w for w in range(self.plan.n_workers) if self.exchanges.status[w] == LIVE]

@@ -162,14 +162,13 @@ class LockstepDriver:
 
     def account(self, events: list[list]) -> list | None:
         """Record the steps the workers finished; return their requests (one each), or None if they all stopped."""
-        plan, exchanges = self.plan, self.exchanges
+        exchanges = self.exchanges
         steps = [[e for e in evs if isinstance(e, StepDone)] for evs in events]
         assert len({len(s) for s in steps}) == 1, "workers left lockstep"
         for done in zip(*steps):
             for w, d in enumerate(done):
-                time_s, compute_s = exchanges.step_done(w, d)
-                self.emit(StepRecord(arm=plan.name, worker=w, step=d.step, tokens=(d.step + 1) * plan.tokens_per_step,
-                                     loss=d.loss, time_s=time_s, compute_s=compute_s))
+                self.book_step(w, d)
+            self.step_booked()
             self.on_step()
             self.steps_completed = done[0].step + 1
         tails = [evs[-1] if evs and not isinstance(evs[-1], StepDone) else None for evs in events]
@@ -180,6 +179,16 @@ class LockstepDriver:
         for w, t in enumerate(tails):
             exchanges.request_made(w, t)
         return tails
+
+    def book_step(self, w: int, d: StepDone) -> None:
+        """Put worker `w`'s finished step on its clock and record it."""
+        plan = self.plan
+        time_s, compute_s = self.exchanges.step_done(w, d)
+        self.emit(StepRecord(arm=plan.name, worker=w, step=d.step, tokens=(d.step + 1) * plan.tokens_per_step,
+                             loss=d.loss, time_s=time_s, compute_s=compute_s))
+
+    def step_booked(self) -> None:
+        """Every worker's step of one index is booked (a hook for drivers that record more per step)."""
 
     def evaluate(self, step: int) -> None:
         params = self.last_params = self.workers.call("params")
