@@ -32,7 +32,8 @@ from cluster.runtime import RUNTIMES, start_ray
 from cluster.sim import ModelledExchanges
 from experiments.checkpoint import ArmCheckpoints, MetricsLog, RunCheckpoints
 from experiments.fields import ConfigError
-from experiments.spec import ArmConfig, ExperimentSpec, resolved_config
+from experiments.resolved import resolved_config
+from experiments.spec import ArmConfig, ExperimentSpec
 from trainer.data import Corpus
 from trainer.replica import ReplicaSpec
 from trainer.strategies import STRATEGIES

@@ -25,7 +25,8 @@ from experiments.checkpoint import RunCheckpoints, find_incomplete, incomplete_d
 from experiments.fields import ConfigError
 from experiments.manifest import build_manifest, git_state
 from experiments.report import write_report
-from experiments.spec import ExperimentSpec, load_spec, resolved_config
+from experiments.resolved import resolved_config
+from experiments.spec import ExperimentSpec, load_spec
 from experiments.summary import summarize
 from trainer.data import Corpus, check_fits, load_corpus
 from trainer.strategies import STRATEGIES

@@ -22,7 +22,7 @@ and, for a collaborative arm, the swarm's timing.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ from cluster.estimate import EstimateConfig
 from cluster.faults import KEYS as CHURN_KEYS
 from cluster.faults import FaultsConfig, parse_faults
 from cluster.heterogeneity import speed_factors
-from cluster.hostile import HostileFault, hostile_table, parse_hostile
-from cluster.network import Network, build_network, regions_table
+from cluster.hostile import HostileFault, parse_hostile
+from cluster.network import Network, build_network
 from cluster.real.options import ALLREDUCE, SHAPING, check_real_arm
 from cluster.swarm_timing import SwarmTiming
 from experiments.fields import ConfigError, check_keys, parse_settings, parse_values
@@ -368,57 +368,3 @@ def parse_algorithm(path: str, value: Any) -> tuple[str, Settings, SwarmTiming |
     parsed = [parse_settings(path, cls, {k: v for k, v in table.items() if k in settings_of(cls)}) for cls in classes]
     extra = {type(p): p for p in parsed[1:]}
     return name, parsed[0], extra.get(SwarmTiming), extra.get(Aggregation)
-
-
-def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
-    """Every setting with its default filled in, in a form `parse_spec` reads back to the same spec."""
-
-    def clean(d: dict) -> dict:
-        return {k: v for k, v in d.items() if v is not None}
-
-    return {
-        "name": spec.name,
-        "description": spec.description,
-        "model": asdict(spec.model),
-        "data": clean(asdict(spec.data)),
-        "optim": asdict(spec.optim),
-        "run": clean(asdict(spec.run)),
-        "arm": [
-            {
-                "name": a.name,
-                "baseline": a.baseline,
-                "algorithm": {"name": a.algorithm, **asdict(a.settings), **(asdict(a.swarm) if a.swarm else {}),
-                              **(asdict(a.aggregation) if a.aggregation else {})},
-                "network": network_table(a.network, a.network_label),
-                "device": a.device,
-                "speed_factors": list(a.speed_factors),
-                "codec": a.codec,
-                "client_mode": list(a.client_mode),
-                "allreduce": a.allreduce,
-                **({"faults": ({"hostile": hostile_table(a.hostile)} if a.hostile else {})
-                    | (a.faults.raw if a.faults is not None else {})} if a.hostile or a.faults is not None else {}),
-            }
-            for a in spec.arms
-        ],
-    }
-
-
-def network_table(network: Network, label: str = "custom") -> dict[str, Any]:
-    def link_table(link) -> dict[str, Any]:
-        return {
-            "uplink": link.uplink_bps, "downlink": link.downlink_bps, "latency": link.one_way_latency_s,
-            "jitter": link.jitter_s, "loss": link.loss,
-        }
-
-    first = network.links[0]
-    # The preset is kept only so the run keeps its label; the explicit figures below override all of it.
-    table = ({} if label == "custom" else {"preset": label}) | link_table(first)
-    workers = {str(i): link_table(link) for i, link in enumerate(network.links) if link != first}
-    if workers:
-        table["workers"] = workers
-    if network.latency_matrix_s is not None:
-        table["latency_matrix"] = [list(row) for row in network.latency_matrix_s]
-    regions = regions_table(network)
-    if regions is not None:
-        table["regions"] = regions
-    return table

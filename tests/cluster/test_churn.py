@@ -231,7 +231,8 @@ def test_faults_in_the_experiment_file_read_back_and_refuse_what_is_not_simulate
     import tomli_w
     import tomllib
 
-    from experiments.spec import parse_spec, resolved_config
+    from experiments.resolved import resolved_config
+    from experiments.spec import parse_spec
 
     raw = {"run": {"workers": 4, "tokens": 4096}, "model": {"preset": "tiny"},
            "faults": {"mtbf": "1min", "mttr": "10s"},

@@ -10,7 +10,8 @@ import tomli_w
 from cluster import sites
 from cluster.network import PRESETS, build_network
 from experiments.fields import ConfigError
-from experiments.spec import load_spec, parse_spec, resolved_config
+from experiments.resolved import resolved_config
+from experiments.spec import load_spec, parse_spec
 
 DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.toml"
 

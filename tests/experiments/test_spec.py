@@ -11,7 +11,8 @@ import tomli_w
 from experiments import cli
 from experiments.fields import ConfigError
 from cluster.swarm_timing import SwarmTiming
-from experiments.spec import load_spec, parse_spec, resolved_config
+from experiments.resolved import resolved_config
+from experiments.spec import load_spec, parse_spec
 from trainer.strategies.collaborative import CollaborativeSettings
 
 TINY = Path(__file__).parent / "files" / "tiny.toml"

@@ -10,7 +10,8 @@ import tomli_w
 from cluster.hostile import HostileFault
 from cluster.records import CommRecord
 from experiments.fields import ConfigError
-from experiments.spec import load_spec, parse_spec, resolved_config
+from experiments.resolved import resolved_config
+from experiments.spec import load_spec, parse_spec
 from trainer.robust import Aggregation
 
 ROOT = Path(__file__).resolve().parents[2]
