@@ -1,11 +1,11 @@
 """Device profiles: how many FLOP/s a worker really delivers, so compute time = FLOPs of a step / effective_flops.
 
 Peak figures are dense (no 2:4 sparsity) in the precision a transformer trains in on that device: bf16 tensor cores
-with fp32 accumulation on NVIDIA GPUs, fp32 on Apple GPUs and laptop CPUs. `mfu` (model FLOPs utilisation) is the
-fraction of peak that training a transformer typically reaches there; it absorbs kernel efficiency, memory-bound
-layers and framework overhead, and is the figure to change when a measured step time disagrees. `memory_bytes` is
-one device's memory as its datasheet states it (decimal gigabytes); the estimate checks that a model's training
-state fits there.
+with fp32 accumulation on NVIDIA GPUs (fp16 on the T4), fp32 on Apple GPUs and laptop CPUs.
+`mfu` (model FLOPs utilisation) is the fraction of peak that training a transformer typically reaches there; it
+absorbs kernel efficiency, memory-bound layers and framework overhead, and is the figure to change when a measured
+step time disagrees. `memory_bytes` is one device's memory as its datasheet states it (decimal gigabytes); the
+estimate checks that a model's training state fits there.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ DEVICES: dict[str, DeviceProfile] = {
     # sparse FP8 for eight GPUs. MFU as for H100 (no published large-run MFU on B200 was found).
     # Memory: 180 GB HBM3e per GPU (DGX B200 datasheet: 1,440 GB for eight GPUs).
     "b200": DeviceProfile("b200", 2250e12, 0.40, "NVIDIA B200 (HGX), 2250 TFLOP/s dense bf16", 180e9),
+    # NVIDIA T4 (Turing, 70 W PCIe) datasheet: 65 TFLOP/s FP16 mixed precision (FP16 multiply, FP32 accumulate),
+    # 8.1 TFLOP/s FP32, 16 GB GDDR6 (as tabulated at networkoutlet.com and sysrqmts.com); training on it runs in fp16
+    # (Erben et al. 2024, arXiv:2306.03163: "FP16 precision, as the target T4 GPUs have a considerable improvement in
+    # FLOPs compared to FP32 (8:1)"). MFU assumed as for the GeForce cards: no published training MFU on T4 was found.
+    "t4": DeviceProfile("t4", 65e12, 0.35, "NVIDIA T4, 65 TFLOP/s dense fp16 with fp32 accumulate", 16e9),
     # Ada Lovelace (AD102) whitepaper, RTX 4090: 165.2 TFLOP/s FP16/BF16 tensor with FP32 accumulate, dense. GeForce
     # cards run FP32 accumulate at half the FP16-accumulate rate (330 TFLOP/s), and training uses FP32 accumulate.
     # Lower MFU than datacenter parts: smaller memory and consumer cards usually train smaller, less efficient models.

@@ -10,12 +10,15 @@ import argparse
 import tomllib
 from pathlib import Path
 
+from cluster import estimate as cost
 from experiments.estimate import add_arguments, arm_from_flags, estimate_arm, solve
 
 INPUTS = Path(__file__).resolve().parent / "published" / "calibration.toml"
 DOCUMENT = Path(__file__).resolve().parent / "CALIBRATION.md"
-_NOT_FLAGS = ("name", "source", "metric", "reported", "assumed")
-METRICS = ("compute_utilisation", "wall_s")
+_NOT_FLAGS = ("name", "study", "source", "metric", "reported", "assumed")
+# Utilisation (0-1), wall time of the run and seconds of one synchronisation between workers.
+METRICS = ("compute_utilisation", "wall_s", "exchange_s")
+_NETWORK_INPUTS = ("bandwidth", "latency", "network")
 
 
 def load_runs(path: Path = INPUTS) -> list[dict]:
@@ -43,9 +46,25 @@ def row(run: dict) -> dict:
         return {"estimate": f"{estimate:.1%}", "reported": f"{reported:.1%}",
                 "error": f"{100 * (estimate - reported):+.1f} points",
                 "implied": "unreachable" if implied is None else _bits(implied)}
+    if run["metric"] == "exchange_s":
+        estimate, reported = est.exchange_s, run["reported"]
+        implied = bandwidth_for_exchange(arm, reported).value
+        return {"estimate": _seconds(estimate), "reported": _seconds(reported),
+                "error": f"{estimate / reported - 1:+.0%}",
+                "implied": "unreachable" if implied is None else _bits(implied)}
     estimate, reported = est.wall_s, run["reported"]
     return {"estimate": f"{estimate / 86400:.1f} days", "reported": f"{reported / 86400:.1f} days",
             "error": f"{estimate / reported - 1:+.0%}", "implied": "-"}
+
+
+def bandwidth_for_exchange(arm, seconds: float) -> cost.Solved:
+    """The least bandwidth (every worker's link) at which one synchronisation takes at most `seconds`: the solver
+    finds where a quantity that grows with bandwidth reaches its target, and minus the exchange time is one."""
+    return cost.solve_bandwidth(lambda network: -estimate_arm(arm, network).exchange_s, arm.network, -seconds)
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds >= 100 else f"{seconds:.1f} s"
 
 
 def _bits(bps: float) -> str:
@@ -53,21 +72,21 @@ def _bits(bps: float) -> str:
 
 
 def _network(run: dict) -> str:
-    if "network" in run:
-        return f"preset {run['network']}"
-    return f"{run['bandwidth']}/s, {run['latency']} access latency"
+    link = f"preset {run['network']}" if "network" in run else f"{run['bandwidth']}/s, {run['latency']} access latency"
+    assumed = any(item.split()[0] in _NETWORK_INPUTS for item in run["assumed"])
+    return f"{link} ({'assumed' if assumed else 'measured'})"
 
 
 def table(runs: list[dict] | None = None) -> str:
     runs = load_runs() if runs is None else runs
-    lines = ["| run | model | hardware | network (assumed) | algorithm, codec | reported | farflung | error | "
-             "bandwidth for the reported utilisation |",
+    lines = ["| run | model | hardware | network | algorithm, codec | reported | farflung | error | "
+             "bandwidth for the reported figure |",
              "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         r = row(run)
         algorithm = f"{run['algorithm']} H={run['inner_steps']}" if "inner_steps" in run else run["algorithm"]
         lines.append(
-            f"| {run['name']} | {run['params'] / 1e9:g}B | {run['workers']} x {run['devices_per_worker']} "
+            f"| {run['name']} | {run['params'] / 1e9:.3g}B | {run['workers']} x {run['devices_per_worker']} "
             f"{run['device']} | {_network(run)} | {algorithm}, {run['codec']} | {r['reported']} | {r['estimate']} | "
             f"{r['error']} | {r['implied']} |")
     return "\n".join(lines)
