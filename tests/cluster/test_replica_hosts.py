@@ -35,20 +35,25 @@ def run(algorithm, settings, make_runtime, steps=6):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("algorithm, settings", [("ddp", DDPSettings()), ("diloco", DiLoCoSettings(inner_steps=2))])
-def test_assignment_of_replicas_to_actors_does_not_change_metrics(algorithm, settings):
+def test_assignment_of_replicas_to_actors_does_not_change_metrics():
     ray = pytest.importorskip("ray")
     threads = torch.get_num_threads()
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
-        local = run(algorithm, settings, LocalRuntime)
-        with HostPool() as pool:  # each grouping reuses the previous one's actors, as a run's arms do
-            for actors in (4, 1, 2):  # 4 actors on 2 CPUs: fractional CPUs, not kept for the next
-                grouped = run(algorithm, settings, functools.partial(RayReplicaRuntime, actors=actors))
-                assert grouped == local, f"{actors} actors"
-            assert len(pool.idle) == 2
+        # One pool for both algorithms, as a run's arms share one: every grouping but the last reuses actors, and
+        # the last (4 actors on 2 CPUs: fractional CPUs, never kept) is one actor per worker.
+        # Each grouping: (actors, idle hosts in the pool after it).
+        groupings = {"diloco": (DiLoCoSettings(inner_steps=2), ((1, 1), (2, 2))),
+                     "ddp": (DDPSettings(), ((2, 2), (1, 2), (4, 0)))}
+        with HostPool() as pool:
+            for algorithm, (settings, actor_counts) in groupings.items():
+                local = run(algorithm, settings, LocalRuntime)
+                losses = [r["loss"] for r in local if r["kind"] == "step"]
+                assert len(set(losses)) > 1  # it trained: equal empty or constant records would prove nothing
+                for actors, idle in actor_counts:
+                    grouped = run(algorithm, settings, functools.partial(RayReplicaRuntime, actors=actors))
+                    assert grouped == local, f"{algorithm} on {actors} actors"
+                    assert len(pool.idle) == idle
     finally:
         ray.shutdown()
         torch.set_num_threads(threads)
-    losses = [r["loss"] for r in local if r["kind"] == "step"]
-    assert len(set(losses)) > 1  # the run trained: a comparison of empty or constant records would prove nothing
