@@ -17,12 +17,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/farflung demo
 
+# The tests that start neither Ray nor hivemind run on every core (pytest-xdist); those that do run one at a time
+# after them, since they time shaped links and hivemind's matchmaking, which sharing the cores would skew.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto -m "not ray and not hivemind"
+	$(VENV)/bin/python -m pytest -q -m "ray or hivemind" --durations=15
 
-# All but the tests that start Ray or hivemind (markers in pyproject.toml): 3 of `make test`'s 13 min on 2 cores.
+# All but the tests that start Ray or hivemind (markers in pyproject.toml).
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m "not ray and not hivemind"
+	$(VENV)/bin/python -m pytest -q -n auto -m "not ray and not hivemind"
 
 clean:
 	rm -rf $(VENV) *.egg-info
