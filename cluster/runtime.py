@@ -90,7 +90,8 @@ class RayRuntime:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             # Fractional CPUs let N workers share a small machine; on a big cluster each gets one.
             per_actor = min(1.0, cpus / len(specs))
-            remote_cls = ray.remote(actor_cls).options(num_cpus=per_actor, **actor_options)
+            remote_cls = self._remote_cls = ray.remote(actor_cls).options(num_cpus=per_actor, **actor_options)
+            self._specs = list(specs)
             extra_args = extra_args or [()] * len(specs)
             self.actors = [remote_cls.remote(spec, *extra) for spec, extra in zip(specs, extra_args)]
             self.call("num_params", timeout_s=ready_timeout_s)  # surface construction errors now
@@ -119,6 +120,23 @@ class RayRuntime:
             return ray.get(futures, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"{method} did not return on every worker within {timeout_s:.0f} s") from None
+
+    def kill(self, worker: int, method: str, timeout_s: float = 30.0) -> None:
+        """Have the worker's actor end itself by `method` (which does not return: it kills its own process), then
+        make sure Ray has let go of it. Its slot keeps the dead handle until `respawn`."""
+        import ray
+
+        try:
+            ray.get(getattr(self.actors[worker], method).remote(), timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # the expected end: the actor died while running the method
+        kill_actors([self.actors[worker]])
+
+    def respawn(self, worker: int, extra_args: tuple = (), ready_timeout_s: float | None = None, **kwargs) -> None:
+        """A new actor of the same class and options in the worker's slot, built as `actor_cls(spec, *extra_args,
+        **kwargs)` (a process of its own, nothing carried over from the one before)."""
+        self.actors[worker] = self._remote_cls.remote(self._specs[worker], *extra_args, **kwargs)
+        self.call("num_params", workers=[worker], timeout_s=ready_timeout_s)  # surface construction errors now
 
     def close(self, timeout_s: float = 30.0) -> None:
         import ray

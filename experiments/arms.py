@@ -149,7 +149,7 @@ def _real_peers(job: ArmJob) -> bool:
         # On a Ray cluster (RAY_ADDRESS) peers on different machines reach each other by node address.
         options=RealOptions(shaping=job.spec.run.shaping, allreduce=job.arm.allreduce,
                             host="auto" if os.environ.get("RAY_ADDRESS") else "127.0.0.1", secret=_run_secret()),
-        on_swarm=lambda s: _announce_swarm(job.manifest, job.arm.name, s),
+        on_swarm=lambda s: _announce_swarm(job.manifest, job.arm.name, s), faults=job.arm.faults,
     )
     return False
 

@@ -33,7 +33,7 @@ from cluster.faults import FaultsConfig, parse_faults
 from cluster.heterogeneity import speed_factors
 from cluster.hostile import HostileFault, parse_hostile
 from cluster.network import Network, build_network
-from cluster.real.options import ALLREDUCE, SHAPING, check_real_arm
+from cluster.real.options import ALLREDUCE, SHAPING, check_real_arm, check_real_faults
 from cluster.swarm_timing import SwarmTiming
 from experiments.fields import ConfigError, check_keys, parse_settings, parse_values
 from trainer.compression import check_codec
@@ -285,10 +285,14 @@ def with_faults(arm: ArmConfig, table: dict, run_faults: Any, run: RunConfig) ->
         # A survivor's average is taken again without the failed peers, by the mean: not yet by a robust rule.
         raise ConfigError(f"{path}: churn is not yet simulated together with hostile peers or a robust aggregation; "
                           f"give arm {arm.name!r} one or the other")
-    if run.mode != "sim" or STRATEGIES[arm.algorithm].schedule != "lockstep":
-        what = "real mode" if run.mode != "sim" else f"a {arm.algorithm} arm"
-        raise ConfigError(f"{path}: faults are simulated for lockstep arms only, not yet in {what}; remove the "
-                          f"table for arm {arm.name!r}")
+    if run.mode == "real":
+        try:
+            check_real_faults(arm.algorithm, faults, path)  # real peers: failures and returns on swarm arms
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif STRATEGIES[arm.algorithm].schedule != "lockstep":
+        raise ConfigError(f"{path}: faults are simulated for lockstep arms only, not yet for a {arm.algorithm} arm; "
+                          f"remove the table for arm {arm.name!r}")
     return replace(arm, faults=faults)
 
 

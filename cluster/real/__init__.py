@@ -6,8 +6,10 @@
   swarm arm) and emits the simulator's record kinds with measured times and bytes.
 - `accounting`: which bytes the relays count and how they are credited to the peers.
 - `options`: shaping on/off, where peers listen, and hivemind's timeouts derived from the arm's links.
-- `swarm`, `swarm_arm`: collaborative and local-updates arms on `hivemind.Optimizer`, each peer training at its own
-  pace (the peer, and the driver that polls and stops them).
+- `swarm`, `swarm_arm`, `swarm_setup`: collaborative and local-updates arms on `hivemind.Optimizer`, each peer
+  training at its own pace (the peer, the driver that polls and stops them, and the settings they map to);
+  `swarm_churn`: the fault trace played on them (SIGKILL and restart); `swarm_state`: who holds the swarm's state,
+  and the lone-restart guard.
 - `join`, `doctor`: the volunteer's commands: join a running swarm arm from elsewhere; check this machine first
   (`doctor_checks`: what doctor measures; `network_file`: the measured links as an experiment's network).
 - `probe`: the measurement protocol every real peer serves for `doctor` (and `doctor --serve`).

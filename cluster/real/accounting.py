@@ -94,11 +94,13 @@ def counters_delta(before: Counters, after: Counters) -> dict[Address, tuple[int
     return {c: (a[0] - before.get(c, (0, 0))[0], a[1] - before.get(c, (0, 0))[1]) for c, a in after.items()}
 
 
-def attribute(deltas: Sequence[Counters], dial_addresses: Sequence[Address]) -> RoundBytes:
-    """Credit each relay's per-client byte counts to sender and receiver; `deltas[i]` is peer i's relay."""
+def attribute(deltas: Sequence[Counters], dial_addresses: Sequence[Address],
+              former: Mapping[Address, int] | None = None) -> RoundBytes:
+    """Credit each relay's per-client byte counts to sender and receiver; `deltas[i]` is peer i's relay. `former`:
+    the dial addresses a worker had before it was restarted (a connection from them may still be counted)."""
     assert len(deltas) == len(dial_addresses)
     n = len(deltas)
-    peer_of = {tuple(a): i for i, a in enumerate(dial_addresses)}
+    peer_of = {tuple(a): i for a, i in (former or {}).items()} | {tuple(a): i for i, a in enumerate(dial_addresses)}
     sent, received, unattributed = [0] * n, [0] * n, 0
     for i, by_client in enumerate(deltas):
         for client, (inbound, outbound) in by_client.items():

@@ -35,6 +35,8 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, attach_event_on_finished, azip
 
+from cluster.real.secret import SecretSchema
+
 
 @dataclass(frozen=True)
 class RoundReport:
@@ -188,9 +190,10 @@ class ExactAverager(FaultHook, DecentralizedAverager):
         self._last_report = runner.report()
 
 
-class SwarmGradientAverager(FaultHook, GradientAverager):
+class SwarmGradientAverager(SecretSchema, FaultHook, GradientAverager):
     """hivemind.Optimizer's gradient averager, on hivemind's own protocol (outside peers join a swarm), keeping for
-    each round the fraction of the vector received and the peers missing (`take_reports`), and the test fault."""
+    each round the fraction of the vector received and the peers missing (`take_reports`), and the test fault; its
+    schema hash is bound to the run secret (`run_secret=`, `SecretSchema`)."""
 
     _reports: list[tuple[float, tuple[str, ...]]] = []
 

@@ -27,7 +27,8 @@ import socket
 import sys
 import time
 
-from cluster.real.swarm import CONFIG_KEY, RUNS_KEY, EpochRecord, SwarmSetup
+from cluster.real.swarm import CONFIG_KEY, RUNS_KEY, EpochRecord
+from cluster.real.swarm_setup import SwarmSetup
 
 
 def _secret() -> bytes | None:

@@ -240,8 +240,10 @@ class RealPeer:
         return sorted(int(k) for k in found.value)
 
     # --- the arm's clock: wall time spent training, paused while the driver evaluates -----------------------------
-    def start_clock(self) -> None:
-        self._t0 = self._paused_at = time.perf_counter()
+    def start_clock(self, offset_s: float = 0.0) -> None:
+        """Start the clock at `offset_s` (a peer restarted mid-run starts at the arm's time)."""
+        self._paused_at = time.perf_counter()
+        self._t0 = self._paused_at - offset_s
         self._excluded_s = 0.0
 
     def clock_s(self) -> float:
@@ -363,6 +365,18 @@ class RealPeer:
         return self.replica.num_params()
 
     # --- teardown ----------------------------------------------------------------------------------
+    def crash(self) -> None:
+        """SIGKILL this peer, as a machine that fails: every process it started (the DHT and its p2pd, the averagers)
+        and then its own process, with its training thread and relay. Nothing is shut down and no one is told."""
+        import signal
+
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def shutdown(self) -> None:
         """Stop the averager, the DHT (and its p2pd) and the relay; kill by pid any child process that outlived them."""
         if self.gloo is not None:

@@ -4,7 +4,8 @@
 - "lockstep" (ddp, diloco): `cluster.driver.LockstepDriver`, the simulator's own driver, with
   `cluster.real.lockstep.PeerExchanges` carrying out each exchange as a real all-reduce;
 - "swarm" (collaborative, local-updates): `cluster.real.swarm_arm.SwarmArm` polls `hivemind.Optimizer` peers that
-  train at their own pace.
+  train at their own pace; with a fault trace it SIGKILLs peers and restarts them (`cluster.real.swarm_churn`).
+  Lockstep arms take no faults on real peers: their averager forms groups of exactly the configured workers.
 Records have the simulator's kinds and fields, plus the real mode's (`measured`, ...); see `results/README.md`.
 
 Start-up is a barrier, because hivemind peers that begin their first exchange seconds apart fail to find a group:
@@ -26,15 +27,19 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from cluster.driver import ArmPlan, LockstepDriver
 from cluster.real.lockstep import PeerExchanges, RealExchangeError
-from cluster.real.options import RealOptions, averaging_timeouts, check_real_arm
+from cluster.faults import FaultsConfig
+from cluster.real.options import RealOptions, averaging_timeouts, check_real_arm, check_real_faults
 from cluster.real.peer import RealPeer
-from cluster.real.swarm import SwarmPeer, SwarmSetup, arm_config
-from cluster.real.swarm_arm import SwarmArm
+from cluster.real.swarm import SwarmPeer
+from cluster.real.swarm_setup import SwarmSetup, arm_config
+from cluster.real.swarm_arm import StateLoadCheck, SwarmArm
+from cluster.real.swarm_churn import SwarmChurn
 from cluster.records import Record
 from cluster.runtime import RayRuntime
 from trainer.model import count_params
@@ -57,7 +62,11 @@ class SwarmInfo:
 @dataclass(frozen=True)
 class RealArmResult:
     swarm: SwarmInfo
-    final_params: tuple[np.ndarray, ...]  # every peer's parameters at the end, in worker order (fetched for the last eval)
+    # every peer's parameters at the end, in worker order (fetched for the last eval); with faults, the peers holding
+    # the state
+    final_params: tuple[np.ndarray, ...]
+    # A swarm arm with faults: the restarted peers' state loads, checked against what their donors served.
+    state_loads: tuple[StateLoadCheck, ...] = ()
 
 
 def new_run_id(arm_name: str) -> str:
@@ -69,17 +78,21 @@ def new_run_id(arm_name: str) -> str:
 def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[Record], None],
                  on_step: Callable[[], None] = lambda: None, *, options: RealOptions = RealOptions(),
                  on_swarm: Callable[[SwarmInfo], None] | None = None,
-                 should_stop: Callable[[], bool] = lambda: False) -> RealArmResult:
+                 should_stop: Callable[[], bool] = lambda: False, faults: FaultsConfig | None = None) -> RealArmResult:
     """Run one arm with a real hivemind peer per worker, emitting step, comm and eval records as the simulator does.
 
     `on_swarm` is called once every peer is up, before training starts, with the swarm's address and run id (a
     machine elsewhere would join with them). Returns that `SwarmInfo` and every peer's final parameters.
     Swarm arms (collaborative, local-updates) stop early, at the end of the epoch under way, once `should_stop()`.
+    `faults`: a fault trace for a swarm arm, played on its real peers (`cluster.real.swarm_churn`); final parameters
+    are then those of the peers holding the swarm's state.
     """
     assert len(specs) == plan.n_workers and [s.worker for s in specs] == list(range(plan.n_workers))
     try:
         check_real_arm(specs[0].algorithm, plan.codec, plan.network, plan.client_mode, plan.speed_factors,
                        options.shaping, options.allreduce)
+        if faults is not None:
+            check_real_faults(specs[0].algorithm, faults)
     except ValueError as e:
         raise ValueError(f"arm {plan.name!r}: {e}") from None
     run_id = new_run_id(plan.name)
@@ -92,7 +105,7 @@ def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[Re
     links = [options.link_of(plan.network, w) for w in range(plan.n_workers)]
     with peer_namespaces(options, links, run_id) as ports:
         return _run_peers(plan, specs, emit, on_step, options, on_swarm, should_stop, run_id, timeouts, setup, links,
-                          ports)
+                          ports, faults)
 
 
 @contextlib.contextmanager
@@ -108,7 +121,7 @@ def peer_namespaces(options: RealOptions, links, run_id: str):
 
 
 def _run_peers(plan, specs, emit, on_step, options, on_swarm, should_stop, run_id, timeouts, setup, links,
-               ports) -> RealArmResult:
+               ports, faults) -> RealArmResult:
     swarm = setup is not None
     peer_cls = SwarmPeer if swarm else RealPeer
     wait_s = options.startup_timeout_s
@@ -140,7 +153,10 @@ def _run_peers(plan, specs, emit, on_step, options, on_swarm, should_stop, run_i
             on_swarm(info)
         dial_addresses = [tuple(d["dial_address"]) for d in described]
         if swarm:
-            arm = SwarmArm(peers, plan, specs[0], setup, options, dial_addresses, emit, on_step, should_stop)
+            churn = None if faults is None else SwarmChurn(
+                faults, plan, peers, partial(_restart_peer, peers, links, ports, options, run_id, setup, timeouts,
+                                             bandwidths), emit)
+            arm = SwarmArm(peers, plan, specs[0], setup, options, dial_addresses, emit, on_step, should_stop, churn)
             try:
                 arm.run()
             finally:
@@ -150,9 +166,28 @@ def _run_peers(plan, specs, emit, on_step, options, on_swarm, should_stop, run_i
             exchanges = PeerExchanges(peers, plan, timeouts, options, dial_addresses)
             arm = LockstepDriver(peers, plan, exchanges, emit, on_step)
             arm.run()
-        return RealArmResult(info, tuple(arm.last_params))
+        return RealArmResult(info, tuple(arm.last_params), tuple(getattr(arm, "state_loads", ())))
     finally:
         peers.close(timeout_s=30.0)
+
+
+def _restart_peer(peers: RayRuntime, links, ports, options: RealOptions, run_id: str, setup: SwarmSetup, timeouts,
+                  bandwidths, worker: int, incarnation: int, initial_peers: list[str],
+                  arm_clock: Callable[[], float]) -> dict:
+    """A failed swarm peer's return: a new actor, its DHT through the live peers (alone if none is), its optimizer,
+    and its training loop on the arm's clock; the lone-restart guard keeps it out until it has loaded the state."""
+    wait_s = options.startup_timeout_s
+    peers.respawn(worker, (links[worker], options, run_id, ports[worker]), ready_timeout_s=wait_s, holds_state=False,
+                  incarnation=incarnation)
+    peers.call("join", [(initial_peers or None,)], workers=[worker], timeout_s=wait_s)
+    described = peers.call("describe", workers=[worker], timeout_s=wait_s)[0]
+    if described["hostname"] == socket.gethostname():
+        peers.local_pids.append(described["pid"])
+    peers.call("start_optimizer", [(setup, timeouts.request_timeout_s, bandwidths[worker])], workers=[worker],
+               timeout_s=wait_s)
+    peers.call("start_clock", [(arm_clock(),)], workers=[worker])
+    peers.call("start_training", [(options.swarm_timeout_s,)], workers=[worker])
+    return described
 
 
 def _barrier(peers: RayRuntime, n: int, timeout_s: float) -> None:

@@ -10,7 +10,12 @@ from the experiment file, so it is written to no config.toml or manifest. It is 
   and its answers are ignored by the swarm's peers;
 - the averaging layer: hivemind's matchmaking refuses a peer whose `schema_hash` differs from the leader's
   (`BAD_SCHEMA_HASH`). `secret_schema_hash` makes that hash an HMAC of the tensors' schema under the secret, so an
-  averager without it is refused from every group even where it reaches the averagers directly.
+  averager without it is refused from every group even where it reaches the averagers directly. Lockstep peers bind
+  their `ExactAverager`'s hash themselves; a swarm arm's `hivemind.Optimizer` builds its gradient and state averagers
+  from farflung's classes (`cluster.real.averager.SwarmGradientAverager`, `cluster.real.swarm_state`), which bind
+  theirs through `SecretSchema`. Not covered: a state download (`rpc_download_state`, an empty request with nowhere
+  to carry a MAC) checks nothing, so whoever can reach a donor and knows its peer id and the run id (a real run
+  prints one peer's) can read the model, though not change it.
 
 libp2p's own private networks (a pre-shared key, `pnet`) would shut outsiders out at the transport; hivemind 1.1.12's
 p2pd has no option for one (`p2pd -h` lists none, and the binary holds no `pnet` code), hence the two checks above.
@@ -108,4 +113,18 @@ def secret_schema_hash(schema_hash: bytes, secret: bytes | None) -> bytes:
     return schema_hash if secret is None else _mac(secret, b"schema", schema_hash)
 
 
-__all__ = ["SECRET_ENV", "SECRET_FILE_ENV", "SecretAuthorizer", "run_secret", "secret_schema_hash"]
+class SecretSchema:
+    """A mixin for a hivemind averager class built by someone else's code (hivemind.Optimizer builds its gradient and
+    state averagers and starts them at once): takes `run_secret=` and binds the schema hash to it just before the
+    averager's process starts, since matchmaking reads the hash in that process."""
+
+    def __init__(self, *args, run_secret: bytes | None = None, **kwargs):
+        self._run_secret = run_secret
+        super().__init__(*args, **kwargs)
+
+    def run_in_background(self, *args, **kwargs):
+        self.schema_hash = secret_schema_hash(self.schema_hash, self._run_secret)
+        return super().run_in_background(*args, **kwargs)
+
+
+__all__ = ["SECRET_ENV", "SECRET_FILE_ENV", "SecretAuthorizer", "SecretSchema", "run_secret", "secret_schema_hash"]

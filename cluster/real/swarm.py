@@ -4,30 +4,12 @@ Lockstep arms (ddp, diloco: `cluster.driver.LockstepDriver` with `cluster.real.l
 step by step. Here each peer runs its own training loop in a thread of its Ray actor, exactly as a hivemind volunteer
 would: forward/backward on its shard, then `hivemind.Optimizer.step()`, which reports progress to the DHT, and when
 the swarm's samples reach the target batch averages (gradients for collaborative, parameters for local updates) and
-starts the next epoch. The driver only polls progress, asks peer 0 for parameter snapshots at the evaluation points
-(evaluated after training, so evaluation takes no time from it), reads the relays' byte counters whenever every peer
-has closed an epoch, and tells the peers to stop once the swarm has trained the arm's token budget (they finish the
-epoch they are in, so they end on one model).
+starts the next epoch. The driver only polls progress, asks a peer holding the state for parameter snapshots at
+the evaluation points (evaluated after training, so evaluation takes no time from it), reads the relays' byte
+counters whenever every peer has closed an epoch, and tells the peers to stop once the swarm has trained the arm's
+token budget (they finish the epoch they are in, so they end on one model).
 
-How the simulator's settings map onto hivemind.Optimizer (a swarm strategy's own part is its `swarm_mapping`, the
-timing is the arm's `SwarmTiming`):
-
-| simulator                                    | hivemind.Optimizer                                                   |
-|----------------------------------------------|----------------------------------------------------------------------|
-| collaborative `target_batch_size`            | `target_batch_size`, `batch_size_per_step` = the run's batch size     |
-| SwarmTiming `matchmaking_time`               | `matchmaking_time` (the averagers' `min_matchmaking_time`)           |
-| SwarmTiming `averaging_timeout`              | `averaging_timeout`                                                   |
-| SwarmTiming `progress_refresh_s`             | `tracker_opts.min_refresh_period`                                    |
-| SwarmTiming `target_group_size` (0: None)    | the averagers' `target_group_size`                                    |
-| collaborative `average_state_every` (epochs) | `average_state_every` (parameters; `average_opt_statistics` = ())    |
-| local-updates `average_state_every` (steps)  | `use_local_updates`, one epoch = that many steps of every peer        |
-| local-updates `delay_state_averaging`        | `delay_state_averaging` (hivemind's delta rule)                       |
-| the run's codec                               | `grad_compression`, `state_averaging_compression`                    |
-| AdamW + clipping + warmup/cosine by step      | the same AdamW (clipping in its `step`), the schedule by epoch       |
-
-The schedule: hivemind steps a scheduler once per epoch, so epoch e gets the learning rate of the lockstep step
-e x (samples per epoch / samples per lockstep step), as the simulator's collaborative arm does with the swarm's sample
-count. With local updates the rate is constant within an epoch (the simulator changes it every step).
+How the simulator's settings map onto hivemind.Optimizer: `cluster.real.swarm_setup`.
 
 The swarm is joinable: peer 0 publishes the arm's configuration in the DHT (`CONFIG_KEY`) and lists the run under
 `RUNS_KEY`, so `farflung join` on another machine can build the same model and optimizer, load the current state from
@@ -36,8 +18,6 @@ the peers and contribute. The run marks itself finished under `DONE_KEY` so that
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import threading
 import time
@@ -49,49 +29,12 @@ import numpy as np
 import torch
 
 from cluster.real.peer import RealPeer
-from cluster.swarm_timing import SwarmTiming
+from cluster.real.swarm_setup import SwarmSetup
 from trainer.compression import hivemind_compression
-from trainer.strategies.base import Settings, Strategy
 
 CONFIG_KEY = "{run_id}_config"  # the arm's configuration, JSON, for joining peers
 RUNS_KEY = "farflung_runs"  # subkey run id -> one line describing the run: how `join` finds a run without --run-id
 DONE_KEY = "{run_id}_done"
-# A swarm arm without timing settings of its own (local-updates) keeps these: hivemind's defaults, with the averager's
-# min_matchmaking_time (5 s) rather than hivemind.Optimizer's 15 s.
-UNTIMED = SwarmTiming(matchmaking_time=5.0, averaging_timeout=60.0, target_group_size=0, progress_refresh_s=0.5)
-
-
-@dataclass(frozen=True)
-class SwarmSetup:
-    """What a peer passes to `hivemind.Optimizer`, derived from an arm's strategy settings and swarm timing (see the
-    module table); it travels as JSON to joining peers."""
-
-    target_batch_size: int
-    batch_size: int
-    use_local_updates: bool
-    delay_state_averaging: bool
-    average_state_every: int
-    matchmaking_time_s: float
-    averaging_timeout_s: float
-    progress_refresh_s: float
-    target_group_size: int  # 0: hivemind's default (None): a leader gathers its group for matchmaking_time
-    lockstep_steps_per_epoch: float  # places epoch e on the arm's learning-rate schedule
-    codec: str
-
-    @classmethod
-    def of(cls, strategy: type[Strategy], settings: Settings, timing: SwarmTiming | None, n_workers: int,
-           batch_size: int, codec: str) -> SwarmSetup:
-        assert strategy.real_mode == "swarm", f"{strategy.name!r} does not run as hivemind.Optimizer"
-        mapping = strategy.swarm_mapping(settings, n_workers, batch_size)
-        timing = timing or UNTIMED
-        return cls(
-            target_batch_size=mapping.target_batch_size, batch_size=batch_size,
-            use_local_updates=mapping.use_local_updates, delay_state_averaging=mapping.delay_state_averaging,
-            average_state_every=mapping.average_state_every, matchmaking_time_s=timing.matchmaking_time,
-            averaging_timeout_s=timing.averaging_timeout, progress_refresh_s=timing.progress_refresh_s,
-            target_group_size=timing.target_group_size, lockstep_steps_per_epoch=mapping.lockstep_steps_per_epoch,
-            codec=codec,
-        )
 
 
 @dataclass(frozen=True)
@@ -129,28 +72,40 @@ class _ClippedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def arm_config(spec, setup: SwarmSetup, arm: str) -> str:
-    """The JSON a joining peer rebuilds the arm's replica and optimizer from."""
-    return json.dumps({
-        "arm": arm, "algorithm": spec.algorithm, "n_workers": spec.n_workers, "seed": spec.seed,
-        "model": dataclasses.asdict(spec.model), "data": dataclasses.asdict(spec.data),
-        "optim": dataclasses.asdict(spec.optim), "batch_size": spec.batch_size, "total_steps": spec.total_steps,
-        "settings": dataclasses.asdict(spec.settings), "codec": spec.codec, "eval_batches": spec.eval_batches,
-        "setup": dataclasses.asdict(setup),
-    }, sort_keys=True)
+def _fresh_weights(model: torch.nn.Module, seed: int, worker: int, incarnation: int) -> None:
+    """Initialise `model` again from a generator of its own, leaving torch's global generator as it was."""
+    from trainer.model import GPT
+
+    with torch.random.fork_rng():
+        torch.manual_seed((seed * 1_000_003 + worker) * 1009 + incarnation)
+        model.load_state_dict(GPT(model.config).state_dict())
 
 
 class SwarmPeer(RealPeer):
     """A `RealPeer` whose exchanges are `hivemind.Optimizer`'s: `start_optimizer` instead of `start_averaging`, then
     `train` (blocking), or `start_training` (in a thread, so that a Ray actor can answer `progress`, `stop_after` and
-    `snapshot` meanwhile) and `training_records` once `progress()["done"]`.
+    `snapshot` meanwhile) and `finish_training` once `progress()["done"]`.
 
     hivemind's averagers must be created in the main thread (they set signal handlers), so the optimizer is built by
-    a plain call and only the training loop runs in a thread."""
+    a plain call and only the training loop runs in a thread.
 
-    def __init__(self, *args, **kwargs):
+    `holds_state=False`: a peer that does not start with the swarm (one the real mode restarts after a failure):
+    the lone-restart guard (`cluster.real.swarm_state`) keeps it from serving or using its own weights until it has
+    loaded the swarm's state. `incarnation` > 0 gives it fresh random weights of its own, as a restarted process
+    that initialises its model again would have (the swarm's peers start from one initialisation)."""
+
+    RETRY_LOAD_S = 1.0  # between two attempts of a peer without the state to find a donor
+
+    def __init__(self, *args, holds_state: bool = True, incarnation: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.holds_state, self.incarnation = holds_state, incarnation
+        if incarnation:
+            _fresh_weights(self.replica.model, self.spec.seed, self.spec.worker, incarnation)
         self.opt = None
+        self._loaded: dict | None = None  # the state load that let this peer in, until `progress` reports it
+        self._new_records: list[EpochRecord] = []  # closed since `progress` last reported
+        self._records_lock = threading.Lock()
+        self._open_compute_s = 0.0  # compute in the epoch under way: lost if this peer fails now
         self._lock = threading.Lock()  # held while parameters change: a snapshot never sees half an update
         self._stop_after: int | None = None
         self._stop_now = threading.Event()
@@ -179,6 +134,10 @@ class SwarmPeer(RealPeer):
         averager_opts = {"request_timeout": min(request_timeout_s, 0.5 * setup.matchmaking_time_s) or None,
                          "bandwidth": bandwidth_mbps, "target_group_size": setup.target_group_size or None}
         averager_opts = {k: v for k, v in averager_opts.items() if v is not None}
+        # The run secret binds both averagers' schema hashes; a peer without the state must not be a donor.
+        averager_opts["run_secret"] = self.options.secret
+        if not self.holds_state:
+            averager_opts["allow_state_sharing"] = False
         # Optimizer hands averager_opts to its state averager only; the gradient averager gets them here.
         # hivemind's GradientAverager that also reports partial rounds (and injects RealOptions.drop_parts_at).
         grad_averager = None if setup.use_local_updates else partial(SwarmGradientAverager, **averager_opts)
@@ -205,11 +164,12 @@ class SwarmPeer(RealPeer):
         return self.replica.num_params()
 
     def _optimizer(self, setup: SwarmSetup, groups, lr_factor, averager_opts: dict, grad_averager):
-        import hivemind
         from torch.optim.lr_scheduler import LambdaLR
 
+        from cluster.real.swarm_state import SwarmOptimizer
+
         o = self.spec.optim
-        return hivemind.Optimizer(
+        return SwarmOptimizer(
             dht=self.dht, run_id=self.run_id, params=groups,
             optimizer=lambda params: _ClippedAdamW(params, grad_clip=o.grad_clip, lr=o.lr, betas=(o.beta1, o.beta2),
                                                    foreach=False),
@@ -278,11 +238,14 @@ class SwarmPeer(RealPeer):
         opt, model, sampler, batch = self.opt, self.replica.model, self.replica.sampler, self.spec.batch_size
         self._resume_clock()
         records: list[EpochRecord] = []
+        deadline = time.monotonic() + max_wall_s
+        if not self.holds_state and not self._await_state(deadline):
+            self._paused_at = time.perf_counter()
+            return records
         losses: list[float] = []
         compute_s = optimizer_s = 0.0
         samples = 0
         faults_armed: set[int] = set()
-        deadline = time.monotonic() + max_wall_s
         while not self._stop_now.is_set() and time.monotonic() < deadline:
             if self._stop_after is not None and opt.local_epoch > self._stop_after:
                 break
@@ -313,6 +276,7 @@ class SwarmPeer(RealPeer):
             if opt.local_epoch == epoch:
                 compute_s += t2 - t0  # with local updates this includes the local AdamW step
                 optimizer_s += t2 - t1
+                self._open_compute_s = compute_s
                 continue
             compute_s += t1 - t0
             reports = opt.grad_averager.take_reports() if opt.grad_averager is not None else []
@@ -325,32 +289,65 @@ class SwarmPeer(RealPeer):
                 missing_peers=tuple(sorted({p for _, missing in reports for p in missing})),
             )
             records.append(record)
+            with self._records_lock:
+                self._new_records.append(record)
             if on_epoch is not None:
                 on_epoch(record)
             losses, compute_s, optimizer_s, samples = [], 0.0, 0.0, 0
+            self._open_compute_s = 0.0
         self._paused_at = time.perf_counter()
         return records
+
+    def _await_state(self, deadline: float) -> bool:
+        """The lone-restart guard: load the swarm's state from a peer that holds it, retrying until one answers (for
+        as long as the swarm has no holder in reach: alone, this peer never trains on its fresh weights); False if
+        stopped first."""
+        from cluster.real.swarm_state import hold_state, load_from_holder
+
+        while not self._stop_now.is_set() and self._stop_after is None and time.monotonic() < deadline:
+            started_s = self.clock_s()
+            with self._lock:
+                load = load_from_holder(self.opt, timeout_s=self.setup.averaging_timeout_s)
+            if load is not None:
+                hold_state(self.opt)
+                self.holds_state = True
+                self._loaded = {"load": load, "started_s": started_s, "loaded_s": self.clock_s()}
+                return True
+            self._stop_now.wait(self.RETRY_LOAD_S)
+        return False
 
     def start_training(self, max_wall_s: float) -> None:
         def loop():
             try:
                 self._records = self.train(max_wall_s)
-            except BaseException as e:  # handed to the driver by training_records
+            except BaseException as e:  # handed to the driver by finish_training
                 self._error = e
 
         self._thread = threading.Thread(target=loop, name="farflung-swarm-training", daemon=True)
         self._thread.start()
 
-    def training_records(self) -> list[EpochRecord]:
-        assert self._thread is not None, "training_records called before start_training"
+    def finish_training(self) -> list[EpochRecord]:
+        """Every record of the training thread, once it has ended; re-raises what ended it."""
+        assert self._thread is not None, "finish_training called before start_training"
         self._thread.join()
         if self._error is not None:
             raise self._error
         return self._records
 
     def progress(self) -> dict:
+        """Where this peer is, and what happened since the last call: the epochs it closed (`records`) and the state
+        load that let it in (`loaded`: a restarted peer's first, else None)."""
+        done = self._thread is not None and not self._thread.is_alive()  # first: a finished thread's records are in
+        with self._records_lock:
+            records, self._new_records = self._new_records, []
+        loaded, self._loaded = self._loaded, None
         return {"samples": self._samples, "epoch": self.opt.local_epoch if self.opt is not None else 0,
-                "time_s": self.clock_s(), "done": self._thread is not None and not self._thread.is_alive()}
+                "time_s": self.clock_s(), "done": done, "holds_state": self.holds_state, "records": records,
+                "loaded": loaded, "open_compute_s": self._open_compute_s}
+
+    def served_digests(self) -> list[str]:
+        """Digests of the parameters this peer served to peers loading the state, latest last."""
+        return list(getattr(self.opt.state_averager, "served_digests", []))
 
     def stop_after(self, epoch: int) -> None:
         self._stop_after = epoch

@@ -1,37 +1,69 @@
 """The driver of a swarm arm (collaborative, local-updates): peers that train on their own, polled by the driver.
 
 `cluster.real.swarm.SwarmPeer` is one peer (a Ray actor running hivemind.Optimizer in a thread); `SwarmArm` starts
-them, polls their progress, takes peer 0's parameter snapshots at the evaluation points, reads the relays' byte
-counters whenever every peer has closed an epoch, stops the swarm at the end of the epoch under way once the token
-budget is spent, and emits the simulator's record kinds (see results/README.md).
+them, polls their progress (and collects the epochs each closed), takes a parameter snapshot of a peer holding the
+state at the evaluation points, reads the relays' byte counters whenever every such peer has closed an epoch, stops
+the swarm at the end of the epoch under way once the token budget is spent, and emits the simulator's record kinds
+(see results/README.md). With a fault trace it kills and restarts peers as `cluster.real.swarm_churn` says; a peer
+restarted with fresh weights is neither snapshotted nor evaluated until it has loaded the state, and an arm whose
+every peer holding the state has failed ends there.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from cluster.real.accounting import RoundBytes, attribute, counters_delta
 from cluster.real.options import RealOptions
-from cluster.real.swarm import EpochRecord, SwarmSetup
-from cluster.driver import ArmPlan, evaluate_consensus
-from cluster.records import CommRecord, Record, StepRecord
+from cluster.real.swarm import EpochRecord
+from cluster.real.swarm_setup import SwarmSetup
+from cluster.driver import ArmPlan, consensus
+from cluster.records import CommRecord, EvalRecord, Record, StepRecord
 from trainer.replica import ReplicaSpec
 
 
+@dataclass(frozen=True)
+class StateLoadCheck:
+    """A restarted peer's state load, for checking: the digest of its parameters once the state was applied, and the
+    digests of the parameters its donor served lately (`cluster.real.swarm_state.parameters_digest`)."""
+
+    worker: int
+    donor: int  # -1: a peer outside the arm
+    epoch: int
+    loaded_digest: str
+    served_digests: tuple[str, ...]
+
+    @property
+    def exact(self) -> bool:
+        """The peer's parameters after loading are bit for bit what its donor served."""
+        return self.loaded_digest in self.served_digests
+
+
 class SwarmArm:
-    """Drives a swarm arm (`cluster.real.swarm`): the peers train on their own; this polls, snapshots and stops them."""
+    """Drives a swarm arm (`cluster.real.swarm`): the peers train on their own; this polls, snapshots and stops them,
+    and, with a fault trace (`churn`, `cluster.real.swarm_churn`), kills and restarts them as it says."""
 
     POLL_S = 0.2
 
     def __init__(self, peers, plan: ArmPlan, spec: ReplicaSpec, setup: SwarmSetup, options: RealOptions,
                  dial_addresses: list, emit: Callable[[Record], None], on_step: Callable[[], None] = lambda: None,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 should_stop: Callable[[], bool] = lambda: False, churn=None):
         self.peers, self.plan, self.spec, self.setup, self.options = peers, plan, spec, setup, options
-        self.dial_addresses, self.emit, self.on_step, self.should_stop = dial_addresses, emit, on_step, should_stop
+        self.dial_addresses, self.emit, self.on_step, self.should_stop = list(dial_addresses), emit, on_step, should_stop
+        self.churn = churn
         self.last_params: list[np.ndarray] = []
+        n = plan.n_workers
+        self.live = list(range(n))  # workers whose peer is up (holding the state or waiting for it)
+        self.records: dict[int, list[EpochRecord]] = {w: [] for w in range(n)}
+        self.former: dict = {}  # dial address of a worker's earlier peer -> worker
+        self.worker_of: dict[str, int] = {}  # base58 peer id (any incarnation) -> worker
+        self.state_lost_s: float | None = None
+        self.state_loads: list[StateLoadCheck] = []
 
     def run(self) -> None:
         plan, n = self.plan, self.plan.n_workers
@@ -39,97 +71,169 @@ class SwarmArm:
         budget = plan.total_steps * plan.tokens_per_step
         eval_tokens = plan.eval_every_steps * plan.tokens_per_step
         params0 = self.peers.call("params", workers=[0])[0]
+        self.numel = params0.size
         evals = [(0, 0, 0.0, params0)]  # (epoch, tokens, time_s, parameters) to evaluate once training is over
         seen = self.peers.call("sync_progress", [(n, self.options.startup_timeout_s)] * n)
         if min(seen) < n:
             raise TimeoutError(f"arm {plan.name!r}: after {self.options.startup_timeout_s:.0f} s the peers' progress "
                                f"trackers see {seen} of {n} peers in the DHT; check that the peers can reach each other")
-        before = self.peers.call("relay_counters")
+        self.worker_of = {d["peer_id"]: d["worker"] for d in self.peers.call("describe")}
+        counters = dict(enumerate(self.peers.call("relay_counters")))
+        started = time.monotonic()
         self.peers.call("start_clock")
         self.peers.call("start_training", [(self.options.swarm_timeout_s,)] * n)
-        bytes_by_epoch: dict[int, tuple] = {}
+        banked = [0] * n  # samples of peers that have failed since
+        bytes_by_epoch: dict[int, RoundBytes] = {}
         closed, next_eval, stopping, epochs_seen = 0, eval_tokens, False, 0
-        deadline = time.monotonic() + self.options.swarm_timeout_s + 60.0
+        deadline = started + self.options.swarm_timeout_s + 60.0
         while True:
             time.sleep(self.POLL_S)
-            progress = self.peers.call("progress")
-            if all(p["done"] for p in progress):
+            progress = self._poll()
+            holding = [w for w in self.live if progress[w]["holds_state"]]
+            if not holding:  # every peer that held the state has failed
+                self._lose_state(time.monotonic() - started)
+                stopping = True
+            if all(p["done"] for p in progress.values()):
                 break
-            tokens = sum(p["samples"] for p in progress) * seq
-            epochs = [p["epoch"] for p in progress]
+            if not holding:
+                continue
+            tokens = (sum(banked) + sum(p["samples"] for p in progress.values())) * seq
+            epochs = [progress[w]["epoch"] for w in holding]
             for _ in range(max(0, max(epochs) - epochs_seen)):
                 self.on_step()
             epochs_seen = max(epochs_seen, max(epochs))
-            if min(epochs) > closed:  # every peer has closed epoch min - 1: its bytes are in
-                after = self.peers.call("relay_counters")
-                bytes_by_epoch[min(epochs) - 1] = attribute([counters_delta(b, a) for b, a in zip(before, after)],
-                                                            self.dial_addresses)
-                before, closed = after, min(epochs)
+            if min(epochs) > closed:  # every peer holding the state has closed epoch min - 1: its bytes are in
+                bytes_by_epoch[min(epochs) - 1], counters = self._bytes_since(counters)
+                closed = min(epochs)
             if not stopping and next_eval <= tokens < budget:
-                epoch, time_s, params = self.peers.call("snapshot", workers=[0])[0]
+                epoch, time_s, params = self.peers.call("snapshot", workers=[holding[0]])[0]
                 evals.append((epoch, tokens, time_s, params))
                 while next_eval <= tokens:
                     next_eval += eval_tokens
             if not stopping and (tokens >= budget or self.should_stop()):
                 # Every peer finishes the epoch the leaders are in and closes it together: they end on one model.
-                self.peers.call("stop_after", [(max(epochs),)] * n)
+                self.peers.call("stop_after", [(max(epochs),)] * len(self.live), workers=self.live)
                 stopping = True
+            if not stopping and self.churn is not None:
+                now_s = time.monotonic() - started
+                for w in self.churn.leaving(self.live, now_s, tokens):
+                    banked[w] += progress[w]["samples"]
+                    self.churn.kill(w, now_s, max(epochs), progress[w]["open_compute_s"])
+                    self.live.remove(w)
+                    counters.pop(w)
+                for w in self.churn.returning(now_s, tokens):
+                    self._restart(w, max(epochs), started)
+                    counters[w] = {}  # a new relay counts from zero
             if time.monotonic() > deadline:
-                self.peers.call("stop")
+                self.peers.call("stop", workers=self.live)
                 raise TimeoutError(f"arm {plan.name!r}: the swarm did not train its budget within "
                                    f"{self.options.swarm_timeout_s:.0f} s (swarm_timeout_s); it trained {tokens} of "
                                    f"{budget} tokens")
-        per_worker: list[list[EpochRecord]] = self.peers.call("training_records")
-        after = self.peers.call("relay_counters")
-        last = max((r.epoch for rs in per_worker for r in rs), default=0)
-        moved = attribute([counters_delta(b, a) for b, a in zip(before, after)], self.dial_addresses)
+        self.peers.call("finish_training", workers=self.live)  # re-raises what ended a peer's training
+        last = max((r.epoch for rs in self.records.values() for r in rs), default=0)
+        moved, counters = self._bytes_since(counters)
         bytes_by_epoch[last] = _add_bytes(bytes_by_epoch.get(last), moved)
-        self.emit_epochs(per_worker, bytes_by_epoch)
-        end_s = max((r.time_s for rs in per_worker for r in rs), default=0.0)
-        tokens = sum(r.samples for rs in per_worker for r in rs) * seq
+        self.emit_epochs(self.records, bytes_by_epoch)
+        end_s = max((r.time_s for rs in self.records.values() for r in rs), default=0.0)
+        tokens = sum(r.samples for rs in self.records.values() for r in rs) * seq
+        if not self.live:
+            return  # no peer is left to evaluate on
+        evaluator = self.live[0]
         for epoch, at_tokens, time_s, params in evals:
-            # Peer 0's snapshot alone: the others' parameters at that moment were not taken.
-            self.emit(evaluate_consensus(self.peers, plan.name, epoch, at_tokens, time_s, [params]))
-        params = self.last_params = self.peers.call("params")
-        self.emit(evaluate_consensus(self.peers, plan.name, last + 1, tokens, end_s, params))
+            # One peer's snapshot alone: the others' parameters at that moment were not taken.
+            self.emit(self._evaluate(evaluator, epoch, at_tokens, time_s, [params]))
+        holders = [w for w, p in self._poll().items() if p["holds_state"]]
+        if holders:  # with no peer holding the state, the last evaluation stands
+            params = self.last_params = self.peers.call("params", workers=holders)
+            self.emit(self._evaluate(evaluator, last + 1, tokens, end_s, params))
 
-    def emit_epochs(self, per_worker: list[list[EpochRecord]], bytes_by_epoch: dict) -> None:
-        """One comm record per epoch and one step record per peer that closed it, in epoch order."""
+    def _poll(self) -> dict[int, dict]:
+        """Every live peer's progress; the epochs they closed and the state loads since the last poll are kept."""
+        progress = dict(zip(self.live, self.peers.call("progress", workers=self.live)))
+        for w, p in progress.items():
+            self.records[w] += p["records"]
+            if p["loaded"] is not None and self.churn is not None:
+                load = p["loaded"]["load"]
+                donor = self.worker_of.get(load.donor, -1)
+                self.churn.joined(w, p["loaded"], donor)
+                served = self.peers.call("served_digests", workers=[donor])[0] if donor in self.live else []
+                self.state_loads.append(StateLoadCheck(w, donor, load.epoch, load.digest, tuple(served)))
+        return progress
+
+    def _bytes_since(self, counters: dict) -> tuple[RoundBytes, dict]:
+        """Bytes the live peers' relays forwarded since `counters`, credited to their workers, and the new counters.
+        A failed peer's relay died with it: what it forwarded since the last reading is not counted."""
+        after = dict(zip(self.live, self.peers.call("relay_counters", workers=self.live)))
+        deltas = [counters_delta(counters.get(w, {}), after[w]) if w in after else {} for w in range(self.plan.n_workers)]
+        return attribute(deltas, self.dial_addresses, self.former), after
+
+    def _restart(self, worker: int, epoch: int, started: float) -> None:
+        initial_peers = [m for d in self.peers.call("describe", workers=self.live) for m in d["maddrs"]]
+        described = self.churn.restart(worker, time.monotonic() - started, epoch, initial_peers,
+                                       lambda: time.monotonic() - started)
+        self.former[tuple(self.dial_addresses[worker])] = worker
+        self.dial_addresses[worker] = tuple(described["dial_address"])
+        self.worker_of[described["peer_id"]] = worker
+        self.live = sorted([*self.live, worker])
+
+    def _lose_state(self, now_s: float) -> None:
+        """No live peer holds the swarm's state: every peer that did has failed. A restarted peer does not start the
+        swarm again from its fresh weights (the lone-restart guard), so the arm ends here."""
+        if self.state_lost_s is None:
+            self.state_lost_s = now_s
+            print(f"arm {self.plan.name!r}: at {now_s:.1f} s every peer holding the swarm's state had failed; the "
+                  "restarted peers have nothing to load, so the arm ends (its last evaluation stands)",
+                  file=sys.stderr, flush=True)
+        self.peers.call("stop", workers=self.live)
+
+    def _evaluate(self, on_worker: int, epoch: int, tokens: int, time_s: float, params: list) -> EvalRecord:
+        model, spread = consensus(params)
+        loss = self.peers.call("evaluate", [(model,)], workers=[on_worker])[0]
+        return EvalRecord(arm=self.plan.name, step=epoch, tokens=tokens, time_s=time_s, loss=loss, param_spread=spread)
+
+    def emit_epochs(self, per_worker: dict[int, list[EpochRecord]], bytes_by_epoch: dict) -> None:
+        """One comm record per epoch and one step record per peer that closed it, in epoch order. With a fault trace
+        an epoch's participants are the workers that closed it, and the others are `absent`."""
         plan, n, seq = self.plan, self.plan.n_workers, self.spec.model.block_size
         by_epoch: dict[int, list[EpochRecord]] = {}
-        for records in per_worker:
+        for records in per_worker.values():
             for r in records:
                 by_epoch.setdefault(r.epoch, []).append(r)
-        numel = self.peers.call("num_params", workers=[0])[0]
+        numel = self.numel
         # A peer outside the arm (joined with `farflung join`, or any hivemind peer) is -1.
-        worker_of = {d["peer_id"]: d["worker"] for d in self.peers.call("describe")}
+        worker_of = self.worker_of
         raw = 4 * numel
         message = _message_bytes(numel, self.setup.codec)
         samples = 0
         for epoch in sorted(by_epoch):
             records = sorted(by_epoch[epoch], key=lambda r: r.worker)
+            time_s = max(r.time_s for r in records)
             samples += sum(r.samples for r in records)
             moved = bytes_by_epoch.get(epoch)
             zeros = (0,) * n
-            step_s = [next((r.step_s for r in records if r.worker == w), 0.0) for w in range(n)]
+            who, absent = list(range(n)), None
+            if self.churn is not None:
+                who = sorted({r.worker for r in records})
+                absent = [w for w in range(n) if w not in who] or None
+            step_s = [next((r.step_s for r in records if r.worker == w), 0.0) for w in who]
             self.emit(CommRecord(
                 arm=plan.name, round=epoch, group=0, step=epoch, collective="butterfly",
                 requested_collective="butterfly", payload="parameters" if self.setup.use_local_updates else "gradients",
-                participants=list(range(n)), message_bytes=message, raw_bytes=raw,
-                bytes_sent=list(moved.bytes_sent if moved else zeros),
-                bytes_received=list(moved.bytes_received if moved else zeros),
+                participants=who, message_bytes=message, raw_bytes=raw,
+                bytes_sent=[(moved.bytes_sent if moved else zeros)[w] for w in who],
+                bytes_received=[(moved.bytes_received if moved else zeros)[w] for w in who],
                 bytes_unattributed=moved.unattributed if moved else 0,
                 comm_s=max(r.step_s for r in records), comm_s_per_worker=step_s,
                 # Waiting for the round and averaging, as the simulator's idle_s: from noticing the epoch's end
                 # (entering the step that closes it) to the end of the round.
                 blocking=not self.setup.delay_state_averaging, idle_s=step_s,
-                time_s=max(r.time_s for r in records), staleness=0, attempts=1, measured=True,
-                samples=[next((r.samples for r in records if r.worker == w), 0) for w in range(n)],
+                time_s=time_s, staleness=0, attempts=1, measured=True,
+                samples=[next((r.samples for r in records if r.worker == w), 0) for w in who],
                 swarm_peers=max(r.swarm_peers for r in records),
                 loaded_state=[r.worker for r in records if r.loaded_state],
-                received_fraction=[next((r.received_fraction for r in records if r.worker == w), None)
-                                   for w in range(n)],
+                received_fraction=[next((r.received_fraction for r in records if r.worker == w), None) for w in who],
                 missing_peers=sorted({worker_of.get(p, -1) for r in records for p in r.missing_peers}),
+                absent=absent,
             ))
             for r in records:
                 self.emit(StepRecord(

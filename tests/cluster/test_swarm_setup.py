@@ -9,7 +9,7 @@ from hivemind import compression as hc
 
 from cluster.network import Link, Network
 from cluster.real.options import check_real_arm, real_algorithms
-from cluster.real.swarm import UNTIMED, SwarmSetup
+from cluster.real.swarm_setup import UNTIMED, SwarmSetup
 from cluster.swarm_timing import SwarmTiming
 from trainer.compression import CODECS, hivemind_compression, transmit
 from trainer.strategies import STRATEGIES

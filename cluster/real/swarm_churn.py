@@ -1,0 +1,94 @@
+"""Faults on a real swarm arm (collaborative, local-updates): the fault trace kills real peers and starts them again.
+
+`SwarmArm` asks `SwarmChurn` at every poll which peers the trace takes down and which it brings back:
+- the trace is `cluster.faults.FaultTrace`, the simulator's own, so a seeded mtbf/mttr trace is drawn from the run's
+  seed exactly as the simulator draws it. In real mode `leave_s`/`return_s` and the drawn times are wall-clock
+  seconds from the arm's start; `leave_step`/`return_step` are reached when the swarm has trained that many lockstep
+  steps' worth of tokens (steps x the arm's tokens per step), so a step means the same amount of training as in the
+  simulator. Each is acted on at the driver's next poll (`SwarmArm.POLL_S`).
+- a failure SIGKILLs the peer (`RealPeer.crash`: its p2pd, DHT and averager processes, then its actor's process with
+  its training thread and relay). Nothing is shut down politely, so the swarm finds out as hivemind peers do: a
+  round that times out on it, a progress record and a donor entry in the DHT that go stale until they expire.
+- a return starts a new Ray actor rather than reusing the old one's process: a Python thread blocked in hivemind
+  cannot be killed, only the process it runs in, and a process of its own is what a restarted volunteer has. The
+  new peer has fresh random weights and a new peer id, joins the DHT through the live peers' addresses (alone when
+  none is live), builds its hivemind.Optimizer and loads the state before it contributes, under the lone-restart
+  guard (`cluster.real.swarm_state`).
+
+Records, as the simulator's (`cluster.churn`): FaultRecord `leave` (the epoch in progress as `step`, the cause, when
+the trace brings it back, `lost_s`: its compute in the epoch under way, thrown away), `return` (the new actor starts),
+`join` (the state applied: its donor's worker as `sources`, `state_bytes` as received, `wait_s` from the return
+until the download that succeeded began, which includes starting the actor, the DHT and the optimizer, and
+`download_s`). Records carry the arm's clock and are emitted as they happen (the epochs' records come when the arm
+ends), so that what a failed arm went through is on file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cluster.driver import ArmPlan
+from cluster.faults import FaultsConfig, FaultTrace, Outage
+from cluster.records import FaultRecord
+
+
+class SwarmChurn:
+    """The fault trace of one swarm arm, played on its real peers.
+
+    `restart_peer(worker, incarnation, initial_peers, arm_clock)` starts the worker's new peer (a fresh actor that
+    joins, builds its optimizer and starts training at `arm_clock()`) and returns its `describe()`; `emit` takes the
+    fault records."""
+
+    def __init__(self, faults: FaultsConfig, plan: ArmPlan, peers,
+                 restart_peer: Callable[[int, int, list[str], Callable[[], float]], dict],
+                 emit: Callable[[FaultRecord], None]):
+        n = plan.n_workers
+        self.plan, self.peers, self.restart_peer, self.emit = plan, peers, restart_peer, emit
+        self.trace = FaultTrace(faults, n, plan.seed)
+        self.index = [0] * n  # the next outage of each worker in the trace
+        self.outage: list[Outage | None] = [None] * n  # the outage a worker is in
+        self.incarnation = [0] * n
+        self.returned_s = [0.0] * n
+
+    def _reached(self, at: float, by_step: bool, now_s: float, tokens: int) -> bool:
+        return tokens >= at * self.plan.tokens_per_step if by_step else now_s >= at
+
+    def leaving(self, live: list[int], now_s: float, tokens: int) -> list[int]:
+        """The live workers whose next outage has begun."""
+        due = []
+        for w in live:
+            o = self.trace.outage(w, self.index[w])
+            if o is not None and self._reached(o.leave, o.by_step, now_s, tokens):
+                due.append(w)
+        return due
+
+    def returning(self, now_s: float, tokens: int) -> list[int]:
+        """The failed workers the trace brings back now."""
+        return [w for w, o in enumerate(self.outage)
+                if o is not None and o.back is not None and self._reached(o.back, o.by_step, now_s, tokens)]
+
+    def kill(self, worker: int, now_s: float, epoch: int, lost_s: float) -> None:
+        o = self.outage[worker] = self.trace.outage(worker, self.index[worker])
+        self.index[worker] += 1
+        self.peers.kill(worker, "crash")
+        self.emit(FaultRecord(
+            arm=self.plan.name, worker=worker, event="leave", time_s=now_s, step=epoch, cause=o.cause,
+            back_s=None if o.by_step else o.back, back_step=int(o.back) if o.by_step and o.back is not None else None,
+            lost_s=lost_s))
+
+    def restart(self, worker: int, now_s: float, epoch: int, initial_peers: list[str],
+                arm_clock: Callable[[], float]) -> dict:
+        self.outage[worker] = None
+        self.incarnation[worker] += 1
+        self.returned_s[worker] = now_s
+        self.emit(FaultRecord(arm=self.plan.name, worker=worker, event="return", time_s=now_s, step=epoch))
+        return self.restart_peer(worker, self.incarnation[worker], initial_peers, arm_clock)
+
+    def joined(self, worker: int, loaded: dict, donor: int) -> None:
+        """The restarted peer has applied the swarm's state (`SwarmPeer.progress()["loaded"]`) from worker `donor`
+        (-1: a peer outside the arm)."""
+        load = loaded["load"]
+        self.emit(FaultRecord(
+            arm=self.plan.name, worker=worker, event="join", time_s=loaded["loaded_s"], step=load.epoch,
+            sources=[donor], state_bytes=load.state_bytes, wait_s=loaded["started_s"] - self.returned_s[worker],
+            download_s=loaded["loaded_s"] - loaded["started_s"]))
