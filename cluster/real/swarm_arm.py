@@ -64,6 +64,9 @@ class SwarmArm:
         self.worker_of: dict[str, int] = {}  # base58 peer id (any incarnation) -> worker
         self.state_lost_s: float | None = None
         self.state_loads: list[StateLoadCheck] = []
+        self.banked = [0] * n  # samples of peers that have failed since
+        self.counters: dict[int, dict] = {}  # each live peer's relay counters at the last reading
+        self.started = 0.0  # time.monotonic() when training started: the arm's clock
 
     def run(self) -> None:
         plan, n = self.plan, self.plan.n_workers
@@ -78,32 +81,36 @@ class SwarmArm:
             raise TimeoutError(f"arm {plan.name!r}: after {self.options.startup_timeout_s:.0f} s the peers' progress "
                                f"trackers see {seen} of {n} peers in the DHT; check that the peers can reach each other")
         self.worker_of = {d["peer_id"]: d["worker"] for d in self.peers.call("describe")}
-        counters = dict(enumerate(self.peers.call("relay_counters")))
-        started = time.monotonic()
+        self.counters = dict(enumerate(self.peers.call("relay_counters")))
+        self.started = time.monotonic()
         self.peers.call("start_clock")
         self.peers.call("start_training", [(self.options.swarm_timeout_s,)] * n)
-        banked = [0] * n  # samples of peers that have failed since
         bytes_by_epoch: dict[int, RoundBytes] = {}
-        closed, next_eval, stopping, epochs_seen = 0, eval_tokens, False, 0
-        deadline = started + self.options.swarm_timeout_s + 60.0
+        closed, next_eval, stopping, epochs_seen, tokens = 0, eval_tokens, False, 0, 0
+        deadline = self.started + self.options.swarm_timeout_s + 60.0
         while True:
+            if time.monotonic() > deadline:
+                self.peers.call("stop", workers=self.live)
+                raise TimeoutError(f"arm {plan.name!r}: the swarm did not train its budget within "
+                                   f"{self.options.swarm_timeout_s:.0f} s (swarm_timeout_s); it trained {tokens} of "
+                                   f"{budget} tokens")
             time.sleep(self.POLL_S)
             progress = self._poll()
             holding = [w for w in self.live if progress[w]["holds_state"]]
             if not holding:  # every peer that held the state has failed
-                self._lose_state(time.monotonic() - started)
+                self._lose_state()
                 stopping = True
             if all(p["done"] for p in progress.values()):
                 break
             if not holding:
                 continue
-            tokens = (sum(banked) + sum(p["samples"] for p in progress.values())) * seq
+            tokens = (sum(self.banked) + sum(p["samples"] for p in progress.values())) * seq
             epochs = [progress[w]["epoch"] for w in holding]
             for _ in range(max(0, max(epochs) - epochs_seen)):
                 self.on_step()
             epochs_seen = max(epochs_seen, max(epochs))
             if min(epochs) > closed:  # every peer holding the state has closed epoch min - 1: its bytes are in
-                bytes_by_epoch[min(epochs) - 1], counters = self._bytes_since(counters)
+                bytes_by_epoch[min(epochs) - 1] = self._bytes_since()
                 closed = min(epochs)
             if not stopping and next_eval <= tokens < budget:
                 epoch, time_s, params = self.peers.call("snapshot", workers=[holding[0]])[0]
@@ -115,27 +122,27 @@ class SwarmArm:
                 self.peers.call("stop_after", [(max(epochs),)] * len(self.live), workers=self.live)
                 stopping = True
             if not stopping and self.churn is not None:
-                now_s = time.monotonic() - started
-                for w in self.churn.leaving(self.live, now_s, tokens):
-                    banked[w] += progress[w]["samples"]
-                    self.churn.kill(w, now_s, max(epochs), progress[w]["open_compute_s"])
-                    self.live.remove(w)
-                    counters.pop(w)
-                for w in self.churn.returning(now_s, tokens):
-                    self._restart(w, max(epochs), started)
-                    counters[w] = {}  # a new relay counts from zero
-            if time.monotonic() > deadline:
-                self.peers.call("stop", workers=self.live)
-                raise TimeoutError(f"arm {plan.name!r}: the swarm did not train its budget within "
-                                   f"{self.options.swarm_timeout_s:.0f} s (swarm_timeout_s); it trained {tokens} of "
-                                   f"{budget} tokens")
+                self._play_trace(progress, tokens, max(epochs))
         self.peers.call("finish_training", workers=self.live)  # re-raises what ended a peer's training
         last = max((r.epoch for rs in self.records.values() for r in rs), default=0)
-        moved, counters = self._bytes_since(counters)
-        bytes_by_epoch[last] = _add_bytes(bytes_by_epoch.get(last), moved)
+        bytes_by_epoch[last] = _add_bytes(bytes_by_epoch.get(last), self._bytes_since())
         self.emit_epochs(self.records, bytes_by_epoch)
-        end_s = max((r.time_s for rs in self.records.values() for r in rs), default=0.0)
-        tokens = sum(r.samples for rs in self.records.values() for r in rs) * seq
+        self._evaluate_all(evals, last)
+
+    def _play_trace(self, progress: dict, tokens: int, epoch: int) -> None:
+        """Kill the peers the fault trace takes down now, and restart those it brings back."""
+        now_s = time.monotonic() - self.started
+        for w in self.churn.leaving(self.live, now_s, tokens):
+            self.banked[w] += progress[w]["samples"]
+            self.churn.kill(w, now_s, epoch, progress[w]["open_compute_s"])
+            self.live.remove(w)
+            self.counters.pop(w)
+        for w in self.churn.returning(now_s, tokens):
+            self._restart(w, epoch)
+            self.counters[w] = {}  # a new relay counts from zero
+
+    def _evaluate_all(self, evals: list, last: int) -> None:
+        """The snapshots taken during training, then the consensus of the peers holding the state at the end."""
         if not self.live:
             return  # no peer is left to evaluate on
         evaluator = self.live[0]
@@ -144,6 +151,8 @@ class SwarmArm:
             self.emit(self._evaluate(evaluator, epoch, at_tokens, time_s, [params]))
         holders = [w for w, p in self._poll().items() if p["holds_state"]]
         if holders:  # with no peer holding the state, the last evaluation stands
+            end_s = max((r.time_s for rs in self.records.values() for r in rs), default=0.0)
+            tokens = sum(r.samples for rs in self.records.values() for r in rs) * self.spec.model.block_size
             params = self.last_params = self.peers.call("params", workers=holders)
             self.emit(self._evaluate(evaluator, last + 1, tokens, end_s, params))
 
@@ -160,27 +169,29 @@ class SwarmArm:
                 self.state_loads.append(StateLoadCheck(w, donor, load.epoch, load.digest, tuple(served)))
         return progress
 
-    def _bytes_since(self, counters: dict) -> tuple[RoundBytes, dict]:
-        """Bytes the live peers' relays forwarded since `counters`, credited to their workers, and the new counters.
-        A failed peer's relay died with it: what it forwarded since the last reading is not counted."""
+    def _bytes_since(self) -> RoundBytes:
+        """Bytes the live peers' relays forwarded since the last reading, credited to their workers. A failed peer's
+        relay died with it: what it forwarded since the last reading is not counted."""
         after = dict(zip(self.live, self.peers.call("relay_counters", workers=self.live)))
-        deltas = [counters_delta(counters.get(w, {}), after[w]) if w in after else {} for w in range(self.plan.n_workers)]
-        return attribute(deltas, self.dial_addresses, self.former), after
+        deltas = [counters_delta(self.counters.get(w, {}), after[w]) if w in after else {}
+                  for w in range(self.plan.n_workers)]
+        self.counters = after
+        return attribute(deltas, self.dial_addresses, self.former)
 
-    def _restart(self, worker: int, epoch: int, started: float) -> None:
+    def _restart(self, worker: int, epoch: int) -> None:
         initial_peers = [m for d in self.peers.call("describe", workers=self.live) for m in d["maddrs"]]
-        described = self.churn.restart(worker, time.monotonic() - started, epoch, initial_peers,
-                                       lambda: time.monotonic() - started)
+        described = self.churn.restart(worker, time.monotonic() - self.started, epoch, initial_peers,
+                                       lambda: time.monotonic() - self.started)
         self.former[tuple(self.dial_addresses[worker])] = worker
         self.dial_addresses[worker] = tuple(described["dial_address"])
         self.worker_of[described["peer_id"]] = worker
         self.live = sorted([*self.live, worker])
 
-    def _lose_state(self, now_s: float) -> None:
+    def _lose_state(self) -> None:
         """No live peer holds the swarm's state: every peer that did has failed. A restarted peer does not start the
         swarm again from its fresh weights (the lone-restart guard), so the arm ends here."""
         if self.state_lost_s is None:
-            self.state_lost_s = now_s
+            self.state_lost_s = now_s = time.monotonic() - self.started
             print(f"arm {self.plan.name!r}: at {now_s:.1f} s every peer holding the swarm's state had failed; the "
                   "restarted peers have nothing to load, so the arm ends (its last evaluation stands)",
                   file=sys.stderr, flush=True)
