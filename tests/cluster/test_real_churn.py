@@ -2,8 +2,9 @@
 
 The first tests start nothing: the trace the real mode plays is the simulator's draw, and the experiment file takes
 faults on real swarm arms only. Then hivemind in this process: a peer restarted alone never serves or trains its
-fresh weights and loads the state of the peer that comes back (10-30 s); a swarm arm's averagers refuse a peer
-without the run secret (5-15 s). Last, 4 real peers on Ray over loopback, one SIGKILLed mid-run and restarted.
+fresh weights and loads the state of the peer that comes back; a swarm arm's averagers refuse a peer without the run
+secret (each 16-22 s on a 2-core machine under a load average of 13-20). Last, 4 real peers on Ray over loopback, one
+SIGKILLed mid-run and restarted (115-140 s under that load, most of it starting Ray, the actors and the new actor).
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ def test_a_swarm_arms_gradient_averagers_refuse_a_peer_without_the_secret():
             a.accumulate_grads_(batch_size=1)
             averagers.append(a)
         # The outsider looks for a group until its timeout; the insiders average within their first attempt.
-        controls = [a.step(wait=False, timeout=10 if i == 2 else 30) for i, a in enumerate(averagers)]
+        controls = [a.step(wait=False, timeout=6 if i == 2 else 30) for i, a in enumerate(averagers)]
         groups = [c.result() for c in controls[:2]]
         assert all(g is not None and len(g) == 2 for g in groups)
         assert averagers[2].peer_id not in groups[0]
