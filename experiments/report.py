@@ -95,7 +95,9 @@ def headline(summary: dict) -> str:
         if other == name:
             continue
         if arm["diverged"]:
-            sentences.append(f"{other} diverged (its last held-out loss was not a finite number).")
+            why = ("was not a finite number" if arm["final_loss"] is None
+                   else f"{_loss(arm['final_loss'])}, was above the untrained model's")
+            sentences.append(f"{other} diverged (its last held-out loss {why}).")
             continue
         loss = _loss(arm["final_loss"])
         if arm["loss_ratio"] is not None:
@@ -217,7 +219,7 @@ def _html(plots: list[Path], summary: dict, config_text: str, manifest: dict, ti
     rows = []
     for name, arm in summary["arms"].items():
         cells = [name + (" (baseline)" if name == summary["baseline"] else ""), arm["algorithm"], arm["network"],
-                 arm["device"], arm["codec"], "diverged" if arm["diverged"] else _loss(arm["final_loss"]),
+                 arm["device"], arm["codec"], _final_loss(arm),
                  _loss_ratio(arm["loss_ratio"]), human_seconds(arm["time_s"]),
                  _ratio(arm["time_ratio"]), human_bytes(arm["bytes_sent"]), _ratio(arm["bytes_ratio"]),
                  _ratio(arm.get("compression_ratio")),
@@ -294,6 +296,11 @@ def _bytes_phrase(sent: int, reference: int, name: str) -> str:
 def _factor(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.1f}" if x >= 1 else f"{x:.2g}"
 
+
+def _final_loss(arm: dict) -> str:
+    if not arm["diverged"]:
+        return _loss(arm["final_loss"])
+    return "diverged" if arm["final_loss"] is None else f"{_loss(arm['final_loss'])} (diverged)"
 
 def _loss(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"

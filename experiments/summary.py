@@ -111,7 +111,10 @@ def _summarize_arm(arm: dict, records: list[Record], target: float | None) -> di
         "workers": workers,
         "final_loss": losses[-1] if losses else None,
         "best_loss": min((loss for loss in losses if loss is not None), default=None),
-        "diverged": bool(evals) and losses[-1] is None,
+        # Diverged: the last held-out loss is not a number, or training left the model worse than it started (above
+        # the first evaluation's, the untrained model's at step 0), as a poisoned average can.
+        "diverged": bool(evals) and (losses[-1] is None or (len(losses) > 1 and losses[0] is not None
+                                                             and losses[-1] > losses[0])),
         "tokens": max((int(r.tokens) for r in steps), default=0),
         "time_s": time_s,
         "bytes_sent": sum(sent_per_worker),

@@ -140,6 +140,15 @@ def test_arm_without_records_and_diverged_arm():
     json.dumps(s, allow_nan=False)
 
 
+def test_an_arm_that_ends_above_its_untrained_loss_diverged():
+    # Finite, but above its step-0 evaluation (4.0): worse than untrained. At 4.0 exactly it has not diverged.
+    for last, diverged in ((5.75, True), (4.0, False)):
+        s = summarize(records() + [evaluation("ddp-home", 3, 600, 30.0, last)], ARMS, "ddp-dc", 2.5)
+        home = s["arms"]["ddp-home"]
+        assert home["final_loss"] == last and home["diverged"] is diverged
+        assert not s["arms"]["ddp-dc"]["diverged"]
+
+
 def test_unknown_baseline_names_the_arms():
     with pytest.raises(ValueError, match="ddp-home"):
         summarize(records(), ARMS, "ddp-nowhere", None)
