@@ -59,6 +59,7 @@ def import_state(replica, state: dict[str, Any]) -> None:
         else:
             setattr(strategy, name, value)
     replica._residuals = state["residuals"]
+    strategy.state_loaded()
 
 
 def state_nbytes(state: dict[str, Any]) -> int:
