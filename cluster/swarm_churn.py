@@ -99,11 +99,8 @@ class CollaborativeChurnDriver(SwarmJoins, CollaborativeDriver):
         self.evaluate(0, tokens=0)
         epoch, evaluated = 0, True
         while self.tokens < budget:
-            outcome = self.epoch(epoch, allow_late=self.tokens + epoch_tokens < budget, budget=budget)
-            if outcome == "gone":
+            if not self.epoch(epoch, allow_late=self.tokens + epoch_tokens < budget, budget=budget):
                 break  # no peer holds the swarm's state any more
-            if outcome == "again":
-                continue  # every peer failed before its round; a download under way brings the state back
             epoch, evaluated = epoch + 1, False
             if self.tokens >= self.next_eval or self.tokens >= budget:
                 self.evaluate(epoch, tokens=self.tokens)
@@ -128,19 +125,14 @@ class CollaborativeChurnDriver(SwarmJoins, CollaborativeDriver):
         return self.microbatch_flops / (self.plan.flops_per_second(w) * self.faults.speed(w, t))
 
     # --- one epoch -----------------------------------------------------------------------------
-    def epoch(self, epoch: int, allow_late: bool, budget: int) -> str:
-        """Plan, serve and average one epoch over the peers that are there: "done", "again" (every peer failed
-        before its round, and a download under way will bring the state back) or "gone" (no peer holds the state)."""
+    def epoch(self, epoch: int, allow_late: bool, budget: int) -> bool:
+        """Plan, serve and average one epoch over the peers that are there; False if no peer holds the state."""
         ex, n, clock = self.exchanges, self.plan.n_workers, self.exchanges.clock
         left = (budget - self.tokens) // self.microbatch_tokens
         self.returns(epoch)
-        first = self.plan_with_failures(epoch, self.live(), left, allow_late)[0]
-        self.joins(epoch, None if first is None else first[0])
-        planned, gone = self.plan_with_failures(epoch, self.live(), left, allow_late)
-        for w, t in gone:
-            self.leave(w, t, epoch, cause=ex.next_outage(w).cause, extra_lost_s=max(0.0, t - clock.now_s[w]))
+        planned = self.admit(epoch, left, allow_late)
         if planned is None:
-            return "again" if self.pending else "gone"
+            return False
         planned, c = planned
         members = planned.members
         completed = [planned.completed.get(w, 0) for w in range(n)]
@@ -155,7 +147,7 @@ class CollaborativeChurnDriver(SwarmJoins, CollaborativeDriver):
         replies = [EpochAverage(requests[w].tensor, self.samples_done) for w in range(n)]
         samples_before, round_ = self.samples_done, ex.round
         ex.round += 1
-        for index, group in enumerate(planned.groups):
+        for index, group in enumerate(g for g in planned.groups if self.reducible(g.members)):
             results = self.gradient_round(epoch, planned, group, index, round_, requests, samples)
             for w, result in results.items():
                 replies[w] = EpochAverage(result, samples_before)
@@ -178,27 +170,45 @@ class CollaborativeChurnDriver(SwarmJoins, CollaborativeDriver):
                 self.leave(w, self.synced_s[w], epoch, cause=o.cause)
         self.on_step()
         self.steps_completed = epoch + 1
-        return "done"
+        return True
 
-    def plan_with_failures(self, epoch: int, members: list[int], left: int, allow_late: bool
-                           ) -> tuple[tuple[EpochPlan, Completions] | None, list[tuple[int, float]]]:
-        """The epoch over the members still there when their group's round begins (and the completions it was
-        planned on), and those that fail before it, with when: each failure leaves the epoch to the others, which
-        only puts the round later, so the plan is made again until no member fails before it."""
-        clock, gone = self.exchanges.clock, []
+    def admit(self, epoch: int, left: int, allow_late: bool) -> tuple[EpochPlan, Completions] | None:
+        """Who takes part in the epoch, event by event in time order: a member that fails before its group's round
+        begins leaves it to the others (the epoch is planned again without it, which only puts the round later);
+        a download that ends before the others notice the epoch's end adds its peer (planned again with it).
+        Returns the final plan and the completions it was made on; None if no peer holds the state any more."""
+        ex, members = self.exchanges, self.live()
         fails = {w: self.failure_s(w, epoch) for w in members}
-        while members:
-            c = Completions({w: clock.now_s[w] for w in members}, self.seconds_at)
-            planned = plan_epoch(c, members, carried=self.carried, target=self.target_batch_size, batch=self.batch,
-                                 left=left, allow_late=allow_late, notice_s=self.notice_s(), timing=self.timing,
-                                 n_workers=self.plan.n_workers, link_free_s=self.exchanges.link_free_s,
-                                 sides=lambda t: self.faults.sides(t, self.plan.n_workers))
-            failing = [w for w in members if fails[w] < planned.group_of(w).round_start_s]
-            if not failing:
-                return (planned, c), gone
-            gone += [(w, fails[w]) for w in failing]
-            members = [w for w in members if w not in failing]
-        return None, gone
+        while True:
+            planned = self.plan_over(members, left, allow_late) if members else None
+            horizon = math.inf if planned is None else planned[0].ready_s
+            waiting = [w for w in range(self.plan.n_workers) if ex.status[w] != LIVE and w not in self.pending]
+            # First back, first served; with no member there is no one to download from.
+            if planned is not None and any([self.start_download(w, epoch, members, horizon) for w in
+                                            sorted(waiting, key=lambda w: (self.back_s(w) is None,
+                                                                           self.back_s(w) or 0.0, w))]):
+                continue  # the sources' uplinks are booked: plan again
+            events = [(fails[w], 0, w) for w in members if fails[w] < planned[0].group_of(w).round_start_s] \
+                if planned is not None else []
+            events += [(d.end_s, 1, w) for w, d in self.pending.items() if d.end_s <= horizon]
+            if not events:
+                return planned
+            t, kind, w = min(events)
+            if kind == 0:
+                self.leave(w, t, epoch, cause=ex.next_outage(w).cause, extra_lost_s=max(0.0, t - ex.clock.now_s[w]))
+                members.remove(w)
+            else:
+                self.join(self.pending.pop(w), epoch)
+                members = sorted(members + [w])
+                fails[w] = self.failure_s(w, epoch)
+
+    def plan_over(self, members: list[int], left: int, allow_late: bool) -> tuple[EpochPlan, Completions]:
+        c = Completions({w: self.exchanges.clock.now_s[w] for w in members}, self.seconds_at)
+        planned = plan_epoch(c, members, carried=self.carried, target=self.target_batch_size, batch=self.batch,
+                             left=left, allow_late=allow_late, notice_s=self.notice_s(), timing=self.timing,
+                             n_workers=self.plan.n_workers, link_free_s=self.exchanges.link_free_s,
+                             sides=lambda t: self.faults.sides(t, self.plan.n_workers))
+        return planned, c
 
     def notice_s(self) -> float:
         return self.notice_delay_s() + 2 * self.max_pair_latency_s()
@@ -243,7 +253,7 @@ class CollaborativeChurnDriver(SwarmJoins, CollaborativeDriver):
             ex.round += 1
             cut = self.faults.sides(min(clock.now_s[w] for w in live), n)
             parts = [tuple(w for w in side if w in live) for side in cut] if cut else [tuple(live)]
-            for index, g in enumerate(p for p in parts if p):
+            for index, g in enumerate(p for p in parts if p and self.reducible(p)):
                 entered = [clock.now_s[w] for w in g]
                 faulted = self.arm_exchange_faults(g, round_)
                 reduced = ex.reduce(g, [requests[w] for w in g], index, self.steps_completed)
@@ -267,6 +277,11 @@ class CollaborativeChurnDriver(SwarmJoins, CollaborativeDriver):
                                                     matchmaking_start_s=t_match, round_start_s=t_start), g))
                 self.exchange_faults_end(faulted, t_end, epoch, round_)
         return self.workers.call("advance", [(epoch + 1, replies[w], False) for w in range(n)])
+
+    def reducible(self, group: tuple[int, ...]) -> bool:
+        """Whether some member accepts connections and can reduce a part: a group of client-mode peers only (what is
+        left of a swarm, or a side of a partition) has no reducer, so no round; each steps on its own."""
+        return not self.plan.client_mode or not all(self.plan.client_mode[w] for w in group)
 
     def arm_exchange_faults(self, group: tuple[int, ...], round_: int) -> dict:
         """The members failing in this round, for `ChurnExchanges.reduce` to leave out of the parts."""

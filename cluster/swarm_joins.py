@@ -1,7 +1,7 @@
 """Who is in a simulated swarm with faults (`cluster.swarm_churn`): peers leaving, coming back, downloading the state.
 
 A peer that is back downloads the state from `state_sources` live peers of its side that stay up until the download
-ends (the trace says when they fail), the fastest links to it first, as soon as they hold the epoch's state and
+ends (the trace says when they fail) and accept connections (not `client_mode`), the fastest links to it first, as soon as they hold the epoch's state and
 their uplinks are free: `collectives.state_download`, on its downlink and their uplinks. The sources' uplinks carry
 nothing else meanwhile, so a download longer than what is left of the epoch holds back their next round (the choke
 a joiner puts on the peer it downloads from; sharing the uplink would end both at about the same time). It loads
@@ -65,6 +65,7 @@ class SwarmJoins:
         """The peer is gone from `time_s`: its late microbatch (carried into the next epoch) and `extra_lost_s` of
         compute in this epoch are lost."""
         ex = self.exchanges
+        was_live = ex.status[w] == LIVE
         lost = self.carried_s[w] + extra_lost_s
         self.microbatches_done -= self.carried[w] > 0
         self.carried[w], self.carried_s[w] = 0, 0.0
@@ -76,7 +77,7 @@ class SwarmJoins:
         ex.down_until[w] = (back, by_step)
         ex.status[w], ex.left_s[w] = DOWN, time_s
         ex.clock.now_s[w] = time_s
-        if not self.live():  # the swarm's state leaves with it: the consensus stands as it held it
+        if was_live and not self.live():  # the swarm's state leaves with it: the consensus stands as it held it
             self.last_params = self.workers.call("params", workers=[w])
         self.emit(FaultRecord(arm=self.plan.name, worker=w, event="leave", time_s=time_s, step=epoch, cause=cause,
                               phase=phase, round=round_, back_s=None if by_step else back,
@@ -121,53 +122,60 @@ class SwarmJoins:
         back, by_step = ex.down_until[w]
         return back if ex.status[w] == DOWN and not by_step else None
 
-    def joins(self, epoch: int, first: EpochPlan | None) -> None:
-        """Downloads that have ended join; peers that are back begin theirs. `first`: the epoch as planned over the
-        live peers, or None if none of them reaches its round (then nothing changes their state this epoch, and a
-        download under way or begun now ends in a join whenever it ends)."""
-        horizon = math.inf if first is None else first.ready_s  # until then the live peers hold this epoch's state
-        for w, d in sorted(self.pending.items()):
-            if d.end_s <= horizon:
-                del self.pending[w]
-                self.join(d, epoch)
-        holders = self.live()
-        waiting = [w for w in range(self.plan.n_workers) if self.exchanges.status[w] != LIVE and w not in self.pending]
-        for w in sorted(waiting, key=lambda w: (self.back_s(w) is None, self.back_s(w) or 0.0, w)):  # first back first
-            self.download(w, epoch, holders, horizon)
+    def crash_s(self, w: int, epoch: int, back: float) -> float:
+        """When a peer that is back but has no state yet fails again, if the trace says (a time during its wait)."""
+        o = self.exchanges.next_outage(w)
+        if o is None:
+            return math.inf
+        if o.by_step:
+            return back if o.leave <= epoch else math.inf
+        return max(o.leave, back)
 
-    def download(self, w: int, epoch: int, holders: list[int], horizon: float) -> None:
-        """Begin peer w's download from the holders of its side with the fastest links to it that stay up until it
-        ends, if it is back before `horizon`."""
-        ex, net = self.exchanges, self.plan.network
+    def start_download(self, w: int, epoch: int, members: list[int], horizon: float) -> bool:
+        """If peer w is back before `horizon` (when the live peers stop holding this epoch's state), begin its download
+        from the members of its side with the fastest links to it that stay up until it ends, or let it fail again
+        if the trace has it fail before the download would end. Whether anything changed."""
+        ex = self.exchanges
         back = self.back_s(w)
         if back is None or back > horizon:
-            return
+            return False
+        d = self.source(w, epoch, members, horizon, back)
+        crash = self.crash_s(w, epoch, back)
+        if crash <= horizon and (d is None or crash < d.end_s):
+            if ex.status[w] == DOWN:
+                self.returned(w, back, epoch)
+            self.leave(w, crash, epoch, cause=ex.next_outage(w).cause)  # it gives the download up
+            return True
+        if d is None:
+            return False  # the lone-restart guard: no one to download from, so it waits with no state
+        if ex.status[w] == DOWN:
+            self.returned(w, back, epoch)
+        for s in [w, *d.sources]:
+            ex.link_free_s[s] = max(ex.link_free_s[s], d.end_s)
+        self.pending[w] = d
+        return True
+
+    def source(self, w: int, epoch: int, members: list[int], horizon: float, back: float) -> Download | None:
+        ex, net = self.exchanges, self.plan.network
         cut = self.faults.sides(max(back, self.epoch_start_s), self.plan.n_workers)
         side = next((s for s in cut if w in s), ()) if cut else range(self.plan.n_workers)
-        candidates = sorted((s for s in holders if s in side), key=lambda s: (-net.pair_bandwidth_bps(s, w), s))
+        clients = self.plan.client_mode or (False,) * self.plan.n_workers  # accept no connections: serve no state
+        candidates = sorted((s for s in members if s in side and not clients[s]),
+                            key=lambda s: (-net.pair_bandwidth_bps(s, w), s))
         while candidates:
             sources = candidates[: self.faults.state_sources]
             start = max(back, *(max(self.synced_s[s], ex.link_free_s[s]) for s in sources))
             if start > horizon:
-                return  # the sources are busy until the others have noticed the epoch's end: ask for the next one
+                return None  # the sources are busy until the others notice the epoch's end: the next epoch, then
             state = self.workers.call("export_state", workers=[sources[0]])[0]
             nbytes = state_nbytes(state)
             seconds = state_download(net, w, sources, nbytes, rng=ex.jitter_rng).time_s
             d = Download(w, epoch, back, start, seconds, sources, nbytes, state)
             failing = [s for s in sources if self.failure_s(s, epoch) < d.end_s]
             if not failing:
-                break
+                return d
             candidates = [s for s in candidates if s not in failing]
-        else:
-            return  # the lone-restart guard: no one to download from, so it waits with no state
-        if ex.status[w] == DOWN:
-            self.returned(w, back, epoch)
-        for s in [w, *d.sources]:
-            ex.link_free_s[s] = max(ex.link_free_s[s], d.end_s)
-        if d.end_s <= horizon:
-            self.join(d, epoch)
-        else:
-            self.pending[w] = d
+        return None
 
     def join(self, d: Download, epoch: int) -> None:
         """The peer has the state it downloaded and contributes from the download's end."""

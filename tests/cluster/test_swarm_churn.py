@@ -67,7 +67,7 @@ def after(t: float, k: int) -> float:
 def test_a_gone_peers_samples_stop_counting_and_a_returning_peer_pays_for_the_state():
     # Three peers of 2 sequences, target 12. Peer 2 fails at 0.2 s: the epoch closes when peers 0 and 1 have made
     # 3 microbatches each, at 3D (with all three, 2 each would have closed it at 2D).
-    runtime, records, driver = swarm_run(3, 6, {"events": [{"worker": 2, "leave_s": 0.2, "return_s": 1.0}]},
+    runtime, records, driver = swarm_run(3, 6, {"events": [{"worker": 2, "leave_s": 0.2, "return_s": 1.55}]},
                                          network=links(3, joiner_downlink_bps=250e6))
     (leave,) = of(records, FaultRecord, event="leave")
     assert (leave.worker, leave.time_s, leave.step, leave.lost_s) == (2, 0.2, 0, 0.2)  # its compute from 0 is lost
@@ -81,17 +81,19 @@ def test_a_gone_peers_samples_stop_counting_and_a_returning_peer_pays_for_the_st
     assert first.time_s == first.round_start_s + first.comm_s
     assert not of(records, StepRecord, worker=2, step=0)
 
-    # Back at 1.0 s, during round 0: it downloads from peer 0 (the lowest index of equal links) once the round is
-    # over, bound by peer 0's 10 Mbit/s uplink (its own downlink is 250 Mbit/s), plus one latency.
+    # Back at 1.55 s, after the others noticed the epoch's end (1.50 s), during round 0: it downloads from peer 0
+    # (the lowest index of equal links) once the round is over and peer 0 holds the new state, bound by peer 0's
+    # 10 Mbit/s uplink (its own downlink is 250 Mbit/s), plus one latency.
+    assert first.ready_s < 1.55 < first.time_s
     ret, join = of(records, FaultRecord, event="return")[0], of(records, FaultRecord, event="join")[0]
-    assert (ret.worker, ret.time_s) == (2, 1.0)
+    assert (ret.worker, ret.time_s) == (2, 1.55)
     assert join.worker == 2 and join.sources == [0] and join.step == 1
     params = runtime.replicas[0].num_params()
     n_tensors = len(list(runtime.replicas[0].model.parameters()))
     # parameters, AdamW's two moments, the gradient accumulator (4 bytes each), and AdamW's step per tensor
     assert join.state_bytes == 16 * params + 4 * n_tensors
     assert join.download_s == 8 * join.state_bytes / 10e6 + pair
-    assert join.wait_s == first.time_s - 1.0
+    assert join.wait_s == first.time_s - 1.55
     assert join.time_s == first.time_s + join.download_s
 
     # Epoch 1: peers 0 and 1 start at 4D (their late microbatch), carrying 2 samples each; peer 2 computes from its
@@ -102,6 +104,22 @@ def test_a_gone_peers_samples_stop_counting_and_a_returning_peer_pays_for_the_st
     (step,) = of(records, StepRecord, worker=2, step=1)
     assert step.samples == 2 and step.staleness == 0
     # It holds the swarm's state: after the same averaged step every peer has the same parameters, bit for bit.
+    p = runtime.call("params")
+    assert np.array_equal(p[0], p[2]) and np.array_equal(p[1], p[2])
+
+
+def test_a_peer_back_before_the_epochs_end_is_noticed_tags_along_in_its_round():
+    # Back at 1.0 s, before the others notice epoch 0's end (3D + notice = 1.50 s): it downloads at once (no
+    # optimizer state yet: parameters and gradient accumulator, 4 bytes each) and is in round 0 with the samples it
+    # made by then, none: hivemind's joiner tags along with weight 0, and steps with the others.
+    runtime, records, _ = swarm_run(3, 3, {"events": [{"worker": 2, "leave_s": 0.2, "return_s": 1.0}]},
+                                    network=links(3, joiner_downlink_bps=250e6))
+    (join,) = of(records, FaultRecord, event="join")
+    assert join.state_bytes == 8 * runtime.replicas[0].num_params() and join.wait_s == 0.0
+    assert join.time_s == 1.0 + (8 * join.state_bytes / 10e6 + 2 * LATENCY_S) and join.step == 0
+    first = of(records, CommRecord)[0]
+    assert first.participants == [0, 1, 2] and first.samples == [6, 6, 0] and first.absent is None
+    assert join.time_s < first.ready_s < join.time_s + D  # no microbatch of its own by then
     p = runtime.call("params")
     assert np.array_equal(p[0], p[2]) and np.array_equal(p[1], p[2])
 
