@@ -1,12 +1,12 @@
 """Who is in a simulated swarm with faults (`cluster.swarm_churn`): peers leaving, coming back, downloading the state.
 
 A peer that is back downloads the state from `state_sources` live peers of its side that stay up until the download
-ends (the trace says when they fail) and accept connections (not `client_mode`), the fastest links to it first, as soon as they hold the epoch's state and
-their uplinks are free: `collectives.state_download`, on its downlink and their uplinks. The sources' uplinks carry
-nothing else meanwhile, so a download longer than what is left of the epoch holds back their next round (the choke
-a joiner puts on the peer it downloads from; sharing the uplink would end both at about the same time). It loads
-what the sources held when the download began, as hivemind's `load_state_from_peers` streams a snapshot
-(`get_current_state`), and contributes from when the download ends:
+ends (the trace says when they fail) and accept connections (not `client_mode`), the fastest links to it first, as
+soon as they hold the epoch's state and their uplinks are free: `collectives.state_download`, on its downlink and
+their uplinks. The sources' uplinks carry nothing else meanwhile, so a download longer than what is left of the
+epoch holds back their next round (the choke a joiner puts on the peer it downloads from; sharing the uplink would
+end both at about the same time). It loads what the sources held when the download began, as hivemind's
+`load_state_from_peers` streams a snapshot (`get_current_state`), and contributes from when the download ends:
 
 - in the epoch it began, if the others have not yet noticed the epoch's end: it takes part in that epoch;
 - otherwise from the start of the first epoch planned after it ends, with the state it loaded: usually one epoch
@@ -16,7 +16,9 @@ what the sources held when the download began, as hivemind's `load_state_from_pe
   their uplinks; hivemind would load such a state again, the simulator keeps it.
 
 A peer back only after the others have noticed the epoch's end asks for the next epoch's state. One with no live
-peer on its side waits (the lone-restart guard in `cluster.swarm_churn`).
+peer on its side waits (the lone-restart guard in `cluster.swarm_churn`). One that the trace has fail again while it
+waits, or before its download would end, gives the download up and leaves again without a `join` (its sources'
+uplinks are taken to be free at once).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from dataclasses import dataclass
 from cluster.churn import DOWN, LIVE, RETURNED
 from cluster.collectives import state_download
 from cluster.records import FaultRecord
-from cluster.swarm_schedule import EpochPlan
 from trainer.replica_state import state_nbytes
 
 

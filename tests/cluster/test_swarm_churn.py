@@ -44,8 +44,8 @@ def swarm_run(n: int, steps: int, faults: dict, *, target: int = 12, seed: int =
     specs = [ReplicaSpec(w, n, seed, TINY, TINY_DATA, TINY_OPTIM, BATCH, steps, "collaborative", settings,
                          eval_batches=2) for w in range(n)]
     plan = ArmPlan(name="arm", n_workers=n, network=network or links(n), devices=(get_device("laptop-cpu"),) * n,
-                   speed_factors=(SPEED,) * n, codec="none", total_steps=steps, tokens_per_step=n * BATCH * TINY.block_size,
-                   eval_every_steps=eval_every or steps, seed=seed, swarm=timing)
+                   speed_factors=(SPEED,) * n, codec="none", total_steps=steps,
+                   tokens_per_step=n * BATCH * TINY.block_size, eval_every_steps=eval_every or steps, seed=seed, swarm=timing)
     runtime = LocalRuntime(specs)
     records: list = []
     driver = CollaborativeChurnDriver(runtime, plan, parse_faults("faults", faults, n), records.append)
@@ -122,6 +122,26 @@ def test_a_peer_back_before_the_epochs_end_is_noticed_tags_along_in_its_round():
     assert join.time_s < first.ready_s < join.time_s + D  # no microbatch of its own by then
     p = runtime.call("params")
     assert np.array_equal(p[0], p[2]) and np.array_equal(p[1], p[2])
+
+
+def test_a_straggler_counts_fewer_samples_and_the_sides_of_a_partition_average_apart():
+    # Peer 2 at half speed over the first 10 s: completions at D (peers 0, 1), 2D (0, 1, 2), 3D (0, 1): the 12th
+    # sample at 3D, when peer 2 has made one microbatch and is half-way through its second (carried over).
+    _, records, _ = swarm_run(3, 3, {"stragglers": [{"worker": 2, "from_s": 0, "to_s": 10, "speed": 0.5}]})
+    comm = of(records, CommRecord)[0]
+    half = training_flops_per_token(TINY, TINY.block_size) * BATCH * TINY.block_size / (
+        get_device("laptop-cpu").effective_flops * SPEED * 0.5)
+    assert comm.epoch_closed_s == after(0.0, 3) and comm.samples == [6, 6, 2] and comm.absent is None
+    assert [(r.worker, r.late_samples, r.compute_s) for r in of(records, StepRecord, step=0)] == [
+        (0, 2, after(0.0, 4)), (1, 2, after(0.0, 4)), (2, 2, 0.0 + half + half)]
+
+    # Cut into [0, 1] and [2] for the whole run: one round, two groups that average apart, one absent from each.
+    runtime, records, _ = swarm_run(3, 3, {"partition": [{"groups": [[0, 1], [2]], "from_s": 0, "to_s": 100}]})
+    first, second = of(records, CommRecord)[:2]
+    assert first.round == second.round == 0 and (first.group, second.group) == (0, 1)
+    assert (first.participants, first.absent, second.participants, second.absent) == ([0, 1], [2], [2], [0, 1])
+    p = runtime.call("params")
+    assert np.array_equal(p[0], p[1]) and not np.array_equal(p[0], p[2])
 
 
 def test_a_seeded_trace_replays_bit_for_bit():
