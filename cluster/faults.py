@@ -10,7 +10,8 @@
     sender_timeout = 15                        # seconds; reducer_timeout defaults to twice it, as in hivemind
 
 Everything random is drawn from the run's seed (`FaultTrace`), so a file and a seed give one trace, the same on every
-machine. `cluster.churn` plays the trace in the simulator. Parsing errors name the field (`faults.events[0].worker`).
+machine. `cluster.churn` plays the trace in the simulator's lockstep arms, `cluster.swarm_churn` in its collaborative
+ones. Parsing errors name the field (`faults.events[0].worker`).
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ class EvalRecord(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class FaultRecord(Record):
-    """A change in who takes part (`cluster.churn`): a peer leaves, returns, loads the state, or cancels a round."""
+    """A change in who takes part (`cluster.churn`, `cluster.swarm_churn`): a peer leaves, returns, loads the state,
+    or cancels a round."""
 
     kind: ClassVar[str] = "fault"
     worker: int

@@ -29,6 +29,7 @@ from cluster.records import Record
 from cluster.replica_hosts import HostPool
 from cluster.retime import record, retime
 from cluster.runtime import RUNTIMES, start_ray
+from cluster.swarm_churn import CollaborativeChurnDriver
 from cluster.sim import ModelledExchanges
 from experiments.checkpoint import ArmCheckpoints, MetricsLog, RunCheckpoints
 from experiments.fields import ConfigError
@@ -135,8 +136,12 @@ def claim_traces(scheduler: ArmScheduler, spec: ExperimentSpec, traces: dict) ->
 
 
 def _simulate_collaborative(job: ArmJob) -> bool:
+    plan = arm_plan(job.spec, job.arm)
     with _workers(job) as workers:
-        CollaborativeDriver(workers, arm_plan(job.spec, job.arm), job.emit, job.on_step, job.checkpoints).run()
+        if job.arm.faults is not None:
+            CollaborativeChurnDriver(workers, plan, job.arm.faults, job.emit, job.on_step).run()
+        else:
+            CollaborativeDriver(workers, plan, job.emit, job.on_step, job.checkpoints).run()
     return False
 
 

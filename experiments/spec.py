@@ -34,6 +34,7 @@ from cluster.heterogeneity import speed_factors
 from cluster.hostile import HostileFault, parse_hostile
 from cluster.network import Network, build_network
 from cluster.real.options import ALLREDUCE, SHAPING, check_real_arm, check_real_faults
+from cluster.swarm_churn import swarm_faults
 from cluster.swarm_timing import SwarmTiming
 from experiments.fields import ConfigError, check_keys, parse_settings, parse_values
 from trainer.compression import check_codec
@@ -290,9 +291,8 @@ def with_faults(arm: ArmConfig, table: dict, run_faults: Any, run: RunConfig) ->
             check_real_faults(arm.algorithm, faults, path)  # real peers: failures and returns on swarm arms
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    elif STRATEGIES[arm.algorithm].schedule != "lockstep":
-        raise ConfigError(f"{path}: faults are simulated for lockstep arms only, not yet for a {arm.algorithm} arm; "
-                          f"remove the table for arm {arm.name!r}")
+    elif STRATEGIES[arm.algorithm].schedule == "collaborative":
+        faults = swarm_faults(path, faults, arm.swarm or SwarmTiming())  # hivemind.Optimizer's timeouts
     return replace(arm, faults=faults)
 
 

@@ -121,6 +121,8 @@ def _summarize_arm(arm: dict, records: list[Record], target: float | None) -> di
         "bytes_received": sum(received_per_worker),
         "bytes_sent_per_worker": sent_per_worker,
         "rounds": len({r.round for r in comms}),
+        # Contributions the reducers refused (wrong shape or dtype, non-finite: `cluster.hostile.screen`).
+        "rejected_contributions": sum(len(r.rejected or ()) for r in comms),
         # Groups exchanging at once overlap in time: count each record's time once per participant.
         "comm_s": sum(float(r.comm_s) * len(r.participants) for r in comms) / max(1, workers),
         "compression_ratio": _ratio(sum(r.raw_bytes for r in comms), sum(r.message_bytes for r in comms)),

@@ -4,6 +4,7 @@
 The strategy's state is taken generically from its attributes: optimizers through their `state_dict`, tensors (and
 lists of them, e.g. Streaming DiLoCo's fragments) by value, plain values as they are. The replica's own bookkeeping
 (its step counter, data sampler and random stream) stays the joiner's: a restarted peer reads its own shard on.
+Once loaded, the strategy drops what only the sender had accumulated for itself (`Strategy.state_loaded`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def import_state(replica, state: dict[str, Any]) -> None:
         else:
             setattr(strategy, name, value)
     replica._residuals = state["residuals"]
+    strategy.state_loaded()
 
 
 def state_nbytes(state: dict[str, Any]) -> int:

@@ -243,6 +243,11 @@ def test_faults_in_the_experiment_file_read_back_and_refuse_what_is_not_simulate
     assert spec.arms[0].faults.mtbf_s == 60.0 and spec.arms[1].faults.events[0].back == 9.0
     back = parse_spec(tomllib.loads(tomli_w.dumps(resolved_config(spec))))
     assert back.arms == spec.arms
-    raw["arm"][1] = {"name": "c", "algorithm": "collaborative", "network": "home-broadband"}
-    with pytest.raises(ConfigError, match="^faults: faults are simulated for lockstep arms only"):
+    # A collaborative arm's exchanges time out as hivemind.Optimizer's do: after matchmaking_time, then twice it.
+    raw["arm"][1] = {"name": "c", "algorithm": {"name": "collaborative", "matchmaking_time": 4}, "network": "mobile"}
+    collab = parse_spec(raw).arms[1]
+    assert (collab.faults.sender_timeout_s, collab.faults.reducer_timeout_s) == (4.0, 8.0)
+    raw["arm"][1]["algorithm"]["matchmaking_time"] = 30
+    raw["arm"][1]["faults"] = {"mtbf": "1min", "mttr": "10s", "reducer_timeout": 20}
+    with pytest.raises(ConfigError, match=r"^arm.c.faults.reducer_timeout: must be longer than sender_timeout \(30 s"):
         parse_spec(raw)

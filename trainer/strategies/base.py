@@ -166,6 +166,10 @@ class Strategy:
     def load_state_dict(self, state: dict) -> None:
         assert not state, f"{self.name} keeps no state between steps, but was given {sorted(state)}"
 
+    def state_loaded(self) -> None:
+        """This peer has just loaded another peer's state (`trainer.replica_state.import_state`, as hivemind's
+        `load_state_from_peers`): drop whatever only the sender had accumulated for itself. Nothing, by default."""
+
     def train_step(self, step: int) -> StepGenerator:
         """One optimisation step on this worker; returns the training loss of its batch."""
         raise NotImplementedError

@@ -72,6 +72,12 @@ class Collaborative(Strategy):
         self.accumulated = state["accumulated"].clone()
         self.samples, self.carried_losses = state["samples"], list(state["carried_losses"])
 
+    def state_loaded(self) -> None:
+        """hivemind.Optimizer.load_state_from_peers resets the accumulated gradients (the sender's late microbatch
+        is the sender's contribution, not the joiner's): the joiner accumulates its own from zero."""
+        self.accumulated = torch.zeros_like(self.accumulated)
+        self.samples, self.carried_losses = 0, []
+
     def averages_state_after(self, epoch: int) -> bool:
         """hivemind.Optimizer averages the state when the epoch it moves to is a multiple of average_state_every,
         and only with someone to average with."""
