@@ -17,3 +17,22 @@ pytest_plugins = ["process_guard", "pytester"]  # pytester: tests/test_process_g
 def sim():
     """`sim(n, batch_size, steps, algorithm, settings, ...)` runs one arm in-process (see `simtools.simulate`)."""
     return simulate
+
+
+@pytest.fixture
+def fresh_ray(monkeypatch):
+    """A tag for a test that starts (and stops) its own local Ray: every process it starts inherits the tag, so
+    `proctools` can tell whether any outlived it."""
+    import os
+    import uuid
+
+    import ray
+    from proctools import TAG
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        pytest.skip("needs to start (and stop) its own local Ray; Ray is already running or RAY_ADDRESS is set")
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv(TAG, tag)  # inherited by Ray's processes, the actors, their hivemind processes and p2pd
+    yield tag
+    if ray.is_initialized():  # the run failed before its own teardown could run
+        ray.shutdown()

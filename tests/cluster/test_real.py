@@ -7,15 +7,13 @@ every hivemind and Ray process it started is gone afterwards.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
-from proctools import TAG, tagged_processes
+from proctools import tagged_processes
 
 from cluster.devices import get_device
 from cluster.network import Link, Network, build_network
@@ -129,19 +127,6 @@ def p2pd_works():
     except Exception as e:  # the p2pd binary is missing or cannot listen here
         pytest.skip(f"hivemind's p2pd cannot start on this machine: {type(e).__name__}: {e}")
     dht.shutdown()
-
-
-@pytest.fixture
-def fresh_ray(monkeypatch):
-    import ray
-
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        pytest.skip("needs to start (and stop) its own local Ray; Ray is already running or RAY_ADDRESS is set")
-    tag = uuid.uuid4().hex
-    monkeypatch.setenv(TAG, tag)  # inherited by Ray's processes, the actors, their hivemind processes and p2pd
-    yield tag
-    if ray.is_initialized():  # run_real_arm failed before its own teardown could run
-        ray.shutdown()
 
 
 @pytest.mark.ray

@@ -266,23 +266,6 @@ def test_a_swarm_arms_gradient_averagers_refuse_a_peer_without_the_secret():
 
 
 # --- 4 real peers on Ray -----------------------------------------------------------------------------------------
-@pytest.fixture
-def fresh_ray(monkeypatch):
-    import os
-    import uuid
-
-    import ray
-    from proctools import TAG
-
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        pytest.skip("needs to start (and stop) its own local Ray; Ray is already running or RAY_ADDRESS is set")
-    tag = uuid.uuid4().hex
-    monkeypatch.setenv(TAG, tag)  # inherited by Ray's processes, the actors, their hivemind processes and p2pd
-    yield tag
-    if ray.is_initialized():  # run_real_arm failed before its own teardown could run
-        ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.hivemind
 def test_a_peer_sigkilled_mid_run_restarts_loads_the_state_and_trains_with_the_swarm(fresh_ray):
