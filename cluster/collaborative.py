@@ -60,7 +60,9 @@ class CollaborativeDriver:
         self.timing = plan.swarm or SwarmTiming()
         self.steps_completed = 0
 
-    def run(self) -> None:
+    def begin(self) -> tuple[int, int, int]:
+        """Reads the arm's settings off worker 0 and resets the counters; returns (token budget, tokens between
+        evaluations, tokens in an epoch)."""
         plan = self.plan
         info = self.workers.call("describe", workers=[0])[0]
         self.target_batch_size = info["settings"].target_batch_size
@@ -69,10 +71,14 @@ class CollaborativeDriver:
         self.carried = [0] * plan.n_workers  # samples of late microbatches, per peer
         self.microbatches_done = 0
         self.samples_done = 0  # averaged into the model so far, over the swarm
-        budget = plan.total_steps * plan.tokens_per_step
         eval_tokens = plan.eval_every_steps * plan.tokens_per_step
         self.next_eval = eval_tokens
         epoch_tokens = math.ceil(self.target_batch_size / self.batch) * self.microbatch_tokens
+        return plan.total_steps * plan.tokens_per_step, eval_tokens, epoch_tokens
+
+    def run(self) -> None:
+        plan = self.plan
+        budget, eval_tokens, epoch_tokens = self.begin()
         epoch = self.checkpoints.restore(self)
         if epoch == 0:
             self.evaluate(0, tokens=0)

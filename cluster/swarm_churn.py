@@ -85,17 +85,7 @@ class CollaborativeChurnDriver(SwarmJoins, CollaborativeDriver):
 
     # --- the run -------------------------------------------------------------------------------
     def run(self) -> None:
-        plan = self.plan
-        info = self.workers.call("describe", workers=[0])[0]
-        self.target_batch_size = info["settings"].target_batch_size
-        self.microbatch_flops, self.batch = info["flops_per_batch"], info["batch_size"]
-        self.microbatch_tokens = plan.tokens_per_step // plan.n_workers
-        self.carried = [0] * plan.n_workers
-        self.microbatches_done = self.samples_done = 0
-        budget = plan.total_steps * plan.tokens_per_step
-        eval_tokens = plan.eval_every_steps * plan.tokens_per_step
-        self.next_eval = eval_tokens
-        epoch_tokens = math.ceil(self.target_batch_size / self.batch) * self.microbatch_tokens
+        budget, eval_tokens, epoch_tokens = self.begin()
         self.evaluate(0, tokens=0)
         epoch, evaluated = 0, True
         while self.tokens < budget:
