@@ -9,11 +9,14 @@ For each model in --models and each N in --workers it times, side by side in one
   (the runtime: several replicas per actor, one actor per CPU) and `per-worker` (one actor per worker);
 * gloo (--gloo): the usual way, one torch process per worker with gloo collectives (`bench/gloo_baseline.py`).
 
-Ray is started here, before any timing, so its start-up is reported on its own line; the runner does not
-shut down a Ray it did not start, so one Ray serves every run; each run starts its own actors (the runner's pool)
-unless --pool holds one pool of hosts across runs, as a sweep does. `--repeat R` runs everything R times in turn and
-reports each figure's median. `--json` prints all figures as one JSON object instead of the tables. Run it from the
-checkout: `python bench/throughput.py` (a few minutes on a 2-core machine with the defaults).
+Each plain and sim run has a fresh process of its own (`bench.fresh`), so that no run's memory holds what an
+earlier one left behind; a sim run's process starts Ray before any timing (its start-up is reported apart, as a
+median), and each run starts its own actors (the runner's pool), unless --pool holds one Ray and one pool of hosts
+across runs in this process, as a sweep does. `--repeat R` runs everything R times in turn and reports each figure's
+median. `--growth` is the cost of growth: N = 1, 4, 16, 64 of `tiny`, `small` and `base` as one table per arm,
+skipping a run whose memory, extrapolated from the runs before it, would not fit the machine. `--json` prints all
+figures as one JSON object instead of the tables. Run it from the checkout: `python bench/throughput.py` (a few
+minutes on a 2-core machine with the defaults).
 """
 
 from __future__ import annotations
@@ -34,8 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import torch  # noqa: E402
 
+import psutil  # noqa: E402
+
 import experiments  # noqa: E402
+from bench.fresh import in_fresh_process  # noqa: E402
 from bench.gloo_baseline import run_gloo  # noqa: E402
+from bench.growth import growth_rows, predicted_peak, print_growth  # noqa: E402
 from bench.memory import MB, PeakRss, replica_state_bytes  # noqa: E402
 from cluster import replica_hosts  # noqa: E402
 from cluster import runtime as cluster_runtime  # noqa: E402
@@ -110,6 +117,45 @@ def run_sim(args, model: str, n_workers: int, arm: dict, layout: str) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sim_in_fresh_ray(args, model: str, n_workers: int, arm: dict, layout: str) -> dict:
+    """`run_sim` in this process (a fresh one), Ray started here first, its start-up timed apart as `ray_start_s`.
+    The corpus is loaded first, as the bench process had it loaded for the plain run when runs shared a process."""
+    import ray
+
+    load_corpus(DataConfig(corpus="stdlib"), args.seed)
+    t0 = time.perf_counter()
+    started = cluster_runtime.start_ray()
+    ray_start_s = time.perf_counter() - t0
+    wait_for_idle_workers(int(ray.cluster_resources().get("CPU", 1)))
+    saved = cluster_runtime.RUNTIMES["ray"]
+    cluster_runtime.RUNTIMES["ray"] = _Timed  # the runner looks the class up in this same dict
+    try:
+        return run_sim(args, model, n_workers, arm, layout) | {
+            "ray_start_s": ray_start_s, "ray_cpus": ray.cluster_resources().get("CPU", 0.0)}
+    finally:
+        cluster_runtime.RUNTIMES["ray"] = saved
+        if started:
+            ray.shutdown()
+
+
+def wait_for_idle_workers(count: int, timeout_s: float = 120.0) -> None:
+    """Until Ray's worker processes, which it starts for a new driver (one per CPU), are up and idle: a run is timed
+    with Ray already up, as it was when the bench's own process started Ray once, minutes before the first run."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        idle = 0
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                idle += p.cmdline()[:1] == ["ray::IDLE"]
+        if idle >= count:
+            return
+        time.sleep(0.2)
+
+
+def plain_in_fresh_process(args, model: str, n_workers: int) -> dict:
+    return run_plain(args, model, n_workers, load_corpus(DataConfig(corpus="stdlib"), args.seed))
+
+
 def run_plain(args, model: str, n_workers: int, corpus) -> dict:
     cfg, optim = PRESETS[model], OptimConfig()
     batch = n_workers * args.batch_size
@@ -150,141 +196,186 @@ def median_of(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+GROWTH_DEFAULTS = {"models": ["tiny", "small", "base"], "workers": [1, 4, 16, 64], "steps": 3, "diloco": 2}
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[4, 8], help="simulated worker counts N (default 4 8)")
-    parser.add_argument("--models", nargs="+", default=["small"], choices=sorted(PRESETS), help="model presets")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
+    parser.add_argument("--workers", type=int, nargs="+", help="simulated worker counts N (default 4 8)")
+    parser.add_argument("--models", nargs="+", choices=sorted(PRESETS), help="model presets (default small)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 30)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per worker per step, b (default 8)")
-    parser.add_argument("--diloco", type=int, default=0, metavar="H",
+    parser.add_argument("--diloco", type=int, metavar="H",
                         help="also time a DiLoCo arm on home-broadband with H inner steps (default: off)")
+    parser.add_argument("--growth", action="store_true",
+                        help="the cost of growth: defaults become --models tiny small base --workers 1 4 16 64 "
+                             "--steps 3 --diloco 2, and a table of ratio, start-up and peak memory per model and N "
+                             "is printed; runs whose memory would not fit the machine are skipped and listed")
     parser.add_argument("--layouts", nargs="+", default=["grouped"], choices=["grouped", "per-worker"],
                         help="how replicas sit on actors: grouped (the runtime) and/or per-worker (one actor each)")
     parser.add_argument("--gloo", action="store_true", help="also time the process-per-worker gloo baseline")
     parser.add_argument("--pool", action="store_true",
                         help="hold one pool of replica hosts across all runs, as a sweep does, after one untimed run "
-                             "has started them: start-up is then building the replicas only (grouped layout)")
+                             "has started them: start-up is then building the replicas only (grouped layout); the "
+                             "runs then share one process and its memory")
     parser.add_argument("--repeat", type=int, default=1, help="run everything this many times; report medians")
     parser.add_argument("--eval-batches", type=int, default=1,
                         help="held-out batches per sim evaluation (at step 0 and at the end; default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print all figures as one JSON object")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or min(args.workers) < 1 or args.repeat < 1:
-        parser.error("--steps, --batch-size, --workers and --repeat must be positive")
+    defaults = GROWTH_DEFAULTS if args.growth else {"models": ["small"], "workers": [4, 8], "steps": 30, "diloco": 0}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.steps < 1 or args.batch_size < 1 or min(args.workers) < 1 or args.repeat < 1 or args.diloco < 0:
+        parser.error("--steps, --batch-size, --workers and --repeat must be positive, --diloco at least 0")
+    args.workers = sorted(set(args.workers))
     return args
 
 
-def measure(args) -> dict:
-    """Every figure, as medians over --repeat rounds, each round running plain, gloo and sim side by side."""
+def note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def bench_arms(args) -> list[dict]:
     arms = [{"name": "ddp-datacenter", "algorithm": "ddp", "network": "datacenter"}]
     if args.diloco:
         arms.append({"name": f"diloco{args.diloco}-home", "network": "home-broadband",
                      "algorithm": {"name": "diloco", "inner_steps": args.diloco}})
+    return arms
 
-    def note(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
 
-    import ray
+def algorithm_of(arm: dict) -> str:
+    return arm["algorithm"] if isinstance(arm["algorithm"], str) else arm["algorithm"]["name"]
 
-    corpus = load_corpus(DataConfig(corpus="stdlib"), args.seed)
-    note("starting Ray ...")
-    t0 = time.perf_counter()
-    started = cluster_runtime.start_ray()
-    ray_start_s = time.perf_counter() - t0
-    saved = cluster_runtime.RUNTIMES["ray"]
-    cluster_runtime.RUNTIMES["ray"] = _Timed  # the runner looks the class up in this same dict
+
+def measure(args) -> dict:
+    """Every figure, as medians over --repeat rounds, each round running plain, gloo and sim side by side.
+
+    Each plain and sim run has a fresh process of its own (`bench.fresh`), a sim run with its own Ray, so that no
+    run's memory holds what another left; with --pool the sim runs share this process, one Ray and the pool."""
+    arms = bench_arms(args)
     rounds: dict[tuple, list[dict]] = {}
-    pool = replica_hosts.HostPool() if args.pool else contextlib.nullcontext()
-    try:
-        with pool:
-            if args.pool:
+    skipped: dict[tuple, str] = {}
+    ray_starts, ray_cpus = [], [0.0]
+
+    def fits(key: tuple, formula: int) -> bool:
+        need = predicted_peak(key, rounds, formula)
+        free = psutil.virtual_memory().available
+        if key not in skipped and need is not None and need > 0.9 * free:
+            skipped[key] = f"needs about {need / 2**30:.1f} GiB by the runs before it, {free / 2**30:.1f} GiB free"
+            note(f"  skipped: {skipped[key]}")
+        return key not in skipped
+
+    def sim(model: str, n: int, arm: dict, layout: str) -> dict:
+        if args.pool:
+            return run_sim(args, model, n, arm, layout)
+        run = in_fresh_process(sim_in_fresh_ray, args, model, n, arm, layout)
+        ray_starts.append(run.pop("ray_start_s"))
+        ray_cpus[0] = run.pop("ray_cpus")
+        return run
+
+    def one_round(r: int) -> None:
+        for model in args.models:
+            for n in args.workers:
+                runs = [((model, n, "plain", ""), 0, f"plain, batch {n * args.batch_size}", lambda: in_fresh_process(plain_in_fresh_process, args,
+                                                                                          model, n))]
+                for arm in arms:
+                    formula = replica_state_bytes(PRESETS[model], algorithm_of(arm))
+                    if args.gloo:
+                        h = args.diloco * ("diloco" in arm["name"])
+                        runs.append(((model, n, "gloo", arm["name"]), formula, f"gloo {arm['name']}",
+                                     lambda h=h: run_gloo(n, model, args.batch_size, args.steps, h, args.seed)))
+                    for layout in args.layouts:
+                        runs.append(((model, n, layout, arm["name"]), formula, f"sim {arm['name']} ({layout})",
+                                     lambda arm=arm, layout=layout: sim(model, n, arm, layout)))
+                for key, formula, what, go in runs:
+                    note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: {what} ...")
+                    if fits(key, formula):
+                        rounds.setdefault(key, []).append(go())
+
+    if args.pool:
+        import ray
+
+        note("starting Ray ...")
+        t0 = time.perf_counter()
+        started = cluster_runtime.start_ray()
+        ray_starts.append(time.perf_counter() - t0)
+        saved = cluster_runtime.RUNTIMES["ray"]
+        cluster_runtime.RUNTIMES["ray"] = _Timed  # the runner looks the class up in this same dict
+        try:
+            with replica_hosts.HostPool():
                 note("starting the pool's hosts (an untimed run) ...")
                 run_sim(args, args.models[0], min(args.workers), arms[0], "grouped")
-            for r in range(args.repeat):
-                for model in args.models:
-                    for n in args.workers:
-                        note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: plain, batch {n * args.batch_size} ...")
-                        rounds.setdefault((model, n, "plain", ""), []).append(run_plain(args, model, n, corpus))
-                        for arm in arms:
-                            if args.gloo:
-                                note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: gloo {arm['name']} ...")
-                                rounds.setdefault((model, n, "gloo", arm["name"]), []).append(
-                                    run_gloo(n, model, args.batch_size, args.steps,
-                                             args.diloco * ("diloco" in arm["name"]), args.seed))
-                            for layout in args.layouts:
-                                note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: sim {arm['name']} ({layout}) ...")
-                                rounds.setdefault((model, n, layout, arm["name"]), []).append(
-                                    run_sim(args, model, n, arm, layout))
-        ray_cpus = ray.cluster_resources().get("CPU", 0.0)
-    finally:
-        cluster_runtime.RUNTIMES["ray"] = saved
-        if started:
-            ray.shutdown()
-    return {"arms": arms, "ray_start_s": ray_start_s, "ray_cpus": ray_cpus,
-            "medians": {key: median_of(runs) for key, runs in rounds.items()}}
+                for r in range(args.repeat):
+                    one_round(r)
+            ray_cpus[0] = ray.cluster_resources().get("CPU", 0.0)
+        finally:
+            cluster_runtime.RUNTIMES["ray"] = saved
+            if started:
+                ray.shutdown()
+    else:
+        for r in range(args.repeat):
+            one_round(r)
+    return {"arms": arms, "ray_start_s": statistics.median(ray_starts) if ray_starts else 0.0,
+            "ray_cpus": ray_cpus[0], "medians": {key: median_of(runs) for key, runs in rounds.items()},
+            "skipped": [{"model": k[0], "n": k[1], "layout": k[2], "arm": k[3], "reason": why}
+                        for k, why in skipped.items()]}
 
 
 def figures(args, measured: dict) -> dict:
-    """The JSON object: machine, settings, one row per model, N, arm and layout, and the memory growth."""
+    """The JSON object: machine, settings, one row per model, N, arm and layout, the memory growth, what was skipped."""
     med = measured["medians"]
     rows = []
     for (model, n, layout, arm), m in med.items():
         if layout in ("plain", "gloo"):
             continue
-        plain = med[model, n, "plain", ""]
-        plain_tok_s = plain["tokens"] / plain["loop_s"]
-        row = {"model": model, "n": n, "arm": arm, "layout": layout, "plain_tok_s": round(plain_tok_s),
-               "whole_ratio": round(m["tokens"] / m["run_s"] / plain_tok_s, 3),
-               "loop_ratio": round(m["tokens"] / m["loop_s"] / plain_tok_s, 3),
-               "startup_s": round(m["startup_s"], 2), "peak_rss_mb": round(m["peak_rss_bytes"] / MB),
-               "peak_pss_mb": round(m["peak_pss_bytes"] / MB),
-               "final_loss": round(m["final_loss"], 4), "plain_final_loss": round(plain["final_loss"], 4)}
+        row = {"model": model, "n": n, "arm": arm, "layout": layout, "startup_s": round(m["startup_s"], 2),
+               "peak_rss_mb": round(m["peak_rss_bytes"] / MB), "peak_pss_mb": round(m["peak_pss_bytes"] / MB),
+               "final_loss": round(m["final_loss"], 4)}
+        plain = med.get((model, n, "plain", ""))
+        if plain:  # none where the plain run would not have fitted in memory
+            plain_tok_s = plain["tokens"] / plain["loop_s"]
+            row |= {"plain_tok_s": round(plain_tok_s), "whole_ratio": round(m["tokens"] / m["run_s"] / plain_tok_s, 3),
+                    "loop_ratio": round(m["tokens"] / m["loop_s"] / plain_tok_s, 3),
+                    "plain_final_loss": round(plain["final_loss"], 4),
+                    "plain_peak_pss_mb": round(plain["peak_pss_bytes"] / MB)}
         gloo = med.get((model, n, "gloo", arm))
-        if gloo:
+        if gloo and plain:
             row |= {"gloo_whole_ratio": round(m["tokens"] / gloo["whole_s"] / plain_tok_s, 3),
-                    "gloo_loop_ratio": round(m["tokens"] / gloo["loop_s"] / plain_tok_s, 3),
-                    "gloo_startup_s": round(gloo["startup_s"], 2), "gloo_peak_rss_mb": round(gloo["peak_rss_bytes"] / MB),
+                    "gloo_loop_ratio": round(m["tokens"] / gloo["loop_s"] / plain_tok_s, 3)}
+        if gloo:
+            row |= {"gloo_startup_s": round(gloo["startup_s"], 2), "gloo_peak_rss_mb": round(gloo["peak_rss_bytes"] / MB),
                     "gloo_peak_pss_mb": round(gloo["peak_pss_bytes"] / MB),
                     "vs_gloo_whole": round(gloo["whole_s"] / m["run_s"], 3)}
         rows.append(row)
-    growth = []
-    for model in args.models:
-        for arm in measured["arms"]:
-            algorithm = arm["algorithm"] if isinstance(arm["algorithm"], str) else arm["algorithm"]["name"]
-            formula = replica_state_bytes(PRESETS[model], algorithm)
-            for layout in args.layouts:
-                ns = sorted(n for (mo, n, la, a) in med if (mo, la, a) == (model, layout, arm["name"]))
-                for n1, n2 in zip(ns, ns[1:]):
-                    a, b = med[model, n1, layout, arm["name"]], med[model, n2, layout, arm["name"]]
-                    per = (b["peak_pss_bytes"] - a["peak_pss_bytes"]) / (n2 - n1)
-                    per_rss = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (n2 - n1)
-                    growth.append({"model": model, "arm": arm["name"], "layout": layout, "from_n": n1, "to_n": n2,
-                                   "mb_per_worker": round(per / MB, 2), "formula_mb": round(formula / MB, 2),
-                                   "ratio": round(per / formula, 2), "rss_mb_per_worker": round(per_rss / MB, 2),
-                                   "rss_ratio": round(per_rss / formula, 2)})
+    formulas = {(model, arm["name"]): replica_state_bytes(PRESETS[model], algorithm_of(arm))
+                for model in args.models for arm in measured["arms"]}
     return {
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-                    "ray_cpus": measured["ray_cpus"], "torch": torch.__version__,
-                    "python": platform.python_version()},
+                    "ray_cpus": measured["ray_cpus"], "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                    "torch": torch.__version__, "python": platform.python_version()},
         "settings": {"models": args.models, "workers": args.workers, "steps": args.steps,
                      "batch_size": args.batch_size, "diloco": args.diloco, "repeat": args.repeat, "pool": args.pool,
                      "params": {m: count_params(PRESETS[m]) for m in args.models}},
         "load_average": measured["load"], "ray_start_s": round(measured["ray_start_s"], 2),
-        "rows": rows, "memory_growth": growth,
+        "rows": rows, "memory_growth": growth_rows(med, formulas, args.layouts), "skipped": measured["skipped"],
     }
 
 
-def print_tables(out: dict) -> None:
+def print_tables(out: dict, growth: bool) -> None:
     m = out["machine"]
     print(f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['usable_cpus']} usable), Ray sees "
-          f"{m['ray_cpus']:g} CPUs; torch {m['torch']}, Python {m['python']}")
+          f"{m['ray_cpus']:g} CPUs, {m['memory_gib']} GiB of memory; torch {m['torch']}, Python {m['python']}")
     load = out["load_average"]
     print(f"load average (1/5/15 min): {load['start']} at start, {load['end']} at end (this benchmark's own processes "
           "count too)")
     s = out["settings"]
-    print(f"b = {s['batch_size']}, {s['steps']} steps, medians of {s['repeat']} round(s){'; hosts held in one pool across runs' if s['pool'] else ''}; Ray start-up (not in any "
-          f"figure): {out['ray_start_s']} s; plain: torch's default threads; sim and gloo: 1 thread per worker")
+    pooled = "; hosts held in one pool across runs" if s["pool"] else "; each run in a fresh process"
+    print(f"b = {s['batch_size']}, {s['steps']} steps, medians of {s['repeat']} round(s){pooled}; Ray start-up (not "
+          f"in any figure, median): {out['ray_start_s']} s; plain: torch's default threads; sim and gloo: 1 thread "
+          "per worker")
     print()
     cols = ["model", "n", "arm", "layout", "plain_tok_s", "whole_ratio", "loop_ratio", "startup_s", "peak_pss_mb",
             "peak_rss_mb", "gloo_whole_ratio", "gloo_startup_s", "gloo_peak_pss_mb", "vs_gloo_whole"]
@@ -292,12 +383,17 @@ def print_tables(out: dict) -> None:
     for row in out["rows"]:
         print("  ".join(f"{row.get(c, '-')!s:>{max(len(c), 6)}}" for c in cols))
     print()
+    if growth:
+        print_growth(out)
+        print()
     print("memory growth per extra worker (peak PSS summed over the process tree, each page counted once; peak RSS "
           "sum beside it) vs one replica's params + grads + AdamW + strategy copies:")
     for g in out["memory_growth"]:
         print(f"  {g['model']:<6} {g['arm']:<16} {g['layout']:<10} N {g['from_n']:>3} -> {g['to_n']:<3} "
               f"{g['mb_per_worker']:>8.2f} MB/worker, formula {g['formula_mb']:.2f} MB, ratio {g['ratio']:.2f} "
               f"(RSS: {g['rss_mb_per_worker']:.2f} MB/worker, ratio {g['rss_ratio']:.2f})")
+    for k in out["skipped"]:
+        print(f"  not run: {k['model']}, N = {k['n']}, {k['layout']} {k['arm']}: {k['reason']}")
     print()
     print("whole_ratio: tokens / wall time of experiments.run (Ray already up: run folder, actors, evaluations, training, "
           "teardown, report) over plain tok/s at batch N*b; loop_ratio: the same from actors ready to arm finished;")
@@ -315,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, indent=1))
     else:
-        print_tables(out)
+        print_tables(out, args.growth)
     return 0
 
 

@@ -122,7 +122,7 @@ class LockstepDriver:
         self.workers, self.plan, self.exchanges, self.emit, self.on_step = workers, plan, exchanges, emit, on_step
         self.checkpoints = checkpoints
         self.steps_completed = 0
-        self.last_params: list[np.ndarray] = []  # every worker's parameters at the last evaluation
+        self.last_params: list[np.ndarray] = []  # every worker's parameters at the end of the run
 
     def run(self) -> None:
         plan, checkpoints = self.plan, self.checkpoints
@@ -149,14 +149,15 @@ class LockstepDriver:
     def advance(self, until_step: int, finish: bool) -> None:
         replies: list = [None] * self.plan.n_workers
         while True:
-            events = self.workers.call("advance", [(until_step, r, finish) for r in replies])
-            requests = self.account(events)
+            requests = self.account(self.workers.call("advance", [(until_step, r, finish) for r in replies]))
             if requests is None:
                 return
             if isinstance(requests[0], AwaitRequest):
                 replies, records = self.exchanges.await_exchanges(requests, self.steps_completed)
             else:
                 replies, records = self.exchanges.exchange(requests, self.steps_completed)
+            # Every worker's message (a model's worth each) goes before the workers make their next ones.
+            del requests
             for record in records:
                 self.emit(record)
 
@@ -191,7 +192,12 @@ class LockstepDriver:
         """Every worker's step of one index is booked (a hook for drivers that record more per step)."""
 
     def evaluate(self, step: int) -> None:
-        params = self.last_params = self.workers.call("params")
+        # Every worker's parameters, a model's worth each, are held only while evaluated, except the last
+        # evaluation's (the end of the run), which the real mode returns.
+        self.last_params = []
+        params = self.workers.call("params")
         self.emit(evaluate_consensus(self.workers, self.plan.name, step, step * self.plan.tokens_per_step,
                                      self.exchanges.now_s, params))
+        if step == self.plan.total_steps:
+            self.last_params = params
 

@@ -133,6 +133,7 @@ class Replica:
         self.model = copy.deepcopy(template)
         torch.set_rng_state(rng_after_init)
         self._eval_model: GPT | None = None  # holds parameters handed in for evaluation, built on first use
+        self.params_vector: torch.Tensor | None = None  # the vector the parameters are views of, once set from one
         o = spec.optim
         self.optimizer = self.model.configure_optimizers(o.weight_decay, o.lr, (o.beta1, o.beta2))
         self.flops_per_batch = training_flops_per_token(spec.model, seq_len) * spec.batch_size * seq_len
@@ -162,12 +163,19 @@ class Replica:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optim.grad_clip)
         self.optimizer.step()
 
-    def flat_params(self) -> torch.Tensor:
-        return parameters_to_vector(self.model.parameters()).detach()
+    def flat_params(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The parameters as one vector, a copy that does not change as the replica trains on: a new tensor, or
+        written into `out` (a vector kept for the whole run, overwritten rather than allocated again)."""
+        if out is None:
+            return parameters_to_vector(self.model.parameters()).detach()
+        return torch.cat([p.detach().view(-1) for p in self.model.parameters()], out=out)
 
     def set_flat_params(self, flat: torch.Tensor) -> None:
+        """The parameters take the values of `flat` by becoming views of it (torch's `vector_to_parameters`): the
+        vector is theirs from now on (`params_vector`), and the one they lived in before is no longer theirs."""
         with torch.no_grad():
             vector_to_parameters(flat, self.model.parameters())
+        self.params_vector = flat
 
     def flat_grads(self) -> torch.Tensor:
         return torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])
@@ -273,7 +281,7 @@ class Replica:
         }
 
     def params(self) -> np.ndarray:
-        return self.flat_params().numpy().copy()
+        return self.flat_params().numpy()
 
     def export_state(self) -> dict:
         """Parameters, optimizer and strategy state, as a joining peer downloads them (`trainer.replica_state`)."""

@@ -88,6 +88,33 @@ def test_diloco_with_one_inner_step_and_plain_outer_sgd_is_parameter_averaging()
     assert [r.payload for r in records if r.kind == "comm"] == ["pseudo_gradient"] * steps
 
 
+def test_diloco_with_nesterov_momentum_equals_its_reference_over_several_outer_steps():
+    # Outer steps at steps 2 and 5 and at the end (`finish`): the later ones write the new shared copy into the
+    # vector the parameters have just left, which must never be one they still live in.
+    n, b, steps, h = 2, 2, 7, 3
+    settings = DiLoCoSettings(inner_steps=h, outer_lr=0.7, outer_momentum=0.9)
+    runtime, _ = simulate(n, b, steps, "diloco", settings)
+    train = load_corpus(DATA, SEED).train
+    samplers = [ShardSampler(train, w, n, b, MODEL.block_size, SEED) for w in range(n)]
+    workers = [reference_model() for _ in range(n)]
+    shared = torch.nn.Parameter(flat(workers[0][0]).clone())
+    outer = torch.optim.SGD([shared], lr=0.7, momentum=0.9, nesterov=True)
+    for step in range(steps):
+        for (model, optimizer), sampler in zip(workers, samplers):
+            reference_step(model, optimizer, *sampler.next_batch(), step, steps)
+        if (step + 1) % h == 0 or step == steps - 1:
+            shared.grad = torch.stack([shared.detach() - flat(m) for m, _ in workers]).mean(0)
+            outer.step()
+            for model, _ in workers:
+                torch.nn.utils.vector_to_parameters(shared.detach().clone(), model.parameters())
+    assert not torch.allclose(shared.detach(), flat(reference_model()[0]), atol=1e-3)  # it moved
+    for params in runtime.call("params"):
+        np.testing.assert_allclose(params, shared.detach().numpy(), rtol=1e-4, atol=1e-6)
+    for replica in runtime.replicas:
+        assert replica.strategy.shared.data_ptr() != replica.params_vector.data_ptr()
+        np.testing.assert_array_equal(replica.strategy.shared.numpy(), replica.params())
+
+
 def test_diloco_exchanges_every_inner_steps_and_once_more_at_the_end():
     _, records = simulate(2, 2, 12, "diloco", DiLoCoSettings(inner_steps=5))
     comm = [r for r in records if r.kind == "comm"]

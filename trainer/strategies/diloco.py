@@ -36,7 +36,7 @@ class DiLoCo(Strategy):
         self.outer_optimizer = torch.optim.SGD(
             replica.model.parameters(), lr=settings.outer_lr, momentum=momentum, nesterov=momentum > 0
         )
-        self.shared = replica.flat_params().clone()
+        self.shared = replica.flat_params()
         self.steps_since_sync = 0
 
     def state_dict(self) -> dict:
@@ -63,8 +63,13 @@ class DiLoCo(Strategy):
     def outer_step(self) -> StepGenerator:
         replica = self.replica
         pseudo_gradient = yield Exchange("pseudo_gradient", self.shared - replica.flat_params())
+        # The parameters move into the shared vector and the outer step updates them there; the vector they leave
+        # (none before the first outer step) takes the next shared copy. A model-sized vector allocated anew at
+        # every outer step, and freed at the next, leaves holes in the heap between the long-lived tensors of the
+        # replicas that share a process, which the process then holds as its own.
+        spare = replica.params_vector
         replica.set_flat_params(self.shared)
         replica.set_flat_grads(pseudo_gradient)
         self.outer_optimizer.step()
-        self.shared = replica.flat_params().clone()
+        self.shared = replica.flat_params(out=spare)
         self.steps_since_sync = 0
