@@ -25,11 +25,12 @@ returning peer loads the state of a live one (`trainer.replica_state`), as `load
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import astuple, replace
 
 import numpy as np
 import torch
 
+from cluster.checkpoint import NO_CHECKPOINTS, Checkpoints
 from cluster.collectives import butterfly_average, state_download
 from cluster.driver import ArmPlan, LockstepDriver, average, evaluate_consensus
 from cluster.faults import FaultsConfig, FaultTrace, Outage
@@ -65,6 +66,35 @@ class ChurnExchanges(ModelledExchanges):
         self._patched: dict[int, np.ndarray] = {}
         self._waited: dict[int, float] = {}
         self._lost: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """`ModelledExchanges.state_dict` and who is where in the trace (at a boundary no fault record is pending),
+        with what the records of rounds still in flight need: the hidden groups, the absent and the lost parts."""
+        assert not self.pending, "a checkpoint is taken between steps, once their fault records are out"
+        return super().state_dict() | {"churn": {
+            "status": list(self.status), "outage_index": list(self.outage_index),
+            "outage": [None if o is None else astuple(o) for o in self.outage], "left_s": list(self.left_s),
+            "returned_s": list(self.returned_s), "unsynced_s": list(self.unsynced_s),
+            "synced_s": list(self.synced_s), "down_until": [list(d) for d in self.down_until],
+            "hidden": [(r, list(g)) for r, g in sorted(self._hidden)],
+            "absent": [(r, list(g), a) for (r, g), a in self._absent.items()],
+            "lost": [(list(g), missing, fractions) for g, (missing, fractions) in self._lost.items()],
+            "waited": list(self._waited.items()), "trace": self.trace.state_dict()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        c = state["churn"]
+        self.status, self.outage_index = list(c["status"]), list(c["outage_index"])
+        self.outage = [None if o is None else Outage(*o) for o in c["outage"]]
+        self.left_s, self.returned_s = list(c["left_s"]), list(c["returned_s"])
+        self.unsynced_s, self.synced_s = list(c["unsynced_s"]), list(c["synced_s"])
+        self.down_until = [tuple(d) for d in c["down_until"]]
+        self._hidden = {(r, tuple(g)) for r, g in c["hidden"]}
+        self._absent = {(r, tuple(g)): list(a) for r, g, a in c["absent"]}
+        self._lost = {tuple(g): (list(m), list(f)) for g, m, f in c["lost"]}
+        self._waited = dict(c["waited"])
+        self.trace.load_state_dict(c["trace"])
 
     # --- time --------------------------------------------------------------------------------
     def compute_seconds(self, worker: int, flops: float) -> float:
@@ -265,9 +295,18 @@ class ChurnExchanges(ModelledExchanges):
 class ChurnDriver(LockstepDriver):
     """The lockstep driver with a fault trace: books only the steps of live workers, evaluates their consensus."""
 
-    def __init__(self, workers, plan: ArmPlan, exchanges: ChurnExchanges, emit, on_step=lambda: None):
-        super().__init__(workers, plan, exchanges, emit, on_step)
+    def __init__(self, workers, plan: ArmPlan, exchanges: ChurnExchanges, emit, on_step=lambda: None,
+                 checkpoints: Checkpoints = NO_CHECKPOINTS):
+        super().__init__(workers, plan, exchanges, emit, on_step, checkpoints)
         exchanges.workers = workers
+
+    def state_dict(self) -> dict:
+        # The consensus the last evaluation saw stands for the next one if no peer is live by then.
+        return super().state_dict() | {"last_params": [torch.from_numpy(np.array(p)) for p in self.last_params]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.last_params = [p.numpy() for p in state["last_params"]]
 
     def book_step(self, w: int, d: StepDone) -> None:
         """A live worker's step, unless the trace takes it down before the step's compute is over."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -275,3 +275,13 @@ class FaultTrace:
             back = leave + float(self._rngs[worker].exponential(f.mttr_s))
             drawn.append(Outage(worker, leave, back, by_step=False, cause="mtbf"))
         return drawn[index] if index < len(drawn) else None
+
+    def state_dict(self) -> dict:
+        """The outages drawn so far and where each worker's generator stands: a resumed arm draws on from there."""
+        return {"drawn": [[astuple(o) for o in d] for d in self._drawn],
+                "rngs": [rng.bit_generator.state for rng in self._rngs]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._drawn = [[Outage(*o) for o in d] for d in state["drawn"]]
+        for rng, saved in zip(self._rngs, state["rngs"]):
+            rng.bit_generator.state = saved

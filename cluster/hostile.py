@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from trainer.settings import ConfigError, check_keys, parse_values, setting
 
@@ -128,6 +129,15 @@ class HostileSenders:
 
     def __bool__(self) -> bool:
         return bool(self.faults)
+
+    def state_dict(self) -> dict:
+        """The contributions a stale peer replays later (the directions are drawn again from the seed)."""
+        return {"history": [(w, payload, [torch.from_numpy(np.array(t)) for t in past])
+                            for (w, payload), past in self.history.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {(w, payload): deque((t.numpy() for t in past), maxlen=self.keep)
+                        for w, payload, past in state["history"]}
 
     def active(self, worker: int, step: int) -> tuple[int, HostileFault] | None:
         """The fault (and its index) poisoning `worker` at `step`: the one that started latest, if any."""

@@ -150,8 +150,8 @@ class ModelledExchanges:
 
     def state_dict(self) -> dict:
         """Everything that books the rest of the arm's time: clocks, busy links, the round counter, the jitter
-        stream and the exchanges in flight (their averages included). Plain values and tensors only, so a
-        checkpoint loads with `torch.load(weights_only=True)`."""
+        stream, the exchanges in flight (their averages included) and what hostile peers replay later. Plain
+        values and tensors only, so a checkpoint loads with `torch.load(weights_only=True)`."""
         assert self.exact, "only an arm that trains is checkpointed; a re-timed one is replayed whole"
         flights = list({id(f): f for f in self.in_flight.values()}.values())  # one per group, shared by its members
         index = {id(f): i for i, f in enumerate(flights)}
@@ -160,6 +160,7 @@ class ModelledExchanges:
             "link_free_s": list(self.link_free_s), "jitter_rng": self.jitter_rng.bit_generator.state,
             "flights": [_flight_state(f) for f in flights],
             "in_flight": [(payload, w, index[id(f)]) for (payload, w), f in self.in_flight.items()],
+            "hostile": self.hostile.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -169,6 +170,7 @@ class ModelledExchanges:
         self.jitter_rng.bit_generator.state = state["jitter_rng"]
         flights = [_flight_from(f) for f in state["flights"]]
         self.in_flight = {(payload, w): flights[i] for payload, w, i in state["in_flight"]}
+        self.hostile.load_state_dict(state["hostile"])
 
     def reduce(self, group: tuple[int, ...], requests: list[ExchangeRequest], index: int = 0, step: int = 0) -> Reduced:
         """Carry out one group's exchange exactly: what every member receives, and its cost on the links.

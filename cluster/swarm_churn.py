@@ -45,12 +45,16 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
+import torch
+
+from cluster.checkpoint import NO_CHECKPOINTS, Checkpoints
 from cluster.churn import LIVE, ChurnExchanges
 from cluster.collaborative import CollaborativeDriver
 from cluster.driver import ArmPlan, evaluate_consensus
 from cluster.faults import FaultsConfig
 from cluster.records import CommRecord, StepRecord
-from cluster.swarm_joins import SwarmJoins
+from cluster.swarm_joins import Download, SwarmJoins
 from cluster.swarm_schedule import Completions, EpochPlan, plan_epoch
 from cluster.swarm_timing import SwarmTiming
 from trainer.replica import ExchangeRequest, StepDone
@@ -72,33 +76,56 @@ def swarm_faults(path: str, faults: FaultsConfig, timing: SwarmTiming) -> Faults
 class CollaborativeChurnDriver(SwarmJoins, CollaborativeDriver):
     """The collaborative driver with a fault trace (`faults` as `swarm_faults` gives them)."""
 
-    def __init__(self, workers, plan: ArmPlan, faults: FaultsConfig, emit, on_step=lambda: None):
-        super().__init__(workers, plan, emit, on_step)
+    def __init__(self, workers, plan: ArmPlan, faults: FaultsConfig, emit, on_step=lambda: None,
+                 checkpoints: Checkpoints = NO_CHECKPOINTS):
+        super().__init__(workers, plan, emit, on_step, checkpoints)
         self.faults = faults = swarm_faults("faults", faults, self.timing)
         self.exchanges = ChurnExchanges(plan, faults)
         n = plan.n_workers
         self.synced_s = [0.0] * n  # when a peer's last round (or its download) ended: the state it holds is from then
         self.carried_s = [0.0] * n  # compute of the late microbatch a peer carries into the next epoch
         self.epoch_start_s = 0.0  # when the previous epoch's last round ended
-        self.pending: dict[int, object] = {}  # downloads under way (`SwarmJoins`)
+        self.pending: dict[int, Download] = {}  # downloads under way (`SwarmJoins`)
         self.last_params: list = []
+        self.evaluated = True  # the epoch reached is evaluated
 
     # --- the run -------------------------------------------------------------------------------
     def run(self) -> None:
         budget, eval_tokens, epoch_tokens = self.begin()
-        self.evaluate(0, tokens=0)
-        epoch, evaluated = 0, True
+        epoch = self.checkpoints.restore(self)
+        if epoch == 0:
+            self.evaluate(0, tokens=0)
+            self.evaluated = True
         while self.tokens < budget:
             if not self.epoch(epoch, allow_late=self.tokens + epoch_tokens < budget, budget=budget):
                 break  # no peer holds the swarm's state any more
-            epoch, evaluated = epoch + 1, False
+            epoch, self.evaluated = epoch + 1, False
             if self.tokens >= self.next_eval or self.tokens >= budget:
                 self.evaluate(epoch, tokens=self.tokens)
-                evaluated = True
+                self.evaluated = True
                 while self.next_eval <= self.tokens:
                     self.next_eval += eval_tokens
-        if not evaluated:
+            if self.tokens < budget and self.checkpoints.due(epoch):
+                self.checkpoints.save(self, epoch)
+        if not self.evaluated:
             self.evaluate(epoch, tokens=self.tokens)
+
+    def state_dict(self) -> dict:
+        """`CollaborativeDriver.state_dict`, the membership (`ChurnExchanges.state_dict`) and what the faults add:
+        when each peer last synchronised, its carried compute, the downloads under way (with the state they
+        load) and the consensus that stands while no peer is live."""
+        return super().state_dict() | {"swarm_churn": {
+            "synced_s": list(self.synced_s), "carried_s": list(self.carried_s), "epoch_start_s": self.epoch_start_s,
+            "evaluated": self.evaluated, "pending": [dict(vars(d)) for d in self.pending.values()],
+            "last_params": [torch.from_numpy(np.array(p)) for p in self.last_params]}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        c = state["swarm_churn"]
+        self.synced_s, self.carried_s = list(c["synced_s"]), list(c["carried_s"])
+        self.epoch_start_s, self.evaluated = c["epoch_start_s"], c["evaluated"]
+        self.pending = {d["worker"]: Download(**d) for d in c["pending"]}
+        self.last_params = [p.numpy() for p in c["last_params"]]
 
     def evaluate(self, step: int, tokens: int) -> None:
         live = self.live()

@@ -92,7 +92,7 @@ def _simulate_lockstep(job: ArmJob) -> bool:
     plan = arm_plan(job.spec, job.arm)
     if job.arm.faults is not None:
         with _workers(job) as workers:
-            ChurnDriver(workers, plan, ChurnExchanges(plan, job.arm.faults), job.emit, job.on_step).run()
+            ChurnDriver(workers, plan, ChurnExchanges(plan, job.arm.faults), job.emit, job.on_step, job.checkpoints).run()
         return False
     if job.traces is not None and retimable(job.spec, job.arm):
         key = training_key(job.spec, job.arm)
@@ -139,7 +139,7 @@ def _simulate_collaborative(job: ArmJob) -> bool:
     plan = arm_plan(job.spec, job.arm)
     with _workers(job) as workers:
         if job.arm.faults is not None:
-            CollaborativeChurnDriver(workers, plan, job.arm.faults, job.emit, job.on_step).run()
+            CollaborativeChurnDriver(workers, plan, job.arm.faults, job.emit, job.on_step, job.checkpoints).run()
         else:
             CollaborativeDriver(workers, plan, job.emit, job.on_step, job.checkpoints).run()
     return False

@@ -214,11 +214,6 @@ def parse_spec(raw: dict) -> ExperimentSpec:
         parse_settings("estimate", EstimateConfig, raw["estimate"])
     arms = parse_arms(raw.get("arm"), run.workers, run.seed, raw.get("faults"))
     arms = tuple(with_faults(arm, raw["arm"][i], raw.get("faults"), run) for i, arm in enumerate(arms))
-    if run.checkpoint_every:
-        for arm in arms:
-            if arm.hostile or arm.faults is not None:
-                raise ConfigError(f"run.checkpoint_every: arm {arm.name!r} has faults, whose state a checkpoint does "
-                                  "not hold yet; set run.checkpoint_every = 0 or run the faults without checkpoints")
     if run.mode == "real":
         for arm in arms:
             if arm.hostile or (arm.aggregation is not None and arm.aggregation.robust):

@@ -65,6 +65,9 @@ def test_a_run_killed_at_random_points_resumes_to_the_bytes_of_one_never_stopped
     assert "--resume" in capsys.readouterr().err
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == kept
 
+    # The stopped run may have written past `first` before it stopped: kill the resumed one only once it has
+    # written records of its own beyond what the file held.
+    second = max(second, lines_in(metrics) + 1)
     killed = run_until([*farflung(), "run", "--resume", str(out), "--quiet"], metrics, second, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert "farflung: resuming" in killed.stderr
