@@ -37,6 +37,7 @@ from cluster.faults import FaultsConfig, FaultTrace, Outage
 from cluster.records import CommRecord, FaultRecord
 from cluster.sim import ModelledExchanges, Reduced
 from trainer.compression import transmit
+from trainer.robust import aggregate
 from trainer.replica import StepDone
 
 LIVE, DOWN, RETURNED = "live", "down", "returned"
@@ -66,6 +67,7 @@ class ChurnExchanges(ModelledExchanges):
         self._patched: dict[int, np.ndarray] = {}
         self._waited: dict[int, float] = {}
         self._lost: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
+        self._sent: tuple = ([], [], [])  # the last group's contributions as sent (`contributions`)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -217,6 +219,11 @@ class ChurnExchanges(ModelledExchanges):
             shown.append(replace(r, group=len(shown), **extra))
         return shown
 
+    def contributions(self, group: tuple[int, ...], requests: list, step: int) -> tuple[list, list, list[int]]:
+        sent = super().contributions(group, requests, step)
+        self._sent = sent  # what `reduce` averages again without the failed members, poisoned as it was sent
+        return sent
+
     def reduce(self, group: tuple[int, ...], requests: list, index: int = 0, step: int = 0) -> Reduced:
         reduced = super().reduce(group, requests, index, step)
         faulted = [w for w in group if w in self._faulted]
@@ -229,9 +236,15 @@ class ChurnExchanges(ModelledExchanges):
             parts = [size // len(group) + (1 if i < size % len(group) else 0) for i in range(len(group))]
         bounds = np.cumsum([0] + parts)
         excluded = {w for w in faulted if self._faulted[w].phase != "reducing"}
+        sent, sent_weights, refused = self._sent
         kept = [i for i, w in enumerate(group) if w not in excluded]
-        tensors, weights = [requests[i].tensor for i in kept], [requests[i].weight for i in kept]
-        if reduced.collective == "butterfly":
+        if any(i not in refused for i in kept):  # the reducers refuse what is malformed, as without faults
+            kept = [i for i in kept if i not in refused]
+        tensors, weights = [sent[i] for i in kept], [sent_weights[i] for i in kept]
+        rule = self.robust_rule()
+        if rule is not None:  # robust rules run part by part at the reducers (a butterfly, see `reduce`)
+            mean = aggregate(tensors, weights, rule, parts)
+        elif reduced.collective == "butterfly":
             mean = butterfly_average(tensors, weights, [size])
         else:
             mean = average(tensors, weights)

@@ -172,6 +172,22 @@ class ModelledExchanges:
         self.in_flight = {(payload, w): flights[i] for payload, w, i in state["in_flight"]}
         self.hostile.load_state_dict(state["hostile"])
 
+    def robust_rule(self):
+        """The arm's robust aggregation, or None for the plain (weighted) mean."""
+        aggregation = self.plan.aggregation
+        return aggregation if aggregation is not None and aggregation.robust else None
+
+    def contributions(self, group: tuple[int, ...], requests: list[ExchangeRequest], step: int) -> tuple[list, list, list[int]]:
+        """What the members send (hostile ones poisoned, each exactly once a round), their weights, and the indices
+        of those the reducers refuse."""
+        tensors, weights = [r.tensor for r in requests], [r.weight for r in requests]
+        if not self.exact:
+            return tensors, weights, [i for i, t in enumerate(tensors) if not t.finite]
+        if self.hostile:
+            payload = requests[0].payload
+            tensors = [self.hostile.sent(w, payload, t, step, self.round) for w, t in zip(group, tensors)]
+        return tensors, weights, screen(tensors)
+
     def reduce(self, group: tuple[int, ...], requests: list[ExchangeRequest], index: int = 0, step: int = 0) -> Reduced:
         """Carry out one group's exchange exactly: what every member receives, and its cost on the links.
 
@@ -186,17 +202,10 @@ class ModelledExchanges:
             for r in requests
         ), f"members of group {group} asked for different exchanges"
         participants = list(group)
-        tensors = [r.tensor for r in requests]
-        weights = [r.weight for r in requests]
         nbytes = max(r.nbytes for r in requests)
         size = first.tensor.size
-        rule = plan.aggregation if plan.aggregation is not None and plan.aggregation.robust else None
-        if self.exact:
-            if self.hostile:
-                tensors = [self.hostile.sent(w, first.payload, t, step, self.round) for w, t in zip(group, tensors)]
-            refused = screen(tensors)
-        else:
-            refused = [i for i, t in enumerate(tensors) if not t.finite]
+        rule = self.robust_rule()
+        tensors, weights, refused = self.contributions(group, requests, step)
         if refused and len(refused) < len(tensors):
             tensors = [t for i, t in enumerate(tensors) if i not in refused]
             weights = [w for i, w in enumerate(weights) if i not in refused]

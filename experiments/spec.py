@@ -277,10 +277,6 @@ def with_faults(arm: ArmConfig, table: dict, run_faults: Any, run: RunConfig) ->
         return arm
     path = f"arm.{arm.name}.faults" if own else "faults"
     faults = parse_faults(path, value, run.workers)
-    if arm.hostile or (arm.aggregation is not None and arm.aggregation.robust):
-        # A survivor's average is taken again without the failed peers, by the mean: not yet by a robust rule.
-        raise ConfigError(f"{path}: churn is not yet simulated together with hostile peers or a robust aggregation; "
-                          f"give arm {arm.name!r} one or the other")
     if run.mode == "real":
         try:
             check_real_faults(arm.algorithm, faults, path)  # real peers: failures and returns on swarm arms

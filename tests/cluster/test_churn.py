@@ -100,6 +100,34 @@ def test_a_peer_failing_mid_exchange_loses_its_part_as_hivemind_does(phase):
     assert ex.status[1] == ("live" if phase == "cancel" else "down")
 
 
+def test_a_failed_peers_round_is_combined_by_the_robust_rule_over_what_the_others_sent():
+    """5 peers, peer 4 hostile (x -1000) and a coordinate-wise median: peer 1 fails before sending in round 0. The
+    survivors' parts are the median of what 0, 2, 3 and the poisoned 4 sent; peer 1's part keeps their own values."""
+    from dataclasses import replace
+
+    from cluster.hostile import parse_hostile
+    from trainer.robust import Aggregation
+
+    n = 5
+    tensors = [np.arange(12, dtype=np.float32) * (w + 1) + w for w in range(n)]
+    plan = replace(plan_of(n, 4), aggregation=Aggregation(aggregation="median"),
+                   hostile=parse_hostile("faults.hostile", [{"peers": [4], "kind": "sign_flip", "scale": -1000.0}], n))
+    ex = ChurnExchanges(plan, parse_faults("faults", {"exchange": [{"worker": 1, "round": 0, "phase": "before"}]}, n))
+    replies, records = ex.exchange(requests(tensors), step=0)
+    parts = butterfly_parts(12, [50.0] * n)
+    lo, hi = sum(parts[:1]), sum(parts[:2])
+    # Per element the order is -1000 x t4 < t0 < t2 < t3 (every t_w >= 0 grows with w): the median of the four
+    # is (t0 + t2) / 2, where the plain mean would be dragged to about -250 x t4.
+    median = (tensors[0] + tensors[2]) / np.float32(2)
+    for w in (0, 2, 3, 4):
+        expected = median.copy()
+        expected[lo:hi] = tensors[w][lo:hi]
+        np.testing.assert_array_equal(replies[w], expected)
+    np.testing.assert_array_equal(replies[1], tensors[1])
+    (comm,) = [r for r in records if isinstance(r, CommRecord)]
+    assert comm.missing_peers == [1] and comm.participants == list(range(n))
+
+
 def test_state_download_time_is_the_alpha_beta_formula():
     net = build_network(HOME, 4)
     link = net.links[0]

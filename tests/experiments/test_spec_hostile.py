@@ -4,6 +4,7 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomli_w
 
@@ -73,3 +74,33 @@ def test_rejected_follows_missing_peers_in_the_line_and_in_results_readme():
     assert names.index("rejected") == names.index("missing_peers") + 1
     readme = (ROOT / "results" / "README.md").read_text()
     assert readme.index("`missing_peers`") < readme.index("`rejected`")
+
+
+def test_a_hostile_peer_and_churn_run_together_under_a_robust_rule(tmp_path):
+    """A NaN-sending peer, a peer that fails before sending and one that leaves and returns, with the median: the
+    run counts both kinds of fault, its reducers refuse every poisoned contribution, and the loss still falls."""
+    import json
+
+    import experiments
+
+    table = tomllib.loads((ROOT / "tests" / "experiments" / "files" / "tiny.toml").read_text())
+    table["run"] |= {"workers": 4, "tokens": 4 * 4 * 32 * 12, "eval_interval": 4 * 4 * 32 * 6}
+    del table["run"]["target_loss"]
+    table["arm"] = [{"name": "robust-churn", "algorithm": {"name": "ddp", "aggregation": "median"},
+                     "network": "home-broadband",
+                     "faults": {"hostile": [{"peers": [3], "kind": "non_finite", "from_step": 2}],
+                                "events": [{"worker": 2, "leave_step": 4, "return_step": 8}],
+                                "exchange": [{"worker": 1, "round": 1, "phase": "before"}]}}]
+    path = tmp_path / "robust-churn.toml"
+    path.write_text(tomli_w.dumps(table))
+    run_dir = experiments.run(path, [], out=tmp_path / "out").run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())["arms"]["robust-churn"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    comms = [r for r in records if r["kind"] == "comm"]
+    # Peer 3 poisons every round from step 2 on, whoever else is there; peer 1 is gone after round 1 for good.
+    poisoned = [c for c in comms if c["step"] >= 2 and 3 in c["participants"]]
+    assert poisoned and all(c["rejected"] == [3] for c in poisoned)
+    assert summary["rejected_contributions"] == len(poisoned)
+    assert summary["faults"]["failures"] == 2 and summary["faults"]["joins"] == 1
+    evals = [r["loss"] for r in records if r["kind"] == "eval"]
+    assert all(np.isfinite(evals)) and evals[-1] < evals[0] - 0.3, evals
