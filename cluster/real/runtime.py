@@ -4,7 +4,8 @@
 - "lockstep" (ddp, diloco): `cluster.driver.LockstepDriver`, the simulator's own driver, with
   `cluster.real.lockstep.PeerExchanges` carrying out each exchange as a real all-reduce;
 - "swarm" (collaborative, local-updates): `cluster.real.swarm_arm.SwarmArm` polls `hivemind.Optimizer` peers that
-  train at their own pace; with a fault trace it SIGKILLs peers and restarts them (`cluster.real.swarm_churn`).
+  train at their own pace; with a fault trace it SIGKILLs peers and restarts them (`cluster.real.swarm_churn`), each
+  restart on a thread of its own while the driver goes on polling.
   Lockstep arms take no faults on real peers: their averager forms groups of exactly the configured workers.
 Records have the simulator's kinds and fields, plus the real mode's (`measured`, ...); see `results/README.md`.
 
@@ -175,7 +176,11 @@ def _restart_peer(peers: RayRuntime, links, ports, options: RealOptions, run_id:
                   bandwidths, worker: int, incarnation: int, initial_peers: list[str],
                   arm_clock: Callable[[], float]) -> dict:
     """A failed swarm peer's return: a new actor, its DHT through the live peers (alone if none is), its optimizer,
-    and its training loop on the arm's clock; the lone-restart guard keeps it out until it has loaded the state."""
+    and its training loop on the arm's clock; the lone-restart guard keeps it out until it has loaded the state.
+
+    Runs on a thread of its own while the driver polls the other peers (`SwarmChurn.restart`): it touches only this
+    worker's actor slot (`RayRuntime.respawn`) and `local_pids`, and every call is bounded, so that the driver's
+    wait for it at the arm's end is."""
     wait_s = options.startup_timeout_s
     peers.respawn(worker, (links[worker], options, run_id, ports[worker]), ready_timeout_s=wait_s, holds_state=False,
                   incarnation=incarnation)
@@ -185,8 +190,8 @@ def _restart_peer(peers: RayRuntime, links, ports, options: RealOptions, run_id:
         peers.local_pids.append(described["pid"])
     peers.call("start_optimizer", [(setup, timeouts.request_timeout_s, bandwidths[worker])], workers=[worker],
                timeout_s=wait_s)
-    peers.call("start_clock", [(arm_clock(),)], workers=[worker])
-    peers.call("start_training", [(options.swarm_timeout_s,)], workers=[worker])
+    peers.call("start_clock", [(arm_clock(),)], workers=[worker], timeout_s=wait_s)
+    peers.call("start_training", [(options.swarm_timeout_s,)], workers=[worker], timeout_s=wait_s)
     return described
 
 

@@ -4,9 +4,10 @@
 them, polls their progress (and collects the epochs each closed), takes a parameter snapshot of a peer holding the
 state at the evaluation points, reads the relays' byte counters whenever every such peer has closed an epoch, stops
 the swarm at the end of the epoch under way once the token budget is spent, and emits the simulator's record kinds
-(see results/README.md). With a fault trace it kills and restarts peers as `cluster.real.swarm_churn` says; a peer
-restarted with fresh weights is neither snapshotted nor evaluated until it has loaded the state, and an arm whose
-every peer holding the state has failed ends there.
+(see results/README.md). With a fault trace it kills and restarts peers as `cluster.real.swarm_churn` says; a restart
+runs on a thread of its own while the driver goes on polling, and the peer is live (polled, stopped, killed) only
+once it is up; a peer restarted with fresh weights is neither snapshotted nor evaluated until it has loaded the
+state, and an arm whose every peer holding the state has failed ends there.
 """
 
 from __future__ import annotations
@@ -67,12 +68,12 @@ class SwarmArm:
         self.banked = [0] * n  # samples of peers that have failed since
         self.counters: dict[int, dict] = {}  # each live peer's relay counters at the last reading
         self.started = 0.0  # time.monotonic() when training started: the arm's clock
+        self.stopping = False  # the arm has told its peers to stop (or lost the state)
+        self.restarting: dict = {}  # worker -> the future of its restart under way (`SwarmChurn.restart`)
+        self.late: set[int] = set()  # restarted peers that came up after the arm decided to stop
 
     def run(self) -> None:
         plan, n = self.plan, self.plan.n_workers
-        seq = self.spec.model.block_size
-        budget = plan.total_steps * plan.tokens_per_step
-        eval_tokens = plan.eval_every_steps * plan.tokens_per_step
         params0 = self.peers.call("params", workers=[0])[0]
         self.numel = params0.size
         evals = [(0, 0, 0.0, params0)]  # (epoch, tokens, time_s, parameters) to evaluate once training is over
@@ -85,8 +86,30 @@ class SwarmArm:
         self.started = time.monotonic()
         self.peers.call("start_clock")
         self.peers.call("start_training", [(self.options.swarm_timeout_s,)] * n)
+        try:
+            bytes_by_epoch = self._train(evals)
+            self.stopping = True  # every live peer has stopped: the peers still restarting stop once up
+            self._take_restarts(wait=True)
+        except BaseException as error:
+            self._abandon_restarts(error)
+            raise
+        finally:
+            if self.churn is not None:
+                self.churn.close()  # no actor is started after this: the teardown would leave it behind
+        self.peers.call("finish_training", workers=self.live)  # re-raises what ended a peer's training
+        last = max((r.epoch for rs in self.records.values() for r in rs), default=0)
+        bytes_by_epoch[last] = _add_bytes(bytes_by_epoch.get(last), self._bytes_since())
+        self.emit_epochs(self.records, bytes_by_epoch)
+        self._evaluate_all(evals, last)
+
+    def _train(self, evals: list) -> dict[int, RoundBytes]:
+        """Poll the peers until every live one has stopped: epochs, snapshots into `evals`, the stop, the fault
+        trace. Returns the relays' bytes by the epoch they fall to."""
+        plan, seq = self.plan, self.spec.model.block_size
+        budget = plan.total_steps * plan.tokens_per_step
+        eval_tokens = plan.eval_every_steps * plan.tokens_per_step
         bytes_by_epoch: dict[int, RoundBytes] = {}
-        closed, next_eval, stopping, epochs_seen, tokens = 0, eval_tokens, False, 0, 0
+        closed, next_eval, epochs_seen, tokens = 0, eval_tokens, 0, 0
         deadline = self.started + self.options.swarm_timeout_s + 60.0
         while True:
             if time.monotonic() > deadline:
@@ -95,13 +118,14 @@ class SwarmArm:
                                    f"{self.options.swarm_timeout_s:.0f} s (swarm_timeout_s); it trained {tokens} of "
                                    f"{budget} tokens")
             time.sleep(self.POLL_S)
+            self._take_restarts()
             progress = self._poll()
             holding = [w for w in self.live if progress[w]["holds_state"]]
             if not holding:  # every peer that held the state has failed
                 self._lose_state()
-                stopping = True
+                self.stopping = True
             if all(p["done"] for p in progress.values()):
-                break
+                return bytes_by_epoch
             if not holding:
                 continue
             tokens = (sum(self.banked) + sum(p["samples"] for p in progress.values())) * seq
@@ -112,34 +136,28 @@ class SwarmArm:
             if min(epochs) > closed:  # every peer holding the state has closed epoch min - 1: its bytes are in
                 bytes_by_epoch[min(epochs) - 1] = self._bytes_since()
                 closed = min(epochs)
-            if not stopping and next_eval <= tokens < budget:
+            if not self.stopping and next_eval <= tokens < budget:
                 epoch, time_s, params = self.peers.call("snapshot", workers=[holding[0]])[0]
                 evals.append((epoch, tokens, time_s, params))
                 while next_eval <= tokens:
                     next_eval += eval_tokens
-            if not stopping and (tokens >= budget or self.should_stop()):
+            if not self.stopping and (tokens >= budget or self.should_stop()):
                 # Every peer finishes the epoch the leaders are in and closes it together: they end on one model.
                 self.peers.call("stop_after", [(max(epochs),)] * len(self.live), workers=self.live)
-                stopping = True
-            if not stopping and self.churn is not None:
+                self.stopping = True
+            if not self.stopping and self.churn is not None:
                 self._play_trace(progress, tokens, max(epochs))
-        self.peers.call("finish_training", workers=self.live)  # re-raises what ended a peer's training
-        last = max((r.epoch for rs in self.records.values() for r in rs), default=0)
-        bytes_by_epoch[last] = _add_bytes(bytes_by_epoch.get(last), self._bytes_since())
-        self.emit_epochs(self.records, bytes_by_epoch)
-        self._evaluate_all(evals, last)
 
     def _play_trace(self, progress: dict, tokens: int, epoch: int) -> None:
-        """Kill the peers the fault trace takes down now, and restart those it brings back."""
+        """Kill the peers the fault trace takes down now, and start restarting those it brings back."""
         now_s = time.monotonic() - self.started
-        for w in self.churn.leaving(self.live, now_s, tokens):
+        for w in self.churn.leaving(self.live, now_s, tokens):  # a worker still restarting is not live: it waits
             self.banked[w] += progress[w]["samples"]
             self.churn.kill(w, now_s, epoch, progress[w]["open_compute_s"])
             self.live.remove(w)
             self.counters.pop(w)
         for w in self.churn.returning(now_s, tokens):
-            self._restart(w, epoch)
-            self.counters[w] = {}  # a new relay counts from zero
+            self._restart(w, now_s, epoch)
 
     def _evaluate_all(self, evals: list, last: int) -> None:
         """The snapshots taken during training, then the consensus of the peers holding the state at the end."""
@@ -149,7 +167,7 @@ class SwarmArm:
         for epoch, at_tokens, time_s, params in evals:
             # One peer's snapshot alone: the others' parameters at that moment were not taken.
             self.emit(self._evaluate(evaluator, epoch, at_tokens, time_s, [params]))
-        holders = [w for w, p in self._poll().items() if p["holds_state"]]
+        holders = [w for w, p in self._poll().items() if p["holds_state"] and w not in self.late]
         if holders:  # with no peer holding the state, the last evaluation stands
             end_s = max((r.time_s for rs in self.records.values() for r in rs), default=0.0)
             tokens = sum(r.samples for rs in self.records.values() for r in rs) * self.spec.model.block_size
@@ -178,14 +196,40 @@ class SwarmArm:
         self.counters = after
         return attribute(deltas, self.dial_addresses, self.former)
 
-    def _restart(self, worker: int, epoch: int) -> None:
+    def _restart(self, worker: int, now_s: float, epoch: int) -> None:
+        """Start bringing the worker back; it joins `live` once its peer is up (`_take_restarts`)."""
         initial_peers = [m for d in self.peers.call("describe", workers=self.live) for m in d["maddrs"]]
-        described = self.churn.restart(worker, time.monotonic() - self.started, epoch, initial_peers,
-                                       lambda: time.monotonic() - self.started)
-        self.former[tuple(self.dial_addresses[worker])] = worker
-        self.dial_addresses[worker] = tuple(described["dial_address"])
-        self.worker_of[described["peer_id"]] = worker
-        self.live = sorted([*self.live, worker])
+        self.restarting[worker] = self.churn.restart(worker, now_s, epoch, initial_peers,
+                                                     lambda: time.monotonic() - self.started)
+
+    def _take_restarts(self, wait: bool = False) -> None:
+        """The restarted peers that are up (with `wait`, all of them once they are) join `live`; a restart's failure
+        is raised here. One that comes up after the arm decided to stop is stopped at once, and ends with the
+        others without taking part in the final evaluation."""
+        for worker, start in sorted(self.restarting.items()):
+            if not (wait or start.done()):
+                continue
+            del self.restarting[worker]
+            described = start.result()
+            self.former[tuple(self.dial_addresses[worker])] = worker
+            self.dial_addresses[worker] = tuple(described["dial_address"])
+            self.worker_of[described["peer_id"]] = worker
+            self.live = sorted([*self.live, worker])
+            self.counters[worker] = {}  # a new relay counts from zero
+            if self.stopping:
+                self.late.add(worker)
+                self.peers.call("stop", workers=[worker])
+
+    def _abandon_restarts(self, error: BaseException) -> None:
+        """The arm failed or was interrupted: wait for the restarts under way (each bounded by its calls' timeouts)
+        so that none starts an actor after the teardown, which stops the peers they started. A restart's own
+        failure is noted on `error`, which is what the caller sees."""
+        for worker, start in sorted(self.restarting.items()):
+            try:
+                start.result()
+            except Exception as e:
+                error.add_note(f"arm {self.plan.name!r}: restarting worker {worker} failed too: {e!r}")
+        self.restarting.clear()
 
     def _lose_state(self) -> None:
         """No live peer holds the swarm's state: every peer that did has failed. A restarted peer does not start the

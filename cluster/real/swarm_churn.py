@@ -14,6 +14,15 @@
   new peer has fresh random weights and a new peer id, joins the DHT through the live peers' addresses (alone when
   none is live), builds its hivemind.Optimizer and loads the state before it contributes, under the lone-restart
   guard (`cluster.real.swarm_state`).
+- that start (the actor, its DHT, its optimizer, its training thread: seconds) runs on a thread of its own, so the
+  driver goes on polling meanwhile: epochs are noticed, snapshots taken and the other workers' outages played at
+  their times. The returning worker counts as live only once its peer is up: until then nothing polls, stops or
+  kills it, and an outage of it that falls due meanwhile is played at the first poll after it is up (the trace is
+  never reordered: each worker's outages come one after the other). A start that fails raises in the driver at its
+  next poll (with the arm already failing, it is a note on that error). Whatever ends the arm, it waits for the
+  starts under way (each bounded by `startup_timeout_s` per call) and starts no more, so no actor outlives the
+  teardown; a peer that comes up after the arm decided to stop is stopped at once and ends with the others (it
+  closes no epoch, and is left out of the final evaluation).
 
 Records, as the simulator's (`cluster.churn`): FaultRecord `leave` (the epoch in progress as `step`, the cause, when
 the trace brings it back, `lost_s`: its compute in the epoch under way, thrown away), `return` (the new actor starts),
@@ -26,6 +35,7 @@ ends), so that what a failed arm went through is on file.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from cluster.driver import ArmPlan
 from cluster.faults import FaultsConfig, FaultTrace, Outage
@@ -36,8 +46,9 @@ class SwarmChurn:
     """The fault trace of one swarm arm, played on its real peers.
 
     `restart_peer(worker, incarnation, initial_peers, arm_clock)` starts the worker's new peer (a fresh actor that
-    joins, builds its optimizer and starts training at `arm_clock()`) and returns its `describe()`; `emit` takes the
-    fault records."""
+    joins, builds its optimizer and starts training at `arm_clock()`) and returns its `describe()`; it runs on a
+    thread of its own (`restart`), and must be safe to run beside the driver's calls for the other workers. `emit`
+    takes the fault records; it is called on the driver's thread only."""
 
     def __init__(self, faults: FaultsConfig, plan: ArmPlan, peers,
                  restart_peer: Callable[[int, int, list[str], Callable[[], float]], dict],
@@ -49,6 +60,9 @@ class SwarmChurn:
         self.outage: list[Outage | None] = [None] * n  # the outage a worker is in
         self.incarnation = [0] * n
         self.returned_s = [0.0] * n
+        # One thread per worker at most: a worker has at most one start under way.
+        self._starts = ThreadPoolExecutor(max_workers=n, thread_name_prefix="farflung-restart")
+        self._closed = False
 
     def _reached(self, at: float, by_step: bool, now_s: float, tokens: int) -> bool:
         return tokens >= at * self.plan.tokens_per_step if by_step else now_s >= at
@@ -77,12 +91,20 @@ class SwarmChurn:
             lost_s=lost_s))
 
     def restart(self, worker: int, now_s: float, epoch: int, initial_peers: list[str],
-                arm_clock: Callable[[], float]) -> dict:
+                arm_clock: Callable[[], float]) -> Future:
+        """The trace brings the worker back now: its `return` record, then its new peer started on a thread of its
+        own. The future gives the new peer's `describe()`, or raises what stopped its start."""
+        assert not self._closed, f"worker {worker} restarted after the arm's restarts were closed"
         self.outage[worker] = None
         self.incarnation[worker] += 1
         self.returned_s[worker] = now_s
         self.emit(FaultRecord(arm=self.plan.name, worker=worker, event="return", time_s=now_s, step=epoch))
-        return self.restart_peer(worker, self.incarnation[worker], initial_peers, arm_clock)
+        return self._starts.submit(self.restart_peer, worker, self.incarnation[worker], initial_peers, arm_clock)
+
+    def close(self) -> None:
+        """Wait for the starts under way to end (each is bounded by its own calls' timeouts); start no more."""
+        self._closed = True
+        self._starts.shutdown(wait=True)
 
     def joined(self, worker: int, loaded: dict, donor: int) -> None:
         """The restarted peer has applied the swarm's state (`SwarmPeer.progress()["loaded"]`) from worker `donor`

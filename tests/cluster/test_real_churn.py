@@ -3,8 +3,9 @@
 The first tests start nothing: the trace the real mode plays is the simulator's draw, and the experiment file takes
 faults on real swarm arms only. Then hivemind in this process: a peer restarted alone never serves or trains its
 fresh weights and loads the state of the peer that comes back; a swarm arm's averagers refuse a peer without the run
-secret (each 16-22 s on a 2-core machine under a load average of 13-20). Last, 4 real peers on Ray over loopback, one
+secret (each 16-22 s on a 2-core machine under a load average of 13-20). Last, 3 real peers on Ray over loopback, one
 SIGKILLed mid-run and restarted (115-140 s under that load, most of it starting Ray, the actors and the new actor).
+The driver itself, while a peer restarts, is tested without peers in `test_real_restart.py`.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def test_real_peers_fail_and_return_on_the_simulators_seeded_trace():
             churn.kill(w, now, epoch=tick, lost_s=0.5)
             live.remove(w)
         for w in churn.returning(now, tokens=0):
-            churn.restart(w, now, tick, [f"/peer/{x}" for x in live], lambda: now)
+            churn.restart(w, now, tick, [f"/peer/{x}" for x in live], lambda: now).result()
             live.append(w)
+    churn.close()
     # The same draw as the simulator's: each outage acted on at the first poll at or after its time (a failure due
     # at the poll that brings the worker back waits for the next: failures are handled first).
     trace = FaultTrace(faults, n, plan.seed)
@@ -290,7 +292,8 @@ def test_a_peer_sigkilled_mid_run_restarts_loads_the_state_and_trains_with_the_s
     # The swarm's epoch as the driver sees it, and the epoch the restarted peer loaded. The driver may notice the
     # join only after the swarm has moved on (it polls every peer), so the stop counts from the loaded epoch E: once
     # the swarm is at E + 2, E + 1 is closed (the joiner's first whole epoch) and E + 2 is the last.
-    epoch, joined_at = [0], [None]
+    # When the driver emitted the return, and when it polled (it asks `should_stop` at every poll while training).
+    epoch, joined_at, returned_at, polls = [0], [None], [None], []
 
     def on_step() -> None:
         epoch[0] += 1
@@ -299,10 +302,15 @@ def test_a_peer_sigkilled_mid_run_restarts_loads_the_state_and_trains_with_the_s
         records.append(record)
         if record.kind == "fault" and record.event == "join":
             joined_at[0] = record.step
+        if record.kind == "fault" and record.event == "return":
+            returned_at[0] = time.monotonic()
+
+    def should_stop() -> bool:
+        polls.append(time.monotonic())
+        return joined_at[0] is not None and epoch[0] >= joined_at[0] + 2
 
     result = run_real_arm(plan, specs, emit, on_step=on_step, faults=faults,
-                          options=RealOptions(shaping="none", swarm_timeout_s=300.0),
-                          should_stop=lambda: joined_at[0] is not None and epoch[0] >= joined_at[0] + 2)
+                          options=RealOptions(shaping="none", swarm_timeout_s=300.0), should_stop=should_stop)
 
     left = wait_until_gone(fresh_ray, timeout_s=15.0)
     assert not left, f"processes outlived the run: {left}"
@@ -310,8 +318,13 @@ def test_a_peer_sigkilled_mid_run_restarts_loads_the_state_and_trains_with_the_s
     faults_seen = [r for r in records if r.kind == "fault"]
     assert [(r.worker, r.event) for r in faults_seen] == [(gone, "leave"), (gone, "return"), (gone, "join")], faults_seen
     leave, back, join = faults_seen
+    # The new peer's clock starts when its start is done but for its training thread, so `wait_s` ends no later
+    # than that: the driver polled on meanwhile (a driver that waited for the start would poll only after it).
+    restarting = [t for t in polls if returned_at[0] < t < returned_at[0] + join.wait_s]
     print(f"left at {leave.time_s:.1f} s, back at {back.time_s:.1f} s, joined at {join.time_s:.1f} s (download "
-          f"{join.download_s:.2f} s), stopped at {max(r.time_s for r in records):.1f} s")
+          f"{join.download_s:.2f} s; started {join.wait_s:.1f} s after its return, {len(restarting)} of the "
+          f"driver's polls meanwhile), stopped at {max(r.time_s for r in records):.1f} s")
+    assert restarting
     assert leave.cause == "event" and leave.back_s == 3.0 and 2 <= leave.time_s < back.time_s < join.time_s
     assert back.time_s >= 3
     assert join.sources[0] in others_ and join.download_s > 0 and join.wait_s > 0
