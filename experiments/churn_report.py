@@ -1,4 +1,4 @@
-"""The churn plot of a run with faults: per arm, who was live when (peers x simulated time), and the held-out loss
+"""The churn plot of a run with faults: per arm, who was live when (peers x time), and the held-out loss
 with the fault events marked. Written only when some arm has fault records."""
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def membership(records: list[Record], arm: str, workers: int, end_s: float) -> l
     return spans
 
 
-def churn_figure(records: list[Record], arms: list[str], workers: dict[str, int]) -> Figure | None:
+def churn_figure(records: list[Record], arms: list[str], workers: dict[str, int],
+                 clock: str = "simulated") -> Figure | None:
+    """`clock`: the x axes' name, "simulated" (the network model's seconds) or "wall-clock" (real peers)."""
     faulty = [a for a in arms if any(isinstance(r, FaultRecord) and r.arm == a for r in records)]
     if not faulty:
         return None
@@ -42,7 +44,7 @@ def churn_figure(records: list[Record], arms: list[str], workers: dict[str, int]
             for start, stop, state in spans:
                 if stop > start:
                     chart.broken_barh([(start, stop - start)], (w - 0.4, 0.8), color=STATE_COLOR[state])
-        chart.set(title=f"{arm}: peers (green live, red gone, orange waiting)", xlabel="simulated s",
+        chart.set(title=f"{arm}: peers (green live, red gone, orange waiting)", xlabel=f"{clock} s",
                   ylabel="worker", yticks=range(workers[arm]))
         chart.title.set_fontsize(8)
         evals = sorted((r for r in records if isinstance(r, EvalRecord) and r.arm == arm), key=lambda r: r.time_s)
@@ -50,7 +52,7 @@ def churn_figure(records: list[Record], arms: list[str], workers: dict[str, int]
         for r in records:
             if isinstance(r, FaultRecord) and r.arm == arm and r.event in ("leave", "join"):
                 loss.axvline(r.time_s, color=STATE_COLOR["gone" if r.event == "leave" else "live"], lw=0.6, alpha=0.7)
-        loss.set(title=f"{arm}: held-out loss (red: a peer left, green: state loaded)", xlabel="simulated s",
+        loss.set(title=f"{arm}: held-out loss (red: a peer left, green: state loaded)", xlabel=f"{clock} s",
                  ylabel="loss")
         loss.title.set_fontsize(8)
     return figure

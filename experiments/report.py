@@ -64,12 +64,15 @@ def write_report(run_dir: Path, records: list[Record], summary: dict, config_tex
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     evals = _evals_by_arm(records, list(summary["arms"]))
+    # The simulator's clock is the network model's; real peers' is the wall clock.
+    clock = "wall-clock" if manifest.get("mode") == "real" else "simulated"
     figures = {
         "loss_vs_tokens.png": _loss_figure(evals, summary, x_key="tokens"),
-        "loss_vs_time.png": _loss_figure(evals, summary, x_key="time_s"),
+        "loss_vs_time.png": _loss_figure(evals, summary, x_key="time_s", clock=clock),
         "bytes.png": _bytes_figure(summary),
     }
-    churn = churn_figure(records, list(summary["arms"]), {n: a["workers"] for n, a in summary["arms"].items()})
+    churn = churn_figure(records, list(summary["arms"]), {n: a["workers"] for n, a in summary["arms"].items()},
+                         clock=clock)
     names = PLOT_NAMES + ((CHURN_PLOT,) if churn is not None else ())
     if churn is not None:
         figures[CHURN_PLOT] = churn
@@ -139,7 +142,7 @@ def _styles(summary: dict) -> dict[str, dict]:
     return styles
 
 
-def _loss_figure(evals: dict[str, list[EvalRecord]], summary: dict, x_key: str) -> Figure:
+def _loss_figure(evals: dict[str, list[EvalRecord]], summary: dict, x_key: str, clock: str = "simulated") -> Figure:
     figure = Figure(figsize=(7.5, 4.5), layout="constrained")
     axes = figure.add_subplot()
     styles = _styles(summary)
@@ -155,8 +158,8 @@ def _loss_figure(evals: dict[str, list[EvalRecord]], summary: dict, x_key: str) 
     if x_key == "time_s":
         axes.set_xscale("log")
         _time_ticks(axes, [p.time_s for points in evals.values() for p in points if p.time_s > 0])
-        axes.set_xlabel("simulated time (log scale)")
-        axes.set_title("Held-out loss vs simulated time")
+        axes.set_xlabel(f"{clock} time (log scale)")
+        axes.set_title(f"Held-out loss vs {clock} time")
     else:
         axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _human_count(x)))
         axes.set_xlabel("tokens trained (all workers)")

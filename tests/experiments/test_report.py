@@ -265,3 +265,25 @@ def test_a_run_shorter_than_every_tick_still_plots(tmp_path):
     summary = summarize(records, arms, "x", None)
     paths = write_report(tmp_path, records, summary, "", {}, "t")
     assert [p.name for p in paths] == ["loss_vs_tokens.png", "loss_vs_time.png", "bytes.png", "report.html"]
+
+
+def test_time_axes_name_the_clock_they_show():
+    """The simulator's seconds are the network model's; real peers' are the wall clock's: the plots say which."""
+    from cluster.records import EvalRecord, FaultRecord
+    from experiments.churn_report import churn_figure, membership
+    from experiments.report import _loss_figure
+
+    records = [EvalRecord(arm="a", step=0, tokens=0, time_s=0.0, loss=3.0, param_spread=0.0),
+               FaultRecord(arm="a", worker=1, event="leave", time_s=1.5, step=1),
+               FaultRecord(arm="a", worker=1, event="return", time_s=2.0, step=2),
+               FaultRecord(arm="a", worker=1, event="join", time_s=2.5, step=2),
+               EvalRecord(arm="a", step=4, tokens=64, time_s=4.0, loss=2.5, param_spread=0.0)]
+    assert membership(records, "a", 2, 4.0) == [[(0.0, 4.0, "live")],
+                                               [(0.0, 1.5, "live"), (1.5, 2.0, "gone"), (2.0, 2.5, "waiting"),
+                                                (2.5, 4.0, "live")]]
+    for clock in ("simulated", "wall-clock"):
+        figure = churn_figure(records, ["a"], {"a": 2}, clock=clock)
+        assert [ax.get_xlabel() for ax in figure.axes] == [f"{clock} s"] * 2
+        summary = {"arms": {"a": {}}, "baseline": "a", "target_loss": None}
+        loss = _loss_figure({"a": [r for r in records if isinstance(r, EvalRecord)]}, summary, "time_s", clock=clock)
+        assert loss.axes[0].get_xlabel() == f"{clock} time (log scale)"
