@@ -9,9 +9,11 @@ A real run prints, for every arm, `<arm>: swarm <multiaddr> run id <id>`. On ano
    exactly one run.
 2. This machine builds the same replica (its own data shard: worker n of n + 1) and a `hivemind.Optimizer` peer with
    the same settings, behind a relay that counts its bytes (unshaped: this machine's own link is what it is).
-3. Its first optimizer step finds it behind the swarm's epoch, so hivemind downloads the current parameters and
-   optimizer state from a peer (`load_state_from_peers`); from then on it accumulates samples towards the swarm's
-   epochs and averages with the others.
+3. Before its first step it downloads the current parameters and optimizer state from a peer that holds them
+   (`load_state_from_peers`), and until then neither trains nor offers its own state: were the run's peers all
+   gone, it waits (up to `--timeout`, exit status 1) instead of starting the swarm again from its initial weights
+   (the lone-restart guard, `cluster.real.swarm_state`). From then on it accumulates samples towards the swarm's
+   epochs and averages with the others; a step that finds it behind again loads the state again.
 4. It prints one line per epoch it closes (and one when it loads the state) and leaves when the run marks itself
    finished, after closing `--epochs` epochs, or on Ctrl-C, stopping every process it started.
 
@@ -56,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept no incoming connections (behind NAT or a firewall; see farflung doctor)")
     parser.add_argument("--epochs", type=int, help="leave after closing this many epochs (default: until the run ends)")
     parser.add_argument("--threads", type=int, help="torch threads for training (default: torch's choice)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to find the run and start (default 60)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds to find the run and start, and to find a peer serving its state (default 60)")
     parser.add_argument("--out", help="write this machine's epoch records here, one JSON object per line")
 
 
@@ -177,13 +180,21 @@ def join(args: argparse.Namespace) -> int:
     unshaped = Link(uplink_bps=UNSHAPED_BPS, downlink_bps=UNSHAPED_BPS, one_way_latency_s=0.0)
     # This machine's link is what it is: unshaped, and hivemind's timeouts derived from nothing else.
     network = Network(links=(unshaped,) * int(config["n_workers"]))
-    peer = SwarmPeer(spec, unshaped, options, run_id)
+    # A machine that joins holds no state of its own: were the swarm's peers all gone, its initial weights must not
+    # become the swarm's, nor be served to peers that come back (the lone-restart guard, cluster.real.swarm_state).
+    peer = SwarmPeer(spec, unshaped, options, run_id, holds_state=False)
     out = open(args.out, "w") if args.out else None
     try:
         peer.join(args.initial_peers, client_mode=args.client_mode)
         timeouts = averaging_timeouts(network, 4 * peer.num_params(), options)
         peer.start_optimizer(setup, timeouts.request_timeout_s, None)
         print(f"this peer: {' '.join(peer.visible_maddrs()) or '(client mode)'}", flush=True)
+        if not peer.await_state(args.timeout, keep_going=lambda: not peer.swarm_done()):
+            print(f"farflung join: no peer of the run served its state within {args.timeout:g} s (--timeout), or the "
+                  "run ended; this machine trained and served nothing: join again once the run's peers are up",
+                  file=sys.stderr)
+            return 1
+        print(f"caught up: loaded the swarm's state, epoch 0 -> {peer.opt.local_epoch}", flush=True)
         last_check = [time.monotonic()]
 
         def on_epoch(record: EpochRecord) -> None:

@@ -298,13 +298,14 @@ class SwarmPeer(RealPeer):
         self._paused_at = time.perf_counter()
         return records
 
-    def _await_state(self, deadline: float) -> bool:
+    def _await_state(self, deadline: float, keep_going: Callable[[], bool] = lambda: True) -> bool:
         """The lone-restart guard: load the swarm's state from a peer that holds it, retrying until one answers (for
         as long as the swarm has no holder in reach: alone, this peer never trains on its fresh weights); False if
-        stopped first."""
+        stopped, past `deadline` or no longer `keep_going()` first."""
         from cluster.real.swarm_state import hold_state, load_from_holder
 
-        while not self._stop_now.is_set() and self._stop_after is None and time.monotonic() < deadline:
+        while (not self._stop_now.is_set() and self._stop_after is None and time.monotonic() < deadline
+               and keep_going()):
             started_s = self.clock_s()
             with self._lock:
                 load = load_from_holder(self.opt, timeout_s=self.setup.averaging_timeout_s)
@@ -315,6 +316,11 @@ class SwarmPeer(RealPeer):
                 return True
             self._stop_now.wait(self.RETRY_LOAD_S)
         return False
+
+    def await_state(self, timeout_s: float, keep_going: Callable[[], bool] = lambda: True) -> bool:
+        """For a peer made with `holds_state=False` (a restarted one, or a machine joining with `farflung join`):
+        wait up to `timeout_s` for a peer holding the swarm's state and load it (`_await_state`); True once loaded."""
+        return self.holds_state or self._await_state(time.monotonic() + timeout_s, keep_going)
 
     def start_training(self, max_wall_s: float) -> None:
         def loop():

@@ -358,3 +358,56 @@ def test_a_peer_sigkilled_mid_run_restarts_loads_the_state_and_trains_with_the_s
     summary = fault_summary(records, n, max(r.time_s for r in records if r.kind in ("step", "comm")))
     assert (summary["failures"], summary["joins"]) == (1, 1) and summary["rounds_without_someone"] >= len(away)
     assert summary["time_in_state_downloads_s"] == join.download_s and 0 < summary["goodput"] < 1
+
+
+@pytest.mark.hivemind
+def test_a_machine_joining_a_swarm_that_holds_no_state_trains_and_serves_nothing():
+    """`farflung join` against a run whose only peer is itself waiting for the state (a restarted one): the joiner
+    waits for a donor up to --timeout and leaves with exit 1, having trained nothing and offered no state."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from realtools import unshaped_arm
+
+    from cluster.real.secret import SECRET_ENV
+    from cluster.real.swarm_setup import SwarmSetup, arm_config
+    from cluster.swarm_timing import SwarmTiming
+    from trainer.strategies import STRATEGIES
+    from trainer.strategies.collaborative import CollaborativeSettings
+
+    settings = CollaborativeSettings(target_batch_size=16)
+    _, specs = unshaped_arm("stateless", 1, 20, seed=9, algorithm="collaborative", settings=settings)
+    setup = SwarmSetup.of(STRATEGIES["collaborative"], settings, SwarmTiming(matchmaking_time=1.0,
+                          averaging_timeout=5.0), 1, specs[0].batch_size, "none")
+    run_id = "farflung-stateless-test"
+    before = _p2pd_pids()
+    waiting = _swarm_peer(specs[0], run_id, holds_state=False, incarnation=1)
+    try:
+        waiting.join(None)
+        waiting.start_optimizer(setup, 3.0, None)
+        assert waiting.publish(arm_config(specs[0], setup, "stateless"), "stateless")
+        env = {**os.environ, SECRET_ENV: SECRET.decode()}
+        joined = subprocess.run(
+            [sys.executable, "-m", "experiments.cli", "join", "--initial-peers", waiting.visible_maddrs()[0],
+             "--timeout", "6", "--threads", "1"], cwd=Path(__file__).resolve().parents[2], env=env,
+            capture_output=True, text=True, timeout=120)
+        assert joined.returncode == 1, joined.stderr[-3000:]
+        assert "no peer of the run served its state within 6 s" in joined.stderr, joined.stderr[-3000:]
+        assert "caught up" not in joined.stdout and "epoch" not in joined.stdout.replace("joining", ""), joined.stdout
+        # Neither peer ever offered a state: the joiner's weights did not become the swarm's.
+        assert all(priority is None for priority in _donors(waiting.dht, run_id).values())
+        assert waiting.progress()["holds_state"] is False
+    finally:
+        waiting.shutdown()
+    deadline = time.monotonic() + 10
+    while (left := _p2pd_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"the joiner or the peer left p2pd behind: {left}"
+
+
+def _p2pd_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "p2pd"}
