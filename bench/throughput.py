@@ -293,7 +293,11 @@ def measure(args) -> dict:
                 for key, formula, what, go in runs:
                     note(f"[{r + 1}/{args.repeat}] {model}, N = {n}: {what} ...")
                     if fits(key, formula):
-                        rounds.setdefault(key, []).append(go())
+                        result = go()
+                        rounds.setdefault(key, []).append(result)
+                        # The run's own figures at once: a benchmark stopped part-way still leaves what it measured.
+                        note("  " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()
+                                              if isinstance(v, (int, float)) and not isinstance(v, bool)))
 
     if args.pool:
         import ray
