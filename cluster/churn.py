@@ -67,7 +67,7 @@ class ChurnExchanges(ModelledExchanges):
         self._patched: dict[int, np.ndarray] = {}
         self._waited: dict[int, float] = {}
         self._lost: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
-        self._sent: tuple = ([], [], [])  # the last group's contributions as sent (`contributions`)
+        self._sent: tuple | None = None  # a group with a failing member: its contributions as sent (`contributions`)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -82,7 +82,7 @@ class ChurnExchanges(ModelledExchanges):
             "hidden": [(r, list(g)) for r, g in sorted(self._hidden)],
             "absent": [(r, list(g), a) for (r, g), a in self._absent.items()],
             "lost": [(list(g), missing, fractions) for g, (missing, fractions) in self._lost.items()],
-            "waited": list(self._waited.items()), "trace": self.trace.state_dict()}}
+            "trace": self.trace.state_dict()}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -95,7 +95,6 @@ class ChurnExchanges(ModelledExchanges):
         self._hidden = {(r, tuple(g)) for r, g in c["hidden"]}
         self._absent = {(r, tuple(g)): list(a) for r, g, a in c["absent"]}
         self._lost = {tuple(g): (list(m), list(f)) for g, m, f in c["lost"]}
-        self._waited = dict(c["waited"])
         self.trace.load_state_dict(c["trace"])
 
     # --- time --------------------------------------------------------------------------------
@@ -221,7 +220,8 @@ class ChurnExchanges(ModelledExchanges):
 
     def contributions(self, group: tuple[int, ...], requests: list, step: int) -> tuple[list, list, list[int]]:
         sent = super().contributions(group, requests, step)
-        self._sent = sent  # what `reduce` averages again without the failed members, poisoned as it was sent
+        if len(group) > 1 and any(w in self._faulted for w in group):
+            self._sent = sent  # what `reduce` averages again without the failed members, poisoned as it was sent
         return sent
 
     def reduce(self, group: tuple[int, ...], requests: list, index: int = 0, step: int = 0) -> Reduced:
@@ -236,7 +236,8 @@ class ChurnExchanges(ModelledExchanges):
             parts = [size // len(group) + (1 if i < size % len(group) else 0) for i in range(len(group))]
         bounds = np.cumsum([0] + parts)
         excluded = {w for w in faulted if self._faulted[w].phase != "reducing"}
-        sent, sent_weights, refused = self._sent
+        # Taken, not kept: the driver lets go of the round's messages before the workers make their next ones.
+        (sent, sent_weights, refused), self._sent = self._sent, None
         kept = [i for i, w in enumerate(group) if w not in excluded]
         if any(i not in refused for i in kept):  # the reducers refuse what is malformed, as without faults
             kept = [i for i in kept if i not in refused]

@@ -11,6 +11,7 @@ from trainer.model import PRESETS
 from trainer.replica import OptimConfig, ReplicaSpec
 
 BATCH = 4
+SECRET = b"0123456789abcdef-run"  # the run secret of the swarm peers built here
 
 
 def unshaped_arm(name: str, n: int, steps: int, seed: int, algorithm: str, settings,
@@ -26,3 +27,21 @@ def unshaped_arm(name: str, n: int, steps: int, seed: int, algorithm: str, setti
                          optim=OptimConfig(lr=3e-3, warmup_steps=2), batch_size=BATCH, total_steps=steps,
                          algorithm=algorithm, settings=settings, eval_batches=2, torch_threads=1) for w in range(n)]
     return plan, specs
+
+
+def swarm_peer(spec, run_id: str, **kwargs):
+    """A swarm peer in this process, unshaped, with the run secret `SECRET`."""
+    from cluster.real.options import UNSHAPED, RealOptions
+    from cluster.real.swarm import SwarmPeer
+
+    return SwarmPeer(spec, UNSHAPED, RealOptions(shaping="none", secret=SECRET), run_id, **kwargs)
+
+
+def donors(dht, run_id: str) -> dict[str, float | None]:
+    """The state donors declared in the DHT: base58 peer id -> priority (None: declared as not sharing)."""
+    from hivemind.p2p import PeerID
+
+    found = dht.get(f"{run_id}_state_averager.all_averagers", latest=True)
+    if found is None:
+        return {}
+    return {PeerID(k).to_base58(): v.value for k, v in found.value.items()}

@@ -2,13 +2,15 @@
 its state from the peers, catches up to the swarm's epoch and averages with it.
 
 One test, 40-80 s on a 2-core machine: a 2-peer swarm on Ray (loopback, unshaped) trains until the joiner has left;
-the joiner is a subprocess with no Ray. Also checks that the joiner's processes are gone and that a bad address or run
-id is a one-line error with exit 2.
+the joiner is a subprocess with no Ray. Also checks that the joiner's processes are gone, that a bad address or run
+id is a one-line error with exit 2, and that a joiner finding no peer that holds the state trains and serves nothing.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -33,9 +35,18 @@ def _swarm_arm(steps: int):
                         swarm=SwarmTiming(matchmaking_time=2.0, averaging_timeout=20.0))
 
 
-def _join(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.cli", "join", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+def _join(*args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`farflung join` in a session of its own: past `timeout` its whole process group is killed, its p2pd too,
+    which a SIGKILL of the joiner alone would leave running."""
+    process = subprocess.Popen([sys.executable, "-m", "experiments.cli", "join", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 @pytest.mark.ray
@@ -104,6 +115,41 @@ def test_join_rejects_a_bad_address_with_one_line():
     bad = _join("--initial-peers", "/ip4/127.0.0.1/tcp/9", timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "--initial-peers" in bad.stderr and "/p2p/" in bad.stderr
+
+
+@pytest.mark.hivemind
+def test_a_machine_joining_a_swarm_that_holds_no_state_trains_and_serves_nothing(p2pd_count):
+    """`farflung join` against a run whose only peer is itself waiting for the state (a restarted one): the joiner
+    waits for a donor up to --timeout and leaves with exit 1, having trained nothing and offered no state."""
+    from realtools import SECRET, donors, swarm_peer
+
+    from cluster.real.secret import SECRET_ENV
+    from cluster.real.swarm_setup import SwarmSetup, arm_config
+    from trainer.strategies import STRATEGIES
+
+    settings = CollaborativeSettings(target_batch_size=16)
+    _, specs = unshaped_arm("stateless", 1, 20, seed=9, algorithm="collaborative", settings=settings)
+    setup = SwarmSetup.of(STRATEGIES["collaborative"], settings, SwarmTiming(matchmaking_time=1.0,
+                          averaging_timeout=5.0), 1, specs[0].batch_size, "none")
+    run_id = "farflung-stateless-test"
+    before = p2pd_count.pids()
+    waiting = swarm_peer(specs[0], run_id, holds_state=False, incarnation=1)
+    try:
+        waiting.join(None)
+        waiting.start_optimizer(setup, 3.0, None)
+        assert waiting.publish(arm_config(specs[0], setup, "stateless"), "stateless")
+        joined = _join("--initial-peers", waiting.visible_maddrs()[0], "--timeout", "6", "--threads", "1",
+                       timeout=120, env={**os.environ, SECRET_ENV: SECRET.decode()})
+        assert joined.returncode == 1, joined.stderr[-3000:]
+        assert "no peer of the run served its state within 6 s" in joined.stderr, joined.stderr[-3000:]
+        assert "caught up" not in joined.stdout and "epoch" not in joined.stdout.replace("joining", ""), joined.stdout
+        # Neither peer ever offered a state: the joiner's weights did not become the swarm's.
+        assert all(priority is None for priority in donors(waiting.dht, run_id).values())
+        assert waiting.progress()["holds_state"] is False
+    finally:
+        waiting.shutdown()
+    left = p2pd_count.new_since(before)
+    assert not left, f"the joiner or the peer left p2pd behind: {left}"
 
 
 class _P2pd:

@@ -18,9 +18,7 @@ import pytest
 from cluster.faults import FaultTrace, parse_faults
 from cluster.real.swarm_churn import SwarmChurn
 from experiments.fields import ConfigError
-
-SECRET = b"0123456789abcdef-run"
-
+from realtools import SECRET, donors, swarm_peer
 
 # --- the trace, without peers ------------------------------------------------------------------------------------
 class _Peers:
@@ -120,13 +118,6 @@ def test_the_experiment_file_takes_faults_on_real_swarm_arms_only():
 
 
 # --- hivemind in this process ------------------------------------------------------------------------------------
-def _swarm_peer(spec, run_id: str, **kwargs):
-    from cluster.real.options import UNSHAPED, RealOptions
-    from cluster.real.swarm import SwarmPeer
-
-    return SwarmPeer(spec, UNSHAPED, RealOptions(shaping="none", secret=SECRET), run_id, **kwargs)
-
-
 def _optimizer_params(peer) -> list:
     """A swarm peer's parameters as its hivemind optimizer holds them (and serves them), in the optimizer's order."""
     return [p for group in peer.opt.state_averager.optimizer.param_groups for p in group["params"]]
@@ -136,16 +127,6 @@ def _model_order(peer) -> list[int]:
     """For each of the model's parameters in order, its index in the optimizer's order."""
     main = list(peer.opt.state_averager.main_parameters)
     return [next(i for i, m in enumerate(main) if m is p) for p in peer.replica.model.parameters()]
-
-
-def _donors(dht, run_id: str) -> dict[str, float | None]:
-    """The state donors declared in the DHT: base58 peer id -> priority (None: declared as not sharing)."""
-    from hivemind.p2p import PeerID
-
-    found = dht.get(f"{run_id}_state_averager.all_averagers", latest=True)
-    if found is None:
-        return {}
-    return {PeerID(k).to_base58(): v.value for k, v in found.value.items()}
 
 
 @pytest.mark.hivemind
@@ -167,7 +148,7 @@ def test_a_peer_restarted_alone_never_serves_or_trains_its_fresh_weights():
     setup = SwarmSetup.of(STRATEGIES["collaborative"], settings, SwarmTiming(matchmaking_time=1.0,
                           averaging_timeout=10.0), 2, specs[0].batch_size, "none")
     run_id = "farflung-lone-test"
-    fresh_peer = _swarm_peer(specs[1], run_id, holds_state=False, incarnation=1)
+    fresh_peer = swarm_peer(specs[1], run_id, holds_state=False, incarnation=1)
     back = None
     try:
         fresh_peer.join(None)  # nobody else is up: its own DHT is the whole swarm
@@ -182,11 +163,11 @@ def test_a_peer_restarted_alone_never_serves_or_trains_its_fresh_weights():
         assert (alone["holds_state"], alone["samples"], alone["epoch"], alone["records"]) == (False, 0, 0, [])
         assert np.array_equal(fresh_peer.params(), fresh)  # it trained nothing on its fresh weights
         me = fresh_peer.dht.peer_id.to_base58()
-        assert _donors(fresh_peer.dht, run_id).get(me) is None  # and is no donor
+        assert donors(fresh_peer.dht, run_id).get(me) is None  # and is no donor
 
         # Worker 0 comes back with the trained state: its replica trained 3 steps on its own, at epoch 3. (It
         # offers the state once its epoch is set, so that no download can catch it before.)
-        back = _swarm_peer(specs[0], run_id, holds_state=False)
+        back = swarm_peer(specs[0], run_id, holds_state=False)
         for step in range(3):
             back.replica.forward_backward()
             back.replica.optimizer_step(step)
@@ -216,9 +197,9 @@ def test_a_peer_restarted_alone_never_serves_or_trains_its_fresh_weights():
         assert np.array_equal(back.params(), trained) and back._loads == 0  # the fresh weights never reached it
         # Holding the state now, the restarted peer is a donor at the epoch it loaded.
         deadline = time.monotonic() + 30
-        while _donors(back.dht, run_id).get(me) != 3 and time.monotonic() < deadline:
+        while donors(back.dht, run_id).get(me) != 3 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _donors(back.dht, run_id).get(me) == 3
+        assert donors(back.dht, run_id).get(me) == 3
     finally:
         fresh_peer.shutdown()
         if back is not None:
@@ -359,55 +340,3 @@ def test_a_peer_sigkilled_mid_run_restarts_loads_the_state_and_trains_with_the_s
     assert (summary["failures"], summary["joins"]) == (1, 1) and summary["rounds_without_someone"] >= len(away)
     assert summary["time_in_state_downloads_s"] == join.download_s and 0 < summary["goodput"] < 1
 
-
-@pytest.mark.hivemind
-def test_a_machine_joining_a_swarm_that_holds_no_state_trains_and_serves_nothing():
-    """`farflung join` against a run whose only peer is itself waiting for the state (a restarted one): the joiner
-    waits for a donor up to --timeout and leaves with exit 1, having trained nothing and offered no state."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from realtools import unshaped_arm
-
-    from cluster.real.secret import SECRET_ENV
-    from cluster.real.swarm_setup import SwarmSetup, arm_config
-    from cluster.swarm_timing import SwarmTiming
-    from trainer.strategies import STRATEGIES
-    from trainer.strategies.collaborative import CollaborativeSettings
-
-    settings = CollaborativeSettings(target_batch_size=16)
-    _, specs = unshaped_arm("stateless", 1, 20, seed=9, algorithm="collaborative", settings=settings)
-    setup = SwarmSetup.of(STRATEGIES["collaborative"], settings, SwarmTiming(matchmaking_time=1.0,
-                          averaging_timeout=5.0), 1, specs[0].batch_size, "none")
-    run_id = "farflung-stateless-test"
-    before = _p2pd_pids()
-    waiting = _swarm_peer(specs[0], run_id, holds_state=False, incarnation=1)
-    try:
-        waiting.join(None)
-        waiting.start_optimizer(setup, 3.0, None)
-        assert waiting.publish(arm_config(specs[0], setup, "stateless"), "stateless")
-        env = {**os.environ, SECRET_ENV: SECRET.decode()}
-        joined = subprocess.run(
-            [sys.executable, "-m", "experiments.cli", "join", "--initial-peers", waiting.visible_maddrs()[0],
-             "--timeout", "6", "--threads", "1"], cwd=Path(__file__).resolve().parents[2], env=env,
-            capture_output=True, text=True, timeout=120)
-        assert joined.returncode == 1, joined.stderr[-3000:]
-        assert "no peer of the run served its state within 6 s" in joined.stderr, joined.stderr[-3000:]
-        assert "caught up" not in joined.stdout and "epoch" not in joined.stdout.replace("joining", ""), joined.stdout
-        # Neither peer ever offered a state: the joiner's weights did not become the swarm's.
-        assert all(priority is None for priority in _donors(waiting.dht, run_id).values())
-        assert waiting.progress()["holds_state"] is False
-    finally:
-        waiting.shutdown()
-    deadline = time.monotonic() + 10
-    while (left := _p2pd_pids() - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"the joiner or the peer left p2pd behind: {left}"
-
-
-def _p2pd_pids() -> set[int]:
-    import psutil
-
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "p2pd"}
