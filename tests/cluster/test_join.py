@@ -1,9 +1,10 @@
 """A machine elsewhere joins: `farflung join`, started as a separate process, finds a running collaborative arm, loads
 its state from the peers, catches up to the swarm's epoch and averages with it.
 
-One test, 40-80 s on a 2-core machine: a 2-peer swarm on Ray (loopback, unshaped) trains until the joiner has left;
-the joiner is a subprocess with no Ray. Also checks that the joiner's processes are gone, that a bad address or run
-id is a one-line error with exit 2, and that a joiner finding no peer that holds the state trains and serves nothing.
+One test, 60-100 s on a 2-core machine: a 2-peer swarm on Ray (loopback, unshaped) trains until two joiners, one
+listening and one in client mode, have joined and left one after the other; each joiner is a subprocess with no Ray.
+Also checks that the joiners' processes are gone, that a bad address or run id is a one-line error with exit 2, and
+that a joiner finding no peer that holds the state trains and serves nothing.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def _join(*args: str, timeout: float, env: dict | None = None) -> subprocess.Com
 
 @pytest.mark.ray
 @pytest.mark.hivemind
-@pytest.mark.parametrize("mode", [[], ["--client-mode"]], ids=["listening", "client-mode"])
-def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_count, mode):
+def test_joining_peers_catch_up_to_the_swarm_epoch_and_average_with_it(p2pd_count):
+    """One swarm, two machines joining it one after the other: a listening one, then one in client mode."""
     plan, specs = _swarm_arm(steps=100_000)  # far more than it will train: the test stops it
     records: list[dict] = []
     swarm: list = []
@@ -71,6 +72,7 @@ def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_co
     before = p2pd_count.pids()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    joins: list[tuple[str, subprocess.CompletedProcess]] = []
     try:
         deadline = time.monotonic() + 180
         # Join once the swarm has closed a few epochs, so that there is something to catch up to.
@@ -78,29 +80,36 @@ def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_co
             time.sleep(0.2)
         assert swarm and epochs_seen[0] >= 3, f"the swarm did not get going: {failure}"
         info = swarm[0]
-        joined = _join("--initial-peers", info.initial_peers[0], "--run-id", info.run_id, "--epochs", "3",
-                       "--threads", "1", *mode, timeout=240)
+        for name, mode in (("listening", []), ("client-mode", ["--client-mode"])):
+            joins.append((name, _join("--initial-peers", info.initial_peers[0], "--run-id", info.run_id,
+                                      "--epochs", "3", "--threads", "1", *mode, timeout=240)))
+            if joins[-1][1].returncode != 0:
+                break
     finally:
         stop.set()
         thread.join(timeout=240)
     assert not failure, failure
-    assert joined.returncode == 0, joined.stderr[-3000:]
-    out = joined.stdout
-    # It starts at epoch 0; its first step finds the swarm ahead, and it downloads the swarm's state.
-    caught = re.search(r"caught up: loaded the swarm's state, epoch (\d+) -> (\d+)", out)
-    assert caught, out
-    assert int(caught.group(1)) == 0 and int(caught.group(2)) >= 3, out
-    # Then it closes three epochs, one after another, from the one it caught up to (or the next, if the swarm moved
-    # on while it loaded: it then loads again, which shows as a second "caught up" line).
-    closed = [(int(e), int(p), int(s)) for e, p, s in re.findall(r"epoch (\d+): (\d+) peers, (\d+) samples", out)]
-    assert len(closed) == 3, out
-    first = closed[0][0]
-    assert first >= int(caught.group(2)) and [e for e, _, _ in closed] == [first, first + 1, first + 2], out
-    # It contributes: its samples go into those epochs, which the swarm's own peers closed with three peers.
-    assert sum(s for _, _, s in closed) > 0, out
     rounds = {r.round: r for r in records if r.kind == "comm"}
-    assert all(e in rounds for e, _, _ in closed), (closed, sorted(rounds))
-    assert any(rounds[e].swarm_peers == N + 1 for e, _, _ in closed), [rounds[e] for e, _, _ in closed]
+    swarm_epoch = 0
+    for name, joined in joins:
+        assert joined.returncode == 0, (name, joined.stderr[-3000:])
+        out = joined.stdout
+        # It starts at epoch 0; its first step finds the swarm ahead, and it downloads the swarm's state.
+        caught = re.search(r"caught up: loaded the swarm's state, epoch (\d+) -> (\d+)", out)
+        assert caught, (name, out)
+        assert int(caught.group(1)) == 0 and int(caught.group(2)) >= max(3, swarm_epoch), (name, out)
+        # Then it closes three epochs, one after another, from the one it caught up to (or the next, if the swarm
+        # moved on while it loaded: it then loads again, which shows as a second "caught up" line).
+        closed = [(int(e), int(p), int(s)) for e, p, s in re.findall(r"epoch (\d+): (\d+) peers, (\d+) samples", out)]
+        assert len(closed) == 3, (name, out)
+        first = closed[0][0]
+        assert first >= int(caught.group(2)) and [e for e, _, _ in closed] == [first, first + 1, first + 2], out
+        # It contributes: its samples go into those epochs, which the swarm's own peers closed with three peers.
+        assert sum(s for _, _, s in closed) > 0, (name, out)
+        assert all(e in rounds for e, _, _ in closed), (name, closed, sorted(rounds))
+        assert any(rounds[e].swarm_peers == N + 1 for e, _, _ in closed), (name, [rounds[e] for e, _, _ in closed])
+        swarm_epoch = closed[-1][0]
+    assert [name for name, _ in joins] == ["listening", "client-mode"]
     # The arm's own peers end on one model: a gradient round that reached only part of the vector (hivemind steps on
     # it) is repaired by the state average after it (average_state_every = 1), so this holds whatever the rounds did
     # (tests/cluster/test_swarm_repair.py provokes such a round).
@@ -108,7 +117,7 @@ def test_joining_peer_catches_up_to_the_swarm_epoch_and_averages_with_it(p2pd_co
     assert evals[-1].param_spread < 1e-5, evals[-1]
     assert evals[-1].loss < evals[0].loss
     left = p2pd_count.new_since(before)
-    assert not left, f"p2pd processes outlived the swarm or the joiner: {left}"
+    assert not left, f"p2pd processes outlived the swarm or the joiners: {left}"
 
 
 def test_join_rejects_a_bad_address_with_one_line():
