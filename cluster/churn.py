@@ -208,10 +208,13 @@ class ChurnExchanges(ModelledExchanges):
         """The round's records without the groups of one of gone peers, numbered again, with who was absent."""
         shown = []
         for r in records:
+            # A group's record comes once (its round's end, or its members' awaits): what it needed goes with it.
             key = (r.round, tuple(r.participants))
+            absent = self._absent.pop(key, None)
             if key in self._hidden:
+                self._hidden.discard(key)
                 continue
-            extra = {"absent": self._absent.get(key) or None}
+            extra = {"absent": absent or None}
             if key[1] in self._lost:
                 missing, fraction = self._lost[key[1]]
                 extra |= {"missing_peers": missing, "received_fraction": fraction}
