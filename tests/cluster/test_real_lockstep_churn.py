@@ -269,3 +269,40 @@ def test_the_experiment_file_takes_failures_and_returns_on_real_lockstep_arms():
         spec("ddp", {**events, "sender_timeout": 5})
     assert str(error.value) == ("faults.sender_timeout: real peers time out as hivemind does (after the timeouts "
                                 "derived from the arm's network); remove sender_timeout or use mode = 'sim'")
+
+
+# --- real peers on Ray ---------------------------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.hivemind
+def test_a_real_ddp_peer_killed_and_restarted_loads_the_state_and_ends_on_the_same_bits(fresh_ray):
+    """3 real ddp peers; worker 2 is SIGKILLed before step 2 and returns at step 4: rounds 2-4 are among workers 0
+    and 1, the new actor loads the state from one of them at the end of round 4 and averages from step 5 on."""
+    from cluster.real import RealOptions, run_real_arm
+    from realtools import unshaped_arm
+    from trainer.model import count_params
+
+    n, steps = 3, 8
+    plan, specs = unshaped_arm("ddp-churn", n, steps, seed=5, algorithm="ddp", settings=DDPSettings())
+    faults = parse_faults("faults", {"events": [{"worker": 2, "leave_step": 2, "return_step": 4}]}, n)
+    records: list = []
+    result = run_real_arm(plan, specs, records.append, options=RealOptions(shaping="none"), faults=faults)
+    comms = [r for r in records if isinstance(r, CommRecord)]
+    assert [(c.step, c.participants, c.absent) for c in comms] == (
+        [(s, [0, 1, 2], None) for s in (0, 1)] + [(s, [0, 1], [2]) for s in (2, 3, 4)]
+        + [(s, [0, 1, 2], None) for s in (5, 6, 7)])
+    # Every round averaged all of its members' vectors (a partial one would have been repeated).
+    assert all(c.received_fraction == [1.0] * len(c.participants) and c.missing_peers == [] for c in comms)
+    events = [(f.worker, f.event, f.step) for f in records if isinstance(f, FaultRecord)]
+    assert events == [(2, "leave", 2), (2, "return", 4), (2, "join", 4)]
+    join = next(f for f in records if isinstance(f, FaultRecord) and f.event == "join")
+    # The state: parameters and AdamW's two moments (3 x float32 of the model), torch.save's framing on top.
+    nparams = count_params(specs[0].model)
+    assert join.sources in ([0], [1]) and 12 * nparams < join.state_bytes < 12 * nparams + 200_000, join
+    assert join.wait_s > 0 and join.download_s > 0
+    booked = sorted(r.step for r in records if isinstance(r, StepRecord) and r.worker == 2)
+    assert booked == [0, 1, 5, 6, 7]
+    # All three peers hold the same bits at the end, and training went on through the outage.
+    final = result.final_params
+    assert len(final) == n and all(np.array_equal(final[0], p) for p in final[1:])
+    evals = [r for r in records if r.kind == "eval"]
+    assert [e.param_spread for e in evals] == [0.0, 0.0] and evals[-1].loss < evals[0].loss - 0.1
