@@ -119,22 +119,23 @@ def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Se
                          "loss = 0 for the real mode, or run.shaping = 'kernel' where the kernel has netem")
 
 
-def check_real_faults(algorithm: str, faults, path: str = "faults") -> None:
+def check_real_faults(algorithm: str, faults, path: str = "faults", allreduce: str = "hivemind") -> None:
     """Raise ValueError('path.key: what is wrong and the fix') for a fault trace (`cluster.faults.FaultsConfig`) that
-    real peers cannot play: they play failures and returns (events, mtbf/mttr) on swarm arms
-    (`cluster.real.swarm_churn`)."""
-    if STRATEGIES[algorithm].real_mode != "swarm":
-        raise ValueError(f"{path}: faults run on real peers for swarm arms only ({', '.join(real_algorithms('swarm'))}"
-                         f"); a {algorithm} arm averages in groups of exactly its workers, so give it mode = 'sim' "
-                         f"(where the simulator plays them) or remove the table for it")
+    real peers cannot play: they play failures and returns (events, mtbf/mttr), on swarm arms
+    (`cluster.real.swarm_churn`) and on lockstep arms averaging with hivemind (`cluster.real.lockstep_churn`)."""
+    swarm = STRATEGIES[algorithm].real_mode == "swarm"
+    if not swarm and allreduce != "hivemind":
+        raise ValueError(f"{path}: a {allreduce} all-reduce has a fixed process group, so real peers cannot leave "
+                         f"it; set allreduce = 'hivemind' for this arm, or give it mode = 'sim'")
     for key in ("exchange", "stragglers", "partition"):
         if getattr(faults, key):
             raise ValueError(f"{path}.{key}: real peers play failures and returns only (events, mtbf/mttr); remove "
                              f"{key} or use mode = 'sim'")
     if "sender_timeout" in faults.raw or "reducer_timeout" in faults.raw:
         key = "sender_timeout" if "sender_timeout" in faults.raw else "reducer_timeout"
-        raise ValueError(f"{path}.{key}: real peers time out as hivemind.Optimizer does (after the arm's "
-                         f"matchmaking_time); remove {key} or use mode = 'sim'")
+        after = "after the arm's matchmaking_time" if swarm else "after the timeouts derived from the arm's network"
+        raise ValueError(f"{path}.{key}: real peers time out as hivemind does ({after}); remove {key} or use "
+                         f"mode = 'sim'")
     if faults.state_sources != 1:
         raise ValueError(f"{path}.state_sources: hivemind's load_state_from_peers downloads from one peer; set "
                          f"state_sources = 1 or use mode = 'sim'")

@@ -138,6 +138,7 @@ class RealPeer:
         self.dht = self.averager = self.relay = self.gloo = None
         self._owned: list = []  # the hivemind processes this peer started (psutil handles), for shutdown's last resort
         self._pending: ExchangeRequest | None = None
+        self.group_size = spec.n_workers  # the workers of this peer's rounds (fewer while some are gone)
         self._reply: np.ndarray | None = None
         self._next_step = 0
         self._exchanges_started = 0  # the fault hook's clock (options.drop_parts_at): exchanges, not attempts
@@ -189,11 +190,9 @@ class RealPeer:
 
     def start_averaging(self, timeouts: AveragingTimeouts, bandwidth_mbps: float | None) -> int:
         """Start the averager over one flat float32 tensor the size of the model; returns that size."""
-        from cluster.real.averager import ExactAverager
-
         n = self.spec.n_workers
         self.timeouts = timeouts
-        self.averager = ExactAverager(
+        self.averager = self._averager_class()(
             [torch.zeros(self.replica.num_params(), dtype=torch.float32)], self.dht, prefix=self.run_id,
             target_group_size=n, min_group_size=n, min_matchmaking_time=timeouts.min_matchmaking_time_s,
             request_timeout=timeouts.request_timeout_s, allreduce_timeout=timeouts.allreduce_timeout_s,
@@ -210,6 +209,11 @@ class RealPeer:
         finally:
             self._owned += _process_tree(self.averager.pid)
         return self.replica.num_params()
+
+    def _averager_class(self) -> type:
+        from cluster.real.averager import ExactAverager
+
+        return ExactAverager
 
     def gloo_port(self) -> int:
         """A free port on this peer's host for the gloo rendezvous store (asked of rank 0)."""
@@ -330,8 +334,8 @@ class RealPeer:
             report = self.averager.step(gather=self.spec.worker, weight=request.weight,
                                         timeout=self.timeouts.matchmaking_deadline_s)
             group_size = len(report.workers) if report is not None else 0
-            if group_size != self.spec.n_workers:
-                error = f"averaged in a group of {group_size}, not all {self.spec.n_workers} workers"
+            if group_size != self.group_size:
+                error = f"averaged in a group of {group_size}, not all {self.group_size} workers"
             elif not report.complete:
                 # Stepping on it would leave this peer's replica apart from the others for good: repeat the round.
                 error = (f"partial average: received {100 * report.received_fraction:.1f}% of the vector, "

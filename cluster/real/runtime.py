@@ -6,7 +6,9 @@
 - "swarm" (collaborative, local-updates): `cluster.real.swarm_arm.SwarmArm` polls `hivemind.Optimizer` peers that
   train at their own pace; with a fault trace it SIGKILLs peers and restarts them (`cluster.real.swarm_churn`), each
   restart on a thread of its own while the driver goes on polling.
-  Lockstep arms take no faults on real peers: their averager forms groups of exactly the configured workers.
+  With a fault trace, `cluster.real.lockstep_churn.LockstepChurnDriver` instead: it SIGKILLs peers at the trace's
+  failures, averages among the live peers only, and restarts a returning peer, which loads the state from a live
+  one (`cluster.real.lockstep_peer.LockstepPeer`).
 Records have the simulator's kinds and fields, plus the real mode's (`measured`, ...); see `results/README.md`.
 
 Start-up is a barrier, because hivemind peers that begin their first exchange seconds apart fail to find a group:
@@ -34,6 +36,8 @@ import numpy as np
 
 from cluster.driver import ArmPlan, LockstepDriver
 from cluster.real.lockstep import PeerExchanges, RealExchangeError
+from cluster.real.lockstep_churn import LockstepChurnDriver, LockstepMembers
+from cluster.real.lockstep_peer import LockstepPeer
 from cluster.faults import FaultsConfig
 from cluster.real.options import RealOptions, averaging_timeouts, check_real_arm, check_real_faults
 from cluster.real.peer import RealPeer
@@ -85,15 +89,16 @@ def run_real_arm(plan: ArmPlan, specs: Sequence[ReplicaSpec], emit: Callable[[Re
     `on_swarm` is called once every peer is up, before training starts, with the swarm's address and run id (a
     machine elsewhere would join with them). Returns that `SwarmInfo` and every peer's final parameters.
     Swarm arms (collaborative, local-updates) stop early, at the end of the epoch under way, once `should_stop()`.
-    `faults`: a fault trace for a swarm arm, played on its real peers (`cluster.real.swarm_churn`); final parameters
-    are then those of the peers holding the swarm's state.
+    `faults`: a fault trace, played on the real peers (`cluster.real.swarm_churn` for a swarm arm,
+    `cluster.real.lockstep_churn` for a lockstep one); final parameters are then those of the peers holding the
+    swarm's state.
     """
     assert len(specs) == plan.n_workers and [s.worker for s in specs] == list(range(plan.n_workers))
     try:
         check_real_arm(specs[0].algorithm, plan.codec, plan.network, plan.client_mode, plan.speed_factors,
                        options.shaping, options.allreduce)
         if faults is not None:
-            check_real_faults(specs[0].algorithm, faults)
+            check_real_faults(specs[0].algorithm, faults, allreduce=options.allreduce)
     except ValueError as e:
         raise ValueError(f"arm {plan.name!r}: {e}") from None
     run_id = new_run_id(plan.name)
@@ -124,7 +129,7 @@ def peer_namespaces(options: RealOptions, links, run_id: str):
 def _run_peers(plan, specs, emit, on_step, options, on_swarm, should_stop, run_id, timeouts, setup, links,
                ports, faults) -> RealArmResult:
     swarm = setup is not None
-    peer_cls = SwarmPeer if swarm else RealPeer
+    peer_cls = SwarmPeer if swarm else RealPeer if faults is None else LockstepPeer
     wait_s = options.startup_timeout_s
     # Every actor builds its replica and relay at once; then peer 0's DHT comes up and the others join it.
     # SPREAD: on a Ray cluster the peers go to different nodes, as far-flung peers would be.
@@ -165,7 +170,12 @@ def _run_peers(plan, specs, emit, on_step, options, on_swarm, should_stop, run_i
         else:
             peers.call("start_clock")
             exchanges = PeerExchanges(peers, plan, timeouts, options, dial_addresses)
-            arm = LockstepDriver(peers, plan, exchanges, emit, on_step)
+            if faults is None:
+                arm = LockstepDriver(peers, plan, exchanges, emit, on_step)
+            else:
+                restart = partial(_restart_lockstep_peer, peers, links, ports, options, run_id, timeouts, bandwidths)
+                arm = LockstepChurnDriver(peers, plan, exchanges, emit, on_step, members=LockstepMembers(faults, plan),
+                                          restart=restart, load_timeout_s=wait_s)
             arm.run()
         return RealArmResult(info, tuple(arm.last_params), tuple(getattr(arm, "state_loads", ())))
     finally:
@@ -192,6 +202,21 @@ def _restart_peer(peers: RayRuntime, links, ports, options: RealOptions, run_id:
                timeout_s=wait_s)
     peers.call("start_clock", [(arm_clock(),)], workers=[worker], timeout_s=wait_s)
     peers.call("start_training", [(options.swarm_timeout_s,)], workers=[worker], timeout_s=wait_s)
+    return described
+
+
+def _restart_lockstep_peer(peers: RayRuntime, links, ports, options: RealOptions, run_id: str, timeouts, bandwidths,
+                           worker: int, initial_peers: list[str], arm_clock_s: float) -> dict:
+    """A failed lockstep peer's return: a new actor without the state, its DHT through the live peers (alone if none
+    is), its averager sharing nothing yet, and its clock at the arm's time (`cluster.real.lockstep_churn`)."""
+    wait_s = options.startup_timeout_s
+    peers.respawn(worker, (links[worker], options, run_id, ports[worker]), ready_timeout_s=wait_s, holds_state=False)
+    peers.call("join", [(initial_peers or None,)], workers=[worker], timeout_s=wait_s)
+    described = peers.call("describe", workers=[worker], timeout_s=wait_s)[0]
+    if described["hostname"] == socket.gethostname():
+        peers.local_pids.append(described["pid"])
+    peers.call("start_averaging", [(timeouts, bandwidths[worker])], workers=[worker], timeout_s=wait_s)
+    peers.call("start_clock", [(arm_clock_s,)], workers=[worker], timeout_s=wait_s)
     return described
 
 

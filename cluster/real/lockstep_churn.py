@@ -1,0 +1,197 @@
+"""Faults on a real lockstep arm (ddp, diloco): the fault trace kills real peers, the rounds go on among the live
+ones, and a restarted peer loads the state and takes part again, as the simulator's `cluster.churn` plays it.
+
+The driver moves the live peers one step at a time, so that between two steps every peer is at a step boundary
+(no strategy part-way through a step, every average applied): that is where the trace is played.
+- The trace is `cluster.faults.FaultTrace`, the simulator's own, drawn from the run's seed. `leave_step` and
+  `return_step` are the simulator's step numbers; `leave_s`, `return_s` and the drawn mtbf/mttr times are seconds of
+  the arm's clock (wall time spent training, paused at evaluations and at the boundaries where the trace is played).
+- A failure due at step s (by number, or by a time the clock has reached when step s begins) SIGKILLs the peer
+  before it computes step s (`RealPeer.crash`: its DHT, p2pd and averager processes, then its actor's process), as
+  the simulator takes a peer down before it books that step. `leave` record: `lost_s`, its compute since the last
+  round it took part in, thrown away.
+- The rounds are among the live peers only: before a round with a new membership every live peer's averager is
+  given the membership's group key and size (`cluster.real.lockstep_peer`). A lone live peer keeps its own tensor.
+  The records name the live peers as `participants` and the others as `absent`.
+- A return falls due at the first round at or after its time or step (its time as the clock stood when that round's
+  step began), as in the simulator, where the returning peer sits that round out and loads the state at its end: here
+  the driver starts a new actor for the worker once the round is over (a process of its own, fresh weights, a new peer
+  id), which joins the DHT through the live peers and downloads the state with hivemind's `load_state_from_peers`
+  from a live peer. `return` record when the round is over, `join` once the state is applied (`sources`: the donor,
+  `state_bytes` as received, `wait_s`: wall seconds from the return until the download began, that is the actor,
+  its DHT and its averager starting, and `download_s`); it takes part from the next round on.
+- With no peer live nothing trains: the steps pass with no records, returns fall due at each step's boundary, and a
+  returning peer starts alone and waits without state for the rest of the run (the lone-restart guard: it serves no
+  state and never trains its fresh weights). The evaluation then repeats the last consensus's loss, as the
+  simulator evaluates the last consensus again.
+Restarting and loading block the driver: the live peers wait at the boundary meanwhile, and the arm's clock does not
+run, so those seconds are in the join record rather than in the steps'.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from cluster.driver import ArmPlan, LockstepDriver, consensus
+from cluster.faults import FaultsConfig, FaultTrace, Outage
+from cluster.records import EvalRecord, FaultRecord
+from trainer.replica import StepDone
+
+LIVE, DOWN, RETURNED = "live", "down", "returned"
+
+
+class LockstepMembers:
+    """Who is live, gone or back without state in a real lockstep arm, as the trace says (no peers here)."""
+
+    def __init__(self, faults: FaultsConfig, plan: ArmPlan):
+        n = plan.n_workers
+        self.plan = plan
+        self.trace = FaultTrace(faults, n, plan.seed)
+        self.status = [LIVE] * n
+        self.index = [0] * n  # each worker's next outage in the trace
+        self.outage: list[Outage | None] = [None] * n  # the outage a worker is in
+        self.number = 0  # the membership's number in the run: one more at every leave and join
+
+    def live(self) -> list[int]:
+        return [w for w, s in enumerate(self.status) if s == LIVE]
+
+    def waiting(self) -> list[int]:
+        """Workers back without the state."""
+        return [w for w, s in enumerate(self.status) if s == RETURNED]
+
+    def leaving(self, step: int, now_s: float) -> list[int]:
+        """The live workers whose next outage has begun by step `step`, whose compute starts at `now_s`."""
+        due = []
+        for w in self.live():
+            o = self.trace.outage(w, self.index[w])
+            if o is not None and (o.leave <= step if o.by_step else o.leave <= now_s):
+                due.append(w)
+        return due
+
+    def returning(self, step: int, now_s: float) -> list[int]:
+        """The gone workers the trace brings back by step `step`, begun at `now_s`."""
+        return [w for w, o in enumerate(self.outage) if self.status[w] == DOWN and o is not None and o.back is not None
+                and (o.back <= step if o.by_step else o.back <= now_s)]
+
+    def leave(self, w: int, step: int, now_s: float, lost_s: float) -> FaultRecord:
+        o = self.outage[w] = self.trace.outage(w, self.index[w])
+        self.index[w] += 1
+        self.status[w] = DOWN
+        self.number += 1
+        return FaultRecord(arm=self.plan.name, worker=w, event="leave", time_s=now_s, step=step, cause=o.cause,
+                           back_s=None if o.by_step else o.back,
+                           back_step=int(o.back) if o.by_step and o.back is not None else None, lost_s=lost_s)
+
+    def returned(self, w: int, step: int, now_s: float) -> FaultRecord:
+        self.status[w], self.outage[w] = RETURNED, None
+        return FaultRecord(arm=self.plan.name, worker=w, event="return", time_s=now_s, step=step)
+
+    def joined(self, w: int, step: int, now_s: float, loaded: dict, wait_s: float) -> FaultRecord:
+        self.status[w] = LIVE
+        self.number += 1
+        return FaultRecord(arm=self.plan.name, worker=w, event="join", time_s=now_s, step=step,
+                           sources=[loaded["donor"]], state_bytes=loaded["state_bytes"], wait_s=wait_s,
+                           download_s=loaded["download_s"])
+
+
+class LockstepChurnDriver(LockstepDriver):
+    """The lockstep driver over the live peers of a fault trace (see the module docstring).
+
+    `restart(worker, initial_peers, arm_clock_s)` starts the worker's new peer (sharing no state) joined through
+    `initial_peers` (alone if empty) and returns its `describe()`; `load_timeout_s` bounds its state download."""
+
+    def __init__(self, workers, plan: ArmPlan, exchanges, emit, on_step=lambda: None, *, members: LockstepMembers,
+                 restart: Callable[[int, list[str], float], dict], load_timeout_s: float):
+        super().__init__(workers, plan, exchanges, emit, on_step)
+        self.members, self.restart, self.load_timeout_s = members, restart, load_timeout_s
+        n = plan.n_workers
+        self.unsynced_s = [0.0] * n  # compute since the worker's last round
+        self.round_step = [-1] * n  # the step of the worker's last round
+        self.returned_at: dict[int, float] = {}  # worker -> wall time of its return
+        self.last_loss: float | None = None
+
+    def advance(self, until_step: int, finish: bool) -> None:
+        members, exchanges = self.members, self.exchanges
+        for step in range(self.steps_completed, until_step):
+            now_s = exchanges.now_s
+            for w in members.leaving(step, now_s):
+                self.workers.kill(w, "crash")
+                self.emit(members.leave(w, step, now_s, self.unsynced_s[w]))
+            due = members.returning(step, now_s)
+            live = members.live()
+            if not live:  # nothing trains; the guard holds whoever comes back
+                self._returns(due, step)
+                self.steps_completed = step + 1
+                self.on_step()
+                continue
+            if tuple(live) != exchanges.members:
+                self.workers.call("set_members", [(live, members.number, step)] * len(live), workers=live)
+                exchanges.members = tuple(live)
+            rounds = exchanges.round
+            self._advance_live(step + 1, finish and step + 1 == until_step)
+            if exchanges.round > rounds:
+                self._returns(due, step)
+                self._joins(step)
+
+    def _advance_live(self, until_step: int, finish: bool) -> None:
+        live = self.exchanges.members
+        while True:
+            events = self.workers.call("advance", [(until_step, None, finish)] * len(live), workers=live)
+            steps = [[e for e in evs if isinstance(e, StepDone)] for evs in events]
+            assert len({len(s) for s in steps}) == 1, "workers left lockstep"
+            for done in zip(*steps):
+                for w, d in zip(live, done):
+                    self.book_step(w, d)
+                self.on_step()
+                self.steps_completed = done[0].step + 1
+            tails = [evs[-1] if evs and not isinstance(evs[-1], StepDone) else None for evs in events]
+            if all(t is None for t in tails):
+                return
+            assert all(t is not None for t in tails), "only some workers made a request"
+            _, records = self.exchanges.exchange(tails, self.steps_completed)
+            for w in live:
+                self.round_step[w] = self.steps_completed
+            for record in records:
+                self.emit(record)
+
+    def book_step(self, w: int, d: StepDone) -> None:
+        super().book_step(w, d)
+        self.unsynced_s[w] = 0.0 if self.round_step[w] == d.step else self.unsynced_s[w] + d.compute_s
+
+    def _returns(self, due: list[int], step: int) -> None:
+        """The workers due back: their `return` records, and new peers, joined through the live ones."""
+        live = self.members.live()
+        initial = [m for maddrs in self.workers.call("visible_maddrs", workers=live) for m in maddrs] if live else []
+        for w in due:
+            self.emit(self.members.returned(w, step, self.exchanges.now_s))
+            self.returned_at[w] = time.perf_counter()
+            described = self.restart(w, initial, self.exchanges.now_s)
+            self.exchanges.dial_addresses[w] = tuple(described["dial_address"])
+
+    def _joins(self, step: int) -> None:
+        """Every worker back without state loads it from a live peer (none live: it waits)."""
+        for w in self.members.waiting():
+            if not self.members.live():
+                return
+            wait_s = time.perf_counter() - self.returned_at[w]
+            loaded = self.workers.call("load_state", [(self.load_timeout_s,)], workers=[w],
+                                       timeout_s=self.load_timeout_s + 30)[0]
+            if loaded is None:
+                raise RuntimeError(f"arm {self.plan.name!r}: worker {w} found no live peer serving the state within "
+                                   f"{self.load_timeout_s:.0f} s at step {step}; check that the peers reach each "
+                                   "other, or raise startup_timeout")
+            assert loaded["step"] == self.steps_completed, f"worker {w} loaded the state of step {loaded['step']}"
+            self.unsynced_s[w], self.round_step[w] = 0.0, -1
+            self.emit(self.members.joined(w, step, self.exchanges.now_s, loaded, wait_s))
+
+    def evaluate(self, step: int) -> None:
+        live = self.members.live()
+        # With no peer live the swarm's state is what the last evaluation saw: the same parameters, the same loss.
+        params = self.workers.call("params", workers=live) if live else self.last_params
+        self.last_params = params
+        model, spread = consensus(params)
+        if live:
+            self.last_loss = self.workers.call("evaluate", [(model,)], workers=[live[0]])[0]
+        self.emit(EvalRecord(arm=self.plan.name, step=step, tokens=step * self.plan.tokens_per_step,
+                             time_s=self.exchanges.now_s, loss=self.last_loss, param_spread=spread))
