@@ -110,7 +110,8 @@ class LockstepPeer(RealPeer):
             return None
         metadata, tensors = got
         blob = tensors[0].numpy().tobytes()
-        served = torch.load(io.BytesIO(blob), weights_only=False)
+        # Tensors and plain values only: a donor cannot make the joiner run code by what it serves.
+        served = torch.load(io.BytesIO(blob), weights_only=True)
         assert served["step"] == metadata["step"], "a donor served a state of another step than it said"
         self.replica.import_state(served["state"])
         # The replica's step counter drives its schedule (warmup, cosine): the donor's, as the rest of its state.
