@@ -279,7 +279,7 @@ def with_faults(arm: ArmConfig, table: dict, run_faults: Any, run: RunConfig) ->
     faults = parse_faults(path, value, run.workers)
     if run.mode == "real":
         try:
-            check_real_faults(arm.algorithm, faults, path)  # real peers: failures and returns on swarm arms
+            check_real_faults(arm.algorithm, faults, path, arm.settings)  # what real swarm peers play
         except ValueError as e:
             raise ConfigError(str(e)) from None
     elif STRATEGIES[arm.algorithm].schedule == "collaborative":

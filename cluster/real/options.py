@@ -119,18 +119,25 @@ def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Se
                          "loss = 0 for the real mode, or run.shaping = 'kernel' where the kernel has netem")
 
 
-def check_real_faults(algorithm: str, faults, path: str = "faults") -> None:
+def check_real_faults(algorithm: str, faults, path: str = "faults", settings=None) -> None:
     """Raise ValueError('path.key: what is wrong and the fix') for a fault trace (`cluster.faults.FaultsConfig`) that
-    real peers cannot play: they play failures and returns (events, mtbf/mttr) on swarm arms
-    (`cluster.real.swarm_churn`)."""
+    real peers cannot play. On swarm arms they play failures and returns (events, mtbf/mttr:
+    `cluster.real.swarm_churn`), exchange faults (except with `delay_state_averaging` in the arm's `settings`) and
+    stragglers that slow a peer down (`cluster.real.exchange_faults`); not partitions."""
     if STRATEGIES[algorithm].real_mode != "swarm":
         raise ValueError(f"{path}: faults run on real peers for swarm arms only ({', '.join(real_algorithms('swarm'))}"
                          f"); a {algorithm} arm averages in groups of exactly its workers, so give it mode = 'sim' "
                          f"(where the simulator plays them) or remove the table for it")
-    for key in ("exchange", "stragglers", "partition"):
-        if getattr(faults, key):
-            raise ValueError(f"{path}.{key}: real peers play failures and returns only (events, mtbf/mttr); remove "
-                             f"{key} or use mode = 'sim'")
+    if faults.partition:
+        raise ValueError(f"{path}.partition: real peers play failures, returns, exchange faults and stragglers, not "
+                         f"partitions; remove partition or use mode = 'sim'")
+    fast = next((i for i, s in enumerate(faults.stragglers) if s.speed > 1), None)
+    if fast is not None:
+        raise ValueError(f"{path}.stragglers[{fast}].speed: a real peer runs at its machine's speed at most; give a "
+                         f"factor of at most 1 (got {faults.stragglers[fast].speed:g}) or use mode = 'sim'")
+    from cluster.real.exchange_faults import check_swarm_exchange
+
+    check_swarm_exchange(faults, bool(getattr(settings, "delay_state_averaging", False)), path)
     if "sender_timeout" in faults.raw or "reducer_timeout" in faults.raw:
         key = "sender_timeout" if "sender_timeout" in faults.raw else "reducer_timeout"
         raise ValueError(f"{path}.{key}: real peers time out as hivemind.Optimizer does (after the arm's "
