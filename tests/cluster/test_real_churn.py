@@ -111,7 +111,7 @@ def test_the_experiment_file_takes_faults_on_real_swarm_arms_only():
     assert str(error.value) == ("faults: faults run on real peers for swarm arms only (collaborative, local-updates); "
                                 "a ddp arm averages in groups of exactly its workers, so give it mode = 'sim' (where "
                                 "the simulator plays them) or remove the table for it")
-    with pytest.raises(ConfigError, match=r"^faults\.partition: real peers play failures and returns only"):
+    with pytest.raises(ConfigError, match=r"^faults\.partition: real peers play failures, returns, exchange faults and "):
         spec("collaborative", {**events, "partition": [{"groups": [[0, 1]], "from_s": 1, "to_s": 2}]})
     with pytest.raises(ConfigError, match=r"^faults\.sender_timeout: real peers time out as hivemind"):
         spec("collaborative", {**events, "sender_timeout": 5})

@@ -258,9 +258,10 @@ def test_a_peer_killed_while_sending_leaves_the_survivors_to_finish_and_agree(fr
     faulted = next(c for c in comms if c.round == 2)
     assert faulted.participants == survivors and faulted.absent == [gone], shown
     print("epochs (round, participants, missing, fraction received):", shown)
-    # Those that averaged in it received the vector but for worker 3's part (None: a peer that found no group).
+    # A survivor in worker 3's group received the vector but for worker 3's part; hivemind retries a step whose
+    # round failed, so another may have averaged again without it (1.0), and one may have found no group (None).
     averaged = [f for f in faulted.received_fraction if f is not None]
-    assert faulted.missing_peers == [gone] and averaged and all(0.5 < f < 1.0 for f in averaged), shown
+    assert faulted.missing_peers == [gone] and min(averaged) < 1.0 and all(0.5 < f <= 1.0 for f in averaged), shown
     after = [c for c in comms if c.round > 2]
     assert len(after) >= 2 and all(c.participants == survivors and c.absent == [gone] for c in after), shown
     assert all(c.missing_peers == [] for c in after[1:]), shown
