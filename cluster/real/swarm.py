@@ -97,7 +97,11 @@ class SwarmPeer(RealPeer):
     `holds_state=False`: a peer that does not start with the swarm (one the real mode restarts after a failure):
     the lone-restart guard (`cluster.real.swarm_state`) keeps it from serving or using its own weights until it has
     loaded the swarm's state. `incarnation` > 0 gives it fresh random weights of its own, as a restarted process
-    that initialises its model again would have (the swarm's peers start from one initialisation)."""
+    that initialises its model again would have (the swarm's peers start from one initialisation).
+
+    `set_faults` gives the peer the exchange faults and straggling it plays itself (`cluster.real.exchange_faults`):
+    it arms a round's fault on its averager at the epoch's first microbatch, and sleeps after each microbatch of a
+    straggling interval."""
 
     RETRY_LOAD_S = 1.0  # between two attempts of a peer without the state to find a donor
 
