@@ -261,8 +261,9 @@ def test_a_peer_killed_while_sending_leaves_the_survivors_to_finish_and_agree(fr
     # A survivor in worker 3's group received the vector but for worker 3's part; hivemind retries a step whose
     # round failed, so another may have averaged again without it (1.0), and one may have found no group (None).
     # On a loaded host a round may also miss a live peer's part (a sender or reducer timeout): not asserted here.
-    averaged = [f for f in faulted.received_fraction if f is not None]
-    assert gone in faulted.missing_peers and averaged and min(averaged) < 1.0, shown
+    # A survivor's report lands on its own epoch's record, which for one a round behind (the straggler) is epoch 1.
+    hit = [c for c in comms if c.round in (1, 2) and gone in c.missing_peers]
+    assert hit and min(f for c in hit for f in c.received_fraction if f is not None) < 1.0, shown
     after = [c for c in comms if c.round > 2]
     # (A survivor may close the last epoch too late to be in its record: the stop counts from the leaders.)
     assert len(after) >= 2 and all(gone not in c.participants and gone in c.absent for c in after), shown
