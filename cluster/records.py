@@ -51,6 +51,7 @@ class StepRecord(Record):
     samples: int | None = extra()  # swarm: this peer's samples in the epoch
     late_samples: int | None = extra()  # swarm: a microbatch still running when the round began
     staleness: int | None = extra()  # swarm: 1 when the epoch includes samples computed on older parameters
+    straggled_s: float | None = extra()  # real swarm: of compute_s, what a straggler slept (`faults.stragglers`)
 
 
 @dataclass(frozen=True, kw_only=True)

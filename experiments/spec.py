@@ -279,7 +279,7 @@ def with_faults(arm: ArmConfig, table: dict, run_faults: Any, run: RunConfig) ->
     faults = parse_faults(path, value, run.workers)
     if run.mode == "real":
         try:
-            check_real_faults(arm.algorithm, faults, path, arm.allreduce)  # real peers: failures and returns
+            check_real_faults(arm.algorithm, faults, path, arm.allreduce, arm.settings)  # what real peers play
         except ValueError as e:
             raise ConfigError(str(e)) from None
     elif STRATEGIES[arm.algorithm].schedule == "collaborative":

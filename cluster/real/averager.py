@@ -17,7 +17,9 @@ X% results". `step` here returns a `RoundReport` that says so, and the peer trea
 (`cluster.real.peer.RealPeer.exchange`), so that the driver repeats it on every peer.
 
 A swarm's gradient averager (`SwarmGradientAverager`) keeps hivemind's protocol and its behaviour, and reports the same
-figures per round for the records. `FaultHook` injects such a round for tests (`RealOptions.drop_parts_at`).
+figures per round for the records. `FaultHook` injects such a round for tests (`RealOptions.drop_parts_at`), and
+the exchange faults of a fault trace (`fail_next_round`: the peer dies before, while sending or while reducing, or
+cancels), in a swarm's gradient and state averagers alike (`PhaseFaults`; where and how: `cluster.real.exchange_faults`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, attach_event_on_finished, azip
 
+from cluster.real.exchange_faults import die
 from cluster.real.secret import SecretSchema
 
 
@@ -59,10 +62,21 @@ class ExactAllReduceRunner(AllReduceRunner):
     """hivemind's runner with averages on the wire instead of deltas (see the module docstring); with
     `averages_on_wire=False` hivemind's own protocol (`SwarmGradientAverager`)."""
 
-    def __init__(self, *args, averages_on_wire: bool = True, drop_after_first_part: bool = False, **kwargs):
+    def __init__(self, *args, averages_on_wire: bool = True, drop_after_first_part: bool = False,
+                 fault: tuple[str, int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.averages_on_wire = averages_on_wire
         self.drop_after_first_part = drop_after_first_part  # a fault for tests: see FaultHook.drop_parts_once
+        # An exchange fault: (phase, the pid of the peer's actor, which dies with it), `cluster.real.exchange_faults`.
+        self.fault_phase, self.peer_pid = fault if fault is not None else (None, 0)
+        me = self.ordered_peer_ids.index(self.peer_id)
+        parts = self.tensor_part_container.num_parts_by_peer
+        self._parts_to_send = sum(p for i, p in enumerate(parts) if i != me)
+        self._parts_sent = 0
+        self._sends_left = sum(1 for i, p in enumerate(parts) if i != me and p > 0)
+        self._sends_done = asyncio.Event()
+        if self._sends_left == 0:
+            self._sends_done.set()
         # With averages on the wire a failed reducer's part is the sender's own values, not a zero delta.
         self.tensor_part_container.return_deltas = not averages_on_wire
         self.failed_reducers: set[int] = set()
@@ -117,6 +131,24 @@ class ExactAllReduceRunner(AllReduceRunner):
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
+    async def _generate_input_for_peer(self, peer_index: int):
+        # hivemind's messages, counted: a peer failing while sending dies once half its parts are on the wire.
+        async for message in super()._generate_input_for_peer(peer_index):
+            yield message
+            self._parts_sent += 1  # the consumer asks for the next one: this one was handed to the stream
+            if self.fault_phase == "sending" and self._parts_sent >= max(1, self._parts_to_send // 2):
+                die(self.peer_pid)
+        self._sends_left -= 1
+        if self._sends_left == 0:
+            self._sends_done.set()
+
+    async def _fail_reducing(self) -> None:
+        """A peer failing while reducing: once its own parts are all sent, before it returns any average."""
+        try:
+            await asyncio.wait_for(self._sends_done.wait(), self.reducer_timeout)
+        finally:
+            die(self.peer_pid)
+
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
         # hivemind's method, sending the average instead of the delta (unless averages_on_wire is off).
         part_index = 0
@@ -134,6 +166,8 @@ class ExactAllReduceRunner(AllReduceRunner):
                     part_index += 1
                 except BannedException:
                     break  # the sender was banned: its parts are no longer needed
+                if self.fault_phase == "reducing":
+                    await self._fail_reducing()
                 sent = averaged_part if self.averages_on_wire else averaged_part - tensor_part
                 serialized = await loop.run_in_executor(None, lambda: serialize_torch_tensor(sent, part_compression))
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
@@ -149,12 +183,15 @@ class ExactAllReduceRunner(AllReduceRunner):
 
 
 class FaultHook:
-    """A fault for tests, on a hivemind averager: `drop_parts_once()` makes this peer, as a reducer in its next
-    round, take only the first part of every other sender's share and drop the rest, as when a connection breaks
+    """Faults on a hivemind averager, for its next round. `drop_parts_once()` (tests) makes this peer, as a reducer,
+    take only the first part of every other sender's share and drop the rest, as when a connection breaks
     mid-stream. The senders then keep their own values for that share (hivemind logs "Averaging: received X%
-    results") and this peer averages that share without them."""
+    results") and this peer averages that share without them. `fail_next_round(phase, peer_pid)`: an exchange fault
+    (`cluster.real.exchange_faults`); `take_fired()` says which fired since, and disarms one that did not."""
 
     _drop_next_round = False
+    _phase_next_round: tuple[str, int] | None = None
+    _fired: tuple[str, ...] = ()
 
     def drop_parts_once(self) -> None:
         self._outer_pipe.send(("_arm_fault", [], {}))  # runs in the averager's process, before the next round
@@ -165,6 +202,65 @@ class FaultHook:
     def _take_fault(self) -> bool:
         drop, self._drop_next_round = self._drop_next_round, False
         return drop
+
+    def fail_next_round(self, phase: str, peer_pid: int) -> None:
+        self._outer_pipe.send(("_arm_phase", [phase, peer_pid], {}))
+
+    async def _arm_phase(self, phase: str, peer_pid: int) -> None:
+        self._phase_next_round = (phase, peer_pid)
+
+    def _take_phase(self) -> tuple[str, int] | None:
+        armed, self._phase_next_round = self._phase_next_round, None
+        if armed is not None:
+            self._fired = (*self._fired, armed[0])
+        return armed
+
+    def take_fired(self) -> tuple[str, ...]:
+        """The exchange faults this averager played since the last call (phases, in order); one armed but not played
+        is dropped."""
+        future = MPFuture()
+        self._outer_pipe.send(("_take_fired", [], dict(future=future)))
+        return future.result()
+
+    async def _take_fired(self, future: MPFuture) -> None:
+        fired, self._fired, self._phase_next_round = self._fired, (), None
+        future.set_result(fired)
+
+
+class PhaseFaults(FaultHook):
+    """A swarm averager (hivemind's protocol) whose rounds go through `ExactAllReduceRunner`, with the faults of
+    `FaultHook`; `_round_done(runner)` sees each round that ended."""
+
+    _step_control = None  # the step under way, in the averager's process: what a cancelling peer ends
+
+    async def _step(self, *, step, future_for_init):
+        self._step_control = step
+        return await super()._step(step=step, future_for_init=future_for_init)
+
+    def _round_done(self, runner: ExactAllReduceRunner) -> None:
+        pass
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        # hivemind's method, with the runner that reports, drops parts and fails.
+        runner = _start_runner(self, tensors, group_info, group_id, False, kwargs)
+        if runner.fault_phase == "before":
+            die(runner.peer_pid)
+        if runner.fault_phase == "cancel":
+            # hivemind's CANCEL: the senders get CANCELLED for this peer's part; it sends nothing and its step ends
+            # in an error (set here, so that hivemind does not retry it), leaving its own tensors as they were.
+            runner.finalize(cancel=True)
+            if self._step_control is not None and not self._step_control.done():
+                self._step_control.set_exception(AllreduceException("the peer cancelled its part of the round"))
+            raise AllreduceException("cancelled by an exchange fault")
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+        self._round_done(runner)
 
 
 class ExactAverager(FaultHook, DecentralizedAverager):
@@ -190,10 +286,10 @@ class ExactAverager(FaultHook, DecentralizedAverager):
         self._last_report = runner.report()
 
 
-class SwarmGradientAverager(SecretSchema, FaultHook, GradientAverager):
+class SwarmGradientAverager(SecretSchema, PhaseFaults, GradientAverager):
     """hivemind.Optimizer's gradient averager, on hivemind's own protocol (outside peers join a swarm), keeping for
-    each round the fraction of the vector received and the peers missing (`take_reports`), and the test fault; its
-    schema hash is bound to the run secret (`run_secret=`, `SecretSchema`)."""
+    each round the fraction of the vector received and the peers missing (`take_reports`), with the faults of
+    `PhaseFaults`; its schema hash is bound to the run secret (`run_secret=`, `SecretSchema`)."""
 
     _reports: list[tuple[float, tuple[str, ...]]] = []
 
@@ -207,17 +303,7 @@ class SwarmGradientAverager(SecretSchema, FaultHook, GradientAverager):
         reports, self._reports = self._reports, []
         future.set_result(reports)
 
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        # hivemind's method, with the runner that reports (and can drop parts).
-        runner = _start_runner(self, tensors, group_info, group_id, False, kwargs)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
-        else:
-            async for _ in runner:
-                raise ValueError("aux peers should not receive averaged tensors")
+    def _round_done(self, runner: ExactAllReduceRunner) -> None:
         fraction, missing = runner.report()
         self._reports = [*self._reports, (fraction, tuple(sorted(p.to_base58() for p in missing)))]
 
@@ -227,6 +313,7 @@ def _start_runner(averager, tensors, group_info, group_id, averages_on_wire: boo
     runner = ExactAllReduceRunner(p2p=averager._p2p, servicer_type=type(averager), prefix=averager.prefix,
                                   tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids,
                                   averages_on_wire=averages_on_wire, drop_after_first_part=averager._take_fault(),
+                                  fault=averager._take_phase() if isinstance(averager, PhaseFaults) else None,
                                   **kwargs)
     assert group_id in averager._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
     averager._running_groups[group_id].set_result(runner)

@@ -28,6 +28,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from cluster.real.exchange_faults import ArmedRound, PeerFaults, arm_rounds, cancelled_rounds
 from cluster.real.peer import RealPeer
 from cluster.real.swarm_setup import SwarmSetup
 from trainer.compression import hivemind_compression
@@ -56,6 +57,10 @@ class EpochRecord:
     # went missing. hivemind steps on a partial round; the state average repairs it.
     received_fraction: float | None = None
     missing_peers: tuple[str, ...] = ()
+    # Faults this peer played (`cluster.real.exchange_faults`): seconds it slept as a straggler (in `compute_s`),
+    # and the rounds it cancelled its part of.
+    straggled_s: float = 0.0
+    cancelled_rounds: tuple[int, ...] = ()
 
 
 class _ClippedAdamW(torch.optim.AdamW):
@@ -92,7 +97,11 @@ class SwarmPeer(RealPeer):
     `holds_state=False`: a peer that does not start with the swarm (one the real mode restarts after a failure):
     the lone-restart guard (`cluster.real.swarm_state`) keeps it from serving or using its own weights until it has
     loaded the swarm's state. `incarnation` > 0 gives it fresh random weights of its own, as a restarted process
-    that initialises its model again would have (the swarm's peers start from one initialisation)."""
+    that initialises its model again would have (the swarm's peers start from one initialisation).
+
+    `set_faults` gives the peer the exchange faults and straggling it plays itself (`cluster.real.exchange_faults`):
+    it arms a round's fault on its averager at the epoch's first microbatch, and sleeps after each microbatch of a
+    straggling interval."""
 
     RETRY_LOAD_S = 1.0  # between two attempts of a peer without the state to find a donor
 
@@ -114,6 +123,7 @@ class SwarmPeer(RealPeer):
         self._thread: threading.Thread | None = None
         self._records: list[EpochRecord] = []
         self._error: BaseException | None = None
+        self.faults = PeerFaults()  # this peer's exchange faults and stragglers (`set_faults`)
 
     def start_optimizer(self, setup: SwarmSetup, request_timeout_s: float, bandwidth_mbps: float | None) -> int:
         import psutil
@@ -243,9 +253,10 @@ class SwarmPeer(RealPeer):
             self._paused_at = time.perf_counter()
             return records
         losses: list[float] = []
-        compute_s = optimizer_s = 0.0
+        compute_s = optimizer_s = straggled_s = 0.0
         samples = 0
         faults_armed: set[int] = set()
+        rounds_armed: list[ArmedRound] = []  # this epoch's exchange faults, armed on their averagers
         while not self._stop_now.is_set() and time.monotonic() < deadline:
             if self._stop_after is not None and opt.local_epoch > self._stop_after:
                 break
@@ -253,13 +264,19 @@ class SwarmPeer(RealPeer):
                 break
             if not keep_going():
                 break
-            t0 = time.perf_counter()
+            t0, started_s = time.perf_counter(), self.clock_s()
             x, y = sampler.next_batch()
             model.train()
             _, loss = model(x, y)
             loss.backward()
             t1 = time.perf_counter()
+            slowdown_s = self.faults.slowdown_s(started_s, t1 - t0)
+            if slowdown_s > 0:  # a straggler: this microbatch takes 1 / speed times as long
+                self._stop_now.wait(slowdown_s)
+                t1, slept_from = time.perf_counter(), t1
+                straggled_s += t1 - slept_from  # so compute_s - straggled_s - optimizer_s is the forward/backward
             epoch, loads = opt.local_epoch, self._loads
+            rounds_armed += arm_rounds(opt, self.faults, epoch, rounds_armed)
             if epoch in self.options.drop_parts_at and epoch not in faults_armed and self.spec.worker == 0:
                 opt.grad_averager.drop_parts_once()  # the next gradient round, this epoch's, is a partial average
                 faults_armed.add(epoch)
@@ -280,6 +297,8 @@ class SwarmPeer(RealPeer):
                 continue
             compute_s += t1 - t0
             reports = opt.grad_averager.take_reports() if opt.grad_averager is not None else []
+            cancelled = cancelled_rounds(opt, rounds_armed)
+            rounds_armed = []
             record = EpochRecord(
                 worker=self.spec.worker, epoch=epoch, samples=samples,
                 loss=float(np.mean(losses)) if losses else None, compute_s=compute_s, optimizer_s=optimizer_s,
@@ -287,16 +306,21 @@ class SwarmPeer(RealPeer):
                 time_s=self.clock_s(), swarm_peers=swarm_peers, loaded_state=loaded,
                 received_fraction=min((f for f, _ in reports), default=None),
                 missing_peers=tuple(sorted({p for _, missing in reports for p in missing})),
+                straggled_s=straggled_s, cancelled_rounds=cancelled,
             )
             records.append(record)
             with self._records_lock:
                 self._new_records.append(record)
             if on_epoch is not None:
                 on_epoch(record)
-            losses, compute_s, optimizer_s, samples = [], 0.0, 0.0, 0
+            losses, compute_s, optimizer_s, straggled_s, samples = [], 0.0, 0.0, 0.0, 0
             self._open_compute_s = 0.0
         self._paused_at = time.perf_counter()
         return records
+
+    def set_faults(self, faults: PeerFaults) -> None:
+        """The exchange faults and straggling this peer plays (`cluster.real.exchange_faults`)."""
+        self.faults = faults
 
     def _await_state(self, deadline: float, keep_going: Callable[[], bool] = lambda: True) -> bool:
         """The lone-restart guard: load the swarm's state from a peer that holds it, retrying until one answers (for

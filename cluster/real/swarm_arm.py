@@ -7,7 +7,8 @@ the swarm at the end of the epoch under way once the token budget is spent, and 
 (see results/README.md). With a fault trace it kills and restarts peers as `cluster.real.swarm_churn` says; a restart
 runs on a thread of its own while the driver goes on polling, and the peer is live (polled, stopped, killed) only
 once it is up; a peer restarted with fresh weights is neither snapshotted nor evaluated until it has loaded the
-state, and an arm whose every peer holding the state has failed ends there.
+state, and an arm whose every peer holding the state has failed ends there. A peer that dies in an exchange fault
+(`cluster.real.exchange_faults`) is found dead at the driver's next call and buried at its next poll.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.real.accounting import RoundBytes, attribute, counters_delta
+from cluster.real.exchange_faults import DEAD, WatchedPeers, check_swarm_exchange, peer_faults
 from cluster.real.options import RealOptions
 from cluster.real.swarm import EpochRecord
 from cluster.real.swarm_setup import SwarmSetup
@@ -71,6 +73,13 @@ class SwarmArm:
         self.stopping = False  # the arm has told its peers to stop (or lost the state)
         self.restarting: dict = {}  # worker -> the future of its restart under way (`SwarmChurn.restart`)
         self.late: set[int] = set()  # restarted peers that came up after the arm decided to stop
+        self.last_seen: dict[int, dict] = {}  # each live peer's last progress: what a peer found dead had done
+        self.peer_faults = []
+        if churn is not None:
+            check_swarm_exchange(churn.trace.faults, setup.delay_state_averaging)
+            self.peer_faults = peer_faults(churn.trace.faults, n, setup)
+            churn.arm(self.peer_faults)
+            self.peers = WatchedPeers(peers, churn.may_die)
 
     def run(self) -> None:
         plan, n = self.plan, self.plan.n_workers
@@ -85,6 +94,8 @@ class SwarmArm:
         self.counters = dict(enumerate(self.peers.call("relay_counters")))
         self.started = time.monotonic()
         self.peers.call("start_clock")
+        if any(self.peer_faults):
+            self.peers.call("set_faults", [(f,) for f in self.peer_faults])
         self.peers.call("start_training", [(self.options.swarm_timeout_s,)] * n)
         try:
             bytes_by_epoch = self._train(evals)
@@ -97,6 +108,7 @@ class SwarmArm:
             if self.churn is not None:
                 self.churn.close()  # no actor is started after this: the teardown would leave it behind
         self.peers.call("finish_training", workers=self.live)  # re-raises what ended a peer's training
+        self._bury()
         last = max((r.epoch for rs in self.records.values() for r in rs), default=0)
         bytes_by_epoch[last] = _add_bytes(bytes_by_epoch.get(last), self._bytes_since())
         self.emit_epochs(self.records, bytes_by_epoch)
@@ -137,10 +149,12 @@ class SwarmArm:
                 bytes_by_epoch[min(epochs) - 1] = self._bytes_since()
                 closed = min(epochs)
             if not self.stopping and next_eval <= tokens < budget:
-                epoch, time_s, params = self.peers.call("snapshot", workers=[holding[0]])[0]
-                evals.append((epoch, tokens, time_s, params))
-                while next_eval <= tokens:
-                    next_eval += eval_tokens
+                snapshot = self.peers.call("snapshot", workers=[holding[0]])[0]
+                if snapshot is not DEAD:  # else at the next poll, from a peer still there
+                    epoch, time_s, params = snapshot
+                    evals.append((epoch, tokens, time_s, params))
+                    while next_eval <= tokens:
+                        next_eval += eval_tokens
             if not self.stopping and (tokens >= budget or self.should_stop()):
                 # Every peer finishes the epoch the leaders are in and closes it together: they end on one model.
                 self.peers.call("stop_after", [(max(epochs),)] * len(self.live), workers=self.live)
@@ -154,6 +168,7 @@ class SwarmArm:
         for w in self.churn.leaving(self.live, now_s, tokens):  # a worker still restarting is not live: it waits
             self.banked[w] += progress[w]["samples"]
             self.churn.kill(w, now_s, epoch, progress[w]["open_compute_s"])
+            self.last_seen.pop(w, None)
             self.live.remove(w)
             self.counters.pop(w)
         for w in self.churn.returning(now_s, tokens):
@@ -176,21 +191,40 @@ class SwarmArm:
 
     def _poll(self) -> dict[int, dict]:
         """Every live peer's progress; the epochs they closed and the state loads since the last poll are kept."""
-        progress = dict(zip(self.live, self.peers.call("progress", workers=self.live)))
+        answers = self.peers.call("progress", workers=self.live)
+        progress = {w: p for w, p in zip(self.live, answers) if p is not DEAD}
+        self.last_seen.update(progress)
         for w, p in progress.items():
             self.records[w] += p["records"]
+            for r in p["records"]:
+                for round_ in r.cancelled_rounds:
+                    self.churn.cancelled(w, round_, r.epoch, r.time_s)
             if p["loaded"] is not None and self.churn is not None:
                 load = p["loaded"]["load"]
                 donor = self.worker_of.get(load.donor, -1)
                 self.churn.joined(w, p["loaded"], donor)
                 served = self.peers.call("served_digests", workers=[donor])[0] if donor in self.live else []
+                served = [] if served is DEAD else served
                 self.state_loads.append(StateLoadCheck(w, donor, load.epoch, load.digest, tuple(served)))
-        return progress
+        self._bury()
+        return {w: p for w, p in progress.items() if w in self.live}
+
+    def _bury(self) -> None:
+        """The peers found dead since (each died in an exchange fault): out of `live`, their samples banked."""
+        if self.churn is None:
+            return
+        now_s = time.monotonic() - self.started
+        for w in self.peers.take_dead():
+            seen = self.last_seen.pop(w, {"samples": 0, "open_compute_s": 0.0})
+            self.banked[w] += seen["samples"]
+            self.churn.died(w, now_s, seen["open_compute_s"])
+            self.live.remove(w)
+            self.counters.pop(w, None)
 
     def _bytes_since(self) -> RoundBytes:
         """Bytes the live peers' relays forwarded since the last reading, credited to their workers. A failed peer's
         relay died with it: what it forwarded since the last reading is not counted."""
-        after = dict(zip(self.live, self.peers.call("relay_counters", workers=self.live)))
+        after = {w: c for w, c in zip(self.live, self.peers.call("relay_counters", workers=self.live)) if c is not DEAD}
         deltas = [counters_delta(self.counters.get(w, {}), after[w]) if w in after else {}
                   for w in range(self.plan.n_workers)]
         self.counters = after
@@ -198,7 +232,7 @@ class SwarmArm:
 
     def _restart(self, worker: int, now_s: float, epoch: int) -> None:
         """Start bringing the worker back; it joins `live` once its peer is up (`_take_restarts`)."""
-        initial_peers = [m for d in self.peers.call("describe", workers=self.live) for m in d["maddrs"]]
+        initial_peers = [m for d in self.peers.call("describe", workers=self.live) if d is not DEAD for m in d["maddrs"]]
         self.restarting[worker] = self.churn.restart(worker, now_s, epoch, initial_peers,
                                                      lambda: time.monotonic() - self.started)
 
@@ -294,6 +328,7 @@ class SwarmArm:
                 self.emit(StepRecord(
                     arm=plan.name, worker=r.worker, step=epoch, tokens=samples * seq, loss=r.loss, time_s=r.time_s,
                     compute_s=r.compute_s, optimizer_s=r.optimizer_s, samples=r.samples, late_samples=0, staleness=0,
+                    straggled_s=r.straggled_s or None,
                 ))
 
 

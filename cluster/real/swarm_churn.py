@@ -24,6 +24,13 @@
   teardown; a peer that comes up after the arm decided to stop is stopped at once and ends with the others (it
   closes no epoch, and is left out of the final evaluation).
 
+Exchange faults and stragglers (`cluster.real.exchange_faults`) are played by the peers themselves: the driver hands
+each its own (`arm`, and again to a restarted peer once it is up). A peer that fails in a round dies there, inside
+its averager; the driver finds its actor dead at a call (`may_die`: only a worker with a killing fault not yet played
+may die, any other death fails the arm) and buries it (`died`): a `leave` with cause "exchange", the `phase` and the
+swarm's `round`, the round's epoch as `step`, and a return `down` seconds after it noticed (none without `down`),
+played like the trace's returns. A peer that cancels stays: a `cancel` record with the round, when its epoch closed.
+
 Records, as the simulator's (`cluster.churn`): FaultRecord `leave` (the epoch in progress as `step`, the cause, when
 the trace brings it back, `lost_s`: its compute in the epoch under way, thrown away), `return` (the new actor starts),
 `join` (the state applied: its donor's worker as `sources`, `state_bytes` as received, `wait_s` from the return
@@ -39,6 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from cluster.driver import ArmPlan
 from cluster.faults import FaultsConfig, FaultTrace, Outage
+from cluster.real.exchange_faults import KILLING, ArmedRound, PeerFaults
 from cluster.records import FaultRecord
 
 
@@ -63,6 +71,32 @@ class SwarmChurn:
         # One thread per worker at most: a worker has at most one start under way.
         self._starts = ThreadPoolExecutor(max_workers=n, thread_name_prefix="farflung-restart")
         self._closed = False
+        self.faults_of: list[PeerFaults] = [PeerFaults()] * n
+        self._deaths: list[list[ArmedRound]] = [[] for _ in range(n)]  # each worker's killing faults not yet played
+
+    def arm(self, faults_of: list[PeerFaults]) -> None:
+        """The exchange faults and stragglers each worker plays (`cluster.real.exchange_faults.peer_faults`)."""
+        self.faults_of = list(faults_of)
+        self._deaths = [sorted((r for r in f.rounds if r.phase in KILLING), key=lambda r: r.round) for f in faults_of]
+
+    def may_die(self, worker: int) -> bool:
+        """Whether the worker's peer may be found dead: a killing exchange fault of it is still to be played."""
+        return bool(self._deaths[worker])
+
+    def died(self, worker: int, now_s: float, lost_s: float) -> ArmedRound:
+        """The worker's peer was found dead: it played its next killing fault. Ray lets go of its actor, and the
+        `leave` record says where it failed and when it comes back."""
+        fault = self._deaths[worker].pop(0)
+        back = None if fault.down_s is None else now_s + fault.down_s
+        self.outage[worker] = Outage(worker, now_s, back, by_step=False, cause="exchange")
+        self.peers.kill(worker, "crash")  # the actor is gone already: this only makes sure Ray has let go of it
+        self.emit(FaultRecord(arm=self.plan.name, worker=worker, event="leave", time_s=now_s, step=fault.epoch,
+                              cause="exchange", phase=fault.phase, round=fault.round, back_s=back, lost_s=lost_s))
+        return fault
+
+    def cancelled(self, worker: int, round_: int, epoch: int, time_s: float) -> None:
+        self.emit(FaultRecord(arm=self.plan.name, worker=worker, event="cancel", time_s=time_s, step=epoch,
+                              round=round_))
 
     def _reached(self, at: float, by_step: bool, now_s: float, tokens: int) -> bool:
         return tokens >= at * self.plan.tokens_per_step if by_step else now_s >= at
@@ -99,7 +133,13 @@ class SwarmChurn:
         self.incarnation[worker] += 1
         self.returned_s[worker] = now_s
         self.emit(FaultRecord(arm=self.plan.name, worker=worker, event="return", time_s=now_s, step=epoch))
-        return self._starts.submit(self.restart_peer, worker, self.incarnation[worker], initial_peers, arm_clock)
+        return self._starts.submit(self._start, worker, self.incarnation[worker], initial_peers, arm_clock)
+
+    def _start(self, worker: int, incarnation: int, initial_peers: list[str], arm_clock) -> dict:
+        described = self.restart_peer(worker, incarnation, initial_peers, arm_clock)
+        if self.faults_of[worker]:  # before its first round: it loads the state first
+            self.peers.call("set_faults", [(self.faults_of[worker],)], workers=[worker])
+        return described
 
     def close(self) -> None:
         """Wait for the starts under way to end (each is bounded by its own calls' timeouts); start no more."""

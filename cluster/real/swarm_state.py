@@ -31,6 +31,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
+from cluster.real.averager import PhaseFaults
 from cluster.real.secret import SecretSchema
 
 
@@ -64,9 +65,9 @@ class _Downloads(DecentralizedAverager):
         return self._downloaded
 
 
-class SwarmStateAverager(SecretSchema, TrainingStateAverager, _Downloads):
-    """hivemind.Optimizer's state averager that names itself as a donor, says whether a download was applied, and
-    binds its schema hash to the run secret (`run_secret=`)."""
+class SwarmStateAverager(SecretSchema, PhaseFaults, TrainingStateAverager, _Downloads):
+    """hivemind.Optimizer's state averager that names itself as a donor, says whether a download was applied, binds
+    its schema hash to the run secret (`run_secret=`) and plays exchange faults in its rounds (`PhaseFaults`)."""
 
     _applied = False
     SERVED_KEPT = 8

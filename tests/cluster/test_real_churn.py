@@ -1,7 +1,7 @@
 """Faults on real peers: the simulator's fault trace kills and restarts real swarm peers, and the lone-restart guard.
 
-The first tests start nothing: the trace the real mode plays is the simulator's draw, and the experiment file takes
-failures and returns only on real arms. Then hivemind in this process: a peer restarted alone never serves or trains its
+The first tests start nothing: the trace the real mode plays is the simulator's draw, and the experiment file refuses
+what real swarm peers do not play. Then hivemind in this process: a peer restarted alone never serves or trains its
 fresh weights and loads the state of the peer that comes back; a swarm arm's averagers refuse a peer without the run
 secret (each 16-22 s on a 2-core machine under a load average of 13-20). Last, 3 real peers on Ray over loopback, one
 SIGKILLed mid-run and restarted (115-140 s under that load, most of it starting Ray, the actors and the new actor).
@@ -106,7 +106,7 @@ def test_the_experiment_file_takes_failures_and_returns_on_real_swarm_arms():  #
     events = {"events": [{"worker": 3, "leave_s": 5, "return_s": 9}]}
     assert spec("collaborative", events).arms[0].faults.events[0].back == 9.0
     assert spec("local-updates", {"mtbf": "1min", "mttr": "10s"}).arms[0].faults.mtbf_s == 60.0
-    with pytest.raises(ConfigError, match=r"^faults\.partition: real peers play failures and returns only"):
+    with pytest.raises(ConfigError, match=r"^faults\.partition: real peers do not play partitions"):
         spec("collaborative", {**events, "partition": [{"groups": [[0, 1]], "from_s": 1, "to_s": 2}]})
     with pytest.raises(ConfigError, match=r"^faults\.sender_timeout: real peers time out as hivemind"):
         spec("collaborative", {**events, "sender_timeout": 5})

@@ -263,7 +263,7 @@ def test_the_experiment_file_takes_failures_and_returns_on_real_lockstep_arms():
         spec("ddp", events, allreduce="gloo", codec="none")
     assert str(error.value) == ("faults: a gloo all-reduce has a fixed process group, so real peers cannot leave it; "
                                 "set allreduce = 'hivemind' for this arm, or give it mode = 'sim'")
-    with pytest.raises(ConfigError, match=r"^faults\.exchange: real peers play failures and returns only"):
+    with pytest.raises(ConfigError, match=r"^faults\.exchange: real diloco peers play failures and returns only"):
         spec("diloco", {**events, "exchange": [{"worker": 1, "round": 2, "phase": "sending"}]})
     with pytest.raises(ConfigError) as error:
         spec("ddp", {**events, "sender_timeout": 5})
