@@ -211,7 +211,8 @@ def test_a_peer_dead_without_a_fault_to_explain_it_fails_the_arm():
 @pytest.mark.hivemind
 def test_a_peer_killed_while_sending_leaves_the_survivors_to_finish_and_agree(fresh_ray):
     """4 collaborative peers; worker 3 dies while sending in round 4 (the gradient round of epoch 2), worker 1
-    computes at half speed throughout. The 3 survivors finish 3 more epochs without it and end on one model."""
+    computes at half speed over the arm's first 10 s. The 3 survivors finish 3 more epochs without it and end on
+    one model."""
     from proctools import tagged_processes, wait_until_gone
     from realtools import unshaped_arm
 
@@ -224,7 +225,7 @@ def test_a_peer_killed_while_sending_leaves_the_survivors_to_finish_and_agree(fr
                                settings=CollaborativeSettings(target_batch_size=16),
                                swarm=SwarmTiming(matchmaking_time=1.0, averaging_timeout=10.0, target_group_size=n))
     faults = parse_faults("faults", {"exchange": [{"worker": gone, "round": 4, "phase": "sending"}],
-                                     "stragglers": [{"worker": slow, "from_s": 0, "to_s": 10_000, "speed": 0.5}]}, n)
+                                     "stragglers": [{"worker": slow, "from_s": 0, "to_s": 10, "speed": 0.5}]}, n)
     records: list = []
     epoch, left_at = [0], [None]
 
@@ -268,20 +269,22 @@ def test_a_peer_killed_while_sending_leaves_the_survivors_to_finish_and_agree(fr
     assert len(after) >= 2 and all(gone not in c.participants and gone in c.absent for c in after), shown
     assert all(c.participants == survivors for c in after[:-1]), shown
     # The survivors finish on one model: hivemind adds the state round's delta to each peer's own parameters, so
-    # they differ by float32 rounding only (measured: see the report's figures).
+    # they differ by float32 rounding only (measured: at most 4.7e-10 in 4 runs). The straggler straggles only in
+    # the run's first seconds: one still an epoch behind when the others close the last epoch finds no group for
+    # its last rounds and steps alone (hivemind.Optimizer loads the state only when two epochs behind), which left
+    # it 2.5e-3 away in 1 run of 5 when it straggled throughout; back at full speed, it is in the others' epoch
+    # again at its next round (the progress tracker's global epoch).
     assert len(result.final_params) == len(survivors)
     spread = max(float(np.max(np.abs(p - result.final_params[0]))) for p in result.final_params)
     evals = [r for r in records if r.kind == "eval"]
     print(f"took {took_s:.0f} s; left at {leave.time_s:.1f} s; final spread {spread:.3g}, "
           f"param_spread {evals[-1].param_spread:.3g}; loss {evals[0].loss:.3f} -> {evals[-1].loss:.3f}")
     assert spread < 1e-5 and evals[-1].loss < evals[0].loss - 0.3
-    # The straggler slept at least once more its forward/backward, and is the only one that did.
+    # Only the straggler sleeps; an epoch it computed wholly inside its interval (the first, which begins at 0 s)
+    # slept at least once more its forward/backward; one that straddles the interval's end, less.
     steps = [r for r in records if r.kind == "step"]
-    for r in steps:
-        if r.worker != slow:
-            assert r.straggled_s is None, r
-            continue
-        forward_backward = r.compute_s - r.optimizer_s - r.straggled_s
-        assert forward_backward > 0 and r.straggled_s >= (1 / 0.5 - 1) * forward_backward * (1 - 1e-9), r
-    print("straggler: slept / forward-backward per epoch:",
-          [round(r.straggled_s / (r.compute_s - r.optimizer_s - r.straggled_s), 2) for r in steps if r.worker == slow])
+    assert all(r.straggled_s is None for r in steps if r.worker != slow), steps
+    ratios = [r.straggled_s / (r.compute_s - r.optimizer_s - r.straggled_s) for r in steps
+              if r.worker == slow and r.straggled_s]
+    print("straggler: slept / forward-backward per epoch:", [round(x, 2) for x in ratios])
+    assert ratios and max(ratios) >= (1 / 0.5 - 1) * (1 - 1e-9), ratios
