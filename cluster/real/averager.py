@@ -14,12 +14,15 @@ hivemind also finishes a round that did not receive every part without failing i
 (`TensorPartContainer.register_failed_reducer`) leaves its part of the vector at the peer's own values, and a sender
 that fails is left out of the reducer's average (`AllReduceRunner._ban_sender`); it only logs "Averaging: received
 X% results". `step` here returns a `RoundReport` that says so, and the peer treats such a round as failed
-(`cluster.real.peer.RealPeer.exchange`), so that the driver repeats it on every peer.
+(`cluster.real.peer.RealPeer.exchange`), so that the driver repeats it on every peer, unless a member failed in it
+on purpose (a fault trace's exchange fault): then the survivors step on it, as hivemind's do
+(`cluster.real.lockstep_churn`).
 
 A swarm's gradient averager (`SwarmGradientAverager`) keeps hivemind's protocol and its behaviour, and reports the same
 figures per round for the records. `FaultHook` injects such a round for tests (`RealOptions.drop_parts_at`), and
 the exchange faults of a fault trace (`fail_next_round`: the peer dies before, while sending or while reducing, or
-cancels), in a swarm's gradient and state averagers alike (`PhaseFaults`; where and how: `cluster.real.exchange_faults`).
+cancels), in a swarm's gradient and state averagers and a lockstep peer's alike (`PhaseFaults`; where and how:
+`cluster.real.exchange_faults`).
 """
 
 from __future__ import annotations
@@ -240,9 +243,8 @@ class PhaseFaults(FaultHook):
     def _round_done(self, runner: ExactAllReduceRunner) -> None:
         pass
 
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        # hivemind's method, with the runner that reports, drops parts and fails.
-        runner = _start_runner(self, tensors, group_info, group_id, False, kwargs)
+    def _play_start_fault(self, runner: ExactAllReduceRunner) -> None:
+        """The faults played once the group has formed and the parts are assigned: `before` and `cancel`."""
         if runner.fault_phase == "before":
             die(runner.peer_pid)
         if runner.fault_phase == "cancel":
@@ -252,6 +254,11 @@ class PhaseFaults(FaultHook):
             if self._step_control is not None and not self._step_control.done():
                 self._step_control.set_exception(AllreduceException("the peer cancelled its part of the round"))
             raise AllreduceException("cancelled by an exchange fault")
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        # hivemind's method, with the runner that reports, drops parts and fails.
+        runner = _start_runner(self, tensors, group_info, group_id, False, kwargs)
+        self._play_start_fault(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
                 tensor.add_(update, alpha=self._averaging_alpha)
@@ -263,9 +270,10 @@ class PhaseFaults(FaultHook):
         self._round_done(runner)
 
 
-class ExactAverager(FaultHook, DecentralizedAverager):
+class ExactAverager(PhaseFaults, DecentralizedAverager):
     """A `DecentralizedAverager` whose rounds end on identical bits everywhere and whose `step(gather=worker)` returns
-    a `RoundReport` (None if no group was found)."""
+    a `RoundReport` (None if no group was found), with the exchange faults of `PhaseFaults` (a lockstep peer's,
+    `cluster.real.lockstep_churn`)."""
 
     _last_report: tuple[float, set] | None = None  # set in the averager's process by the round it just ran
 
@@ -280,6 +288,7 @@ class ExactAverager(FaultHook, DecentralizedAverager):
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         # hivemind's method with the runner above, copying the averages in instead of adding deltas.
         runner = _start_runner(self, tensors, group_info, group_id, True, kwargs)
+        self._play_start_fault(runner)
         assert runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX, "lockstep peers all average"
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
             tensor.copy_(averaged)

@@ -10,12 +10,24 @@ next `advance`); what comes back is how long it took and, from the shaping relay
 With a fault trace (`cluster.real.lockstep_churn`) a round is among `members`, the live peers, in worker order; the
 records name them as `participants` and the others as `absent`, as the simulator's (`cluster.churn`). A peer alone
 keeps its own tensor (`LockstepPeer.exchange_alone`): a group of one moves nothing.
+
+A round with exchange faults (`exchange(..., faults={worker: phase})`, armed on those peers first): each member's
+call is made on its own (a peer that dies fails only its own call, `DEAD`), and the round is not repeated if what
+went wrong is what the faults did: the peers that died are those that were to, and every survivor averaged in the
+full group and misses only the failed members' parts. The survivors then step on what they received (the partial
+average, their own values in the lost parts) and the peer that cancelled on its own tensor (`LockstepPeer.keep_round`);
+`failed` names the members that failed, for the driver. The record names every member of the group as
+participants, with 0 as a failed member's fraction received and its time and bytes as its survivors saw them
+(it reports nothing itself). Anything else wrong in such a round is an error: it cannot be repeated without the dead.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from cluster.driver import ArmPlan
 from cluster.real.accounting import RoundBytes, attribute, counters_delta
+from cluster.real.exchange_faults import DEAD, KILLING, is_actor_death
 from cluster.real.options import AveragingTimeouts, RealOptions
 from cluster.real.peer import ExchangeOutcome, MeasuredStep, PendingExchange
 from cluster.records import CommRecord
@@ -34,6 +46,7 @@ class PeerExchanges:
         self.members: tuple[int, ...] = tuple(range(plan.n_workers))  # the peers of the next rounds
         self.round = 0
         self.now_s = 0.0  # the arm's clock: the latest any peer has reported
+        self.failed: dict[int, str] = {}  # the last round's members that failed in it: worker -> phase
 
     def step_done(self, worker: int, event: MeasuredStep) -> tuple[float, float]:
         self.now_s = max(self.now_s, event.time_s)
@@ -48,38 +61,62 @@ class PeerExchanges:
     def close(self) -> None:
         """Every real exchange is blocking: nothing can be in flight."""
 
-    def exchange(self, requests: list[PendingExchange], step: int) -> tuple[list, list[CommRecord]]:
+    def exchange(self, requests: list[PendingExchange], step: int,
+                 faults: dict[int, str] | None = None) -> tuple[list, list[CommRecord]]:
         first = requests[0]
         assert all((r.payload, r.numel) == (first.payload, first.numel) for r in requests), \
             f"workers asked for different exchanges: {requests}"
         members = self.members
         n = len(members)
         assert len(requests) == n, "one request per member"
+        self.failed = {}
         if n == 1 and n < self.plan.n_workers:
-            return self._alone(first, step)
+            return self._alone(first, step, faults or {})
+        faults = faults or {}
+        assert set(faults) <= set(members), "a fault on a peer outside the round"
         before = self.peers.call("relay_counters", workers=members)
         errors: list[str] = []
         # Over every attempt of the round: the least of the vector each peer received, and who went missing.
         received, missing = [1.0] * n, set()
+        for w, phase in faults.items():
+            self.peers.call("arm_exchange_fault", [(phase,)], workers=[w])
         for attempt in range(self.options.max_attempts):
-            outcomes: list[ExchangeOutcome] = self.peers.call(
-                "exchange", [(attempt,)] * n, workers=members, timeout_s=self.timeouts.call_timeout_s)
+            outcomes: list = self._call_exchange(attempt, faults)
             for i, o in enumerate(outcomes):
-                if o.received_fraction is not None:
+                if o is not DEAD and o.received_fraction is not None:
                     received[i] = min(received[i], o.received_fraction)
-                missing.update(o.missing_workers)
-            if all(o.ok for o in outcomes):
+                missing.update(() if o is DEAD else o.missing_workers)
+            if faults and self._as_faulted(outcomes, faults):
                 break
-            errors.append("; ".join(f"worker {w}: {o.error}" for w, o in zip(members, outcomes) if not o.ok))
+            if all(o is not DEAD and o.ok for o in outcomes):
+                break
+            errors.append("; ".join(f"worker {w}: {'died' if o is DEAD else o.error}"
+                                    for w, o in zip(members, outcomes) if o is DEAD or not o.ok))
+            if any(o is DEAD for o in outcomes):
+                raise RealExchangeError(
+                    f"arm {self.plan.name!r}: averaging {first.payload!r} at step {step} went wrong beyond its exchange "
+                    f"faults ({errors[-1]}), and a round cannot be repeated without its dead; on a loaded host raise "
+                    f"the timeouts derived from the network ({self.timeouts}), or use mode = 'sim'")
         else:
             raise RealExchangeError(
                 f"arm {self.plan.name!r}: averaging {first.payload!r} at step {step} failed "
                 f"{self.options.max_attempts} times (" + " | ".join(errors) + "). Check that every peer can reach the "
                 f"others' announced addresses; on slow links raise max_attempts, or the timeouts derived from the "
                 f"network ({self.timeouts})")
-        after = self.peers.call("relay_counters", workers=members)
-        moved = attribute([counters_delta(b, a) for b, a in zip(before, after)],
-                          [self.dial_addresses[w] for w in members])
+        alive = [i for i, o in enumerate(outcomes) if o is not DEAD]
+        after = self.peers.call("relay_counters", workers=[members[i] for i in alive])
+        # A dead peer's relay died with it: what it forwarded is counted only at the survivors' relays.
+        deltas = [{} for _ in members]
+        for i, a in zip(alive, after):
+            deltas[i] = counters_delta(before[i], a)
+        moved = attribute(deltas, [self.dial_addresses[w] for w in members])
+        if self.failed:
+            for i, w in enumerate(members):
+                if w in self.failed:
+                    received[i] = 0.0
+            missing.update(self.failed)
+            live_o = [outcomes[i] for i in alive]
+            outcomes = [o if o is not DEAD else max(live_o, key=lambda x: x.end_s) for o in outcomes]
         gloo = outcomes[0].bytes_sent is not None
         if gloo:  # gloo's sockets bypass the relays; the kernel counted them
             moved = RoundBytes(tuple(o.bytes_sent for o in outcomes), tuple(o.bytes_received for o in outcomes), 0)
@@ -104,11 +141,55 @@ class PeerExchanges:
         self.round += 1
         return [None] * n, [record]
 
+    def _call_exchange(self, attempt: int, faults: dict[int, str]) -> list:
+        """Every member's `exchange` at once: one call for all, or with killing faults one call each, so that a peer
+        that dies (`DEAD`) fails only its own."""
+        members, timeout_s = self.members, self.timeouts.call_timeout_s
+        if not any(phase in KILLING for phase in faults.values()):
+            return self.peers.call("exchange", [(attempt,)] * len(members), workers=members, timeout_s=timeout_s)
+
+        def one(w: int):
+            try:
+                return self.peers.call("exchange", [(attempt,)], workers=[w], timeout_s=timeout_s)[0]
+            except Exception as error:
+                if faults.get(w) in KILLING and is_actor_death(error):
+                    return DEAD
+                raise
+
+        with ThreadPoolExecutor(max_workers=len(members), thread_name_prefix="farflung-exchange") as pool:
+            return list(pool.map(one, members))
+
+    def _as_faulted(self, outcomes: list, faults: dict[int, str]) -> bool:
+        """Whether the round went as its faults say (module docstring); if so, the survivors step on it."""
+        members = self.members
+        failed = {w: p for w, p in faults.items()
+                  if (p in KILLING and outcomes[members.index(w)] is DEAD)
+                  or (p == "cancel" and not outcomes[members.index(w)].ok)}
+        for w, o in zip(members, outcomes):
+            if o is DEAD:
+                if w not in failed:
+                    return False
+                continue
+            if w in failed:  # the peer that cancelled
+                continue
+            if not o.ok and (o.received_fraction is None or o.group_size != len(members)
+                             or not set(o.missing_workers) <= set(failed)):
+                return False
+        if not failed:
+            return False
+        keep = [w for w, o in zip(members, outcomes) if o is not DEAD and (w in failed or not o.ok)]
+        if keep:
+            self.peers.call("keep_round", workers=keep)
+        self.failed = failed
+        return True
+
     def _absent(self) -> list[int] | None:
         return [w for w in range(self.plan.n_workers) if w not in self.members] or None
 
-    def _alone(self, request: PendingExchange, step: int) -> tuple[list, list[CommRecord]]:
+    def _alone(self, request: PendingExchange, step: int, faults: dict[int, str]) -> tuple[list, list[CommRecord]]:
+        """A lone peer's round: nothing runs, so its fault is the driver's to play (`self.failed`)."""
         (w,) = self.members
+        self.failed = dict(faults)
         o = self.peers.call("exchange_alone", workers=[w], timeout_s=self.timeouts.call_timeout_s)[0]
         self.now_s = max(self.now_s, o.end_s)
         record = CommRecord(

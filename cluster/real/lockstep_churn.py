@@ -24,6 +24,29 @@ The driver moves the live peers one step at a time, so that between two steps ev
   returning peer starts alone and waits without state for the rest of the run (the lone-restart guard: it serves no
   state and never trains its fresh weights). The evaluation then repeats the last consensus's loss, as the
   simulator evaluates the last consensus again.
+- Exchange faults (`faults.exchange`): round r is the arm's r-th exchange, as the simulator's `ChurnExchanges.round`
+  counts (every round, a lone peer's included; a stretch with no peer live runs no exchange here, so a trace whose
+  rounds come after one is numbered differently from the simulator's). Before round r the driver arms each live
+  member's fault of r on its averager (`LockstepPeer.arm_exchange_fault`), which plays it in hivemind's all-reduce
+  (`cluster.real.averager`, where: `cluster.real.exchange_faults`): `before`, `sending`, `reducing` SIGKILL the
+  peer's whole tree from its averager; `cancel` answers CANCELLED and keeps the peer. A lone live peer runs no
+  all-reduce: the driver kills it (`RealPeer.crash`) once its round is over, as the simulator takes it down there.
+- How the round ends for the survivors: as hivemind ends it, and as the simulator models it (`cluster.churn`): no
+  retry. Each survivor steps on the partial average it received, holding its own values in the failed member's part
+  (its reducer is gone); a member that died before or while sending is left out of the parts whose reducers had
+  not got its contribution (hivemind bans it; the simulator takes it as having delivered nothing), one that died
+  reducing is in the others' parts. So DDP survivors no longer hold the same bits after such a round, by the part's
+  width: that is what real peers do, and what `farflung fidelity` compares with the simulator. (Repeating the round
+  among the survivors, as a partial round without a fault is, would hide the fault's cost and disagree with the
+  simulator's model.) The peer that cancelled steps on its own tensor. `cluster.real.lockstep.PeerExchanges` checks
+  that the round failed as its faults say and raises otherwise.
+- After the round, a peer that died is buried: Ray lets go of its actor, its `leave` record (cause "exchange", the
+  phase and round, `back_s` = the round's end + `down`, `lost_s` 0: it had just synchronised) follows the round's
+  record, and it is absent from the next rounds; it returns once the clock reaches `back_s`, through the same
+  restart and state download as a trace's failure. A `cancel` record for a peer that cancelled.
+- Stragglers (`faults.stragglers`): each peer sleeps `PeerFaults.slowdown_s` after each step's compute over
+  `[from_s, to_s)` of the arm's clock (`cluster.real.lockstep_peer`); the sleep is in the step's `compute_s`, and
+  `straggled_s` shows it apart.
 Restarting and loading block the driver: the live peers wait at the boundary meanwhile, and the arm's clock does not
 run, so those seconds are in the join record rather than in the steps'.
 """
@@ -35,7 +58,8 @@ from collections.abc import Callable
 
 from cluster.driver import ArmPlan, LockstepDriver, consensus
 from cluster.faults import FaultsConfig, FaultTrace, Outage
-from cluster.records import EvalRecord, FaultRecord
+from cluster.real.exchange_faults import KILLING, PeerFaults
+from cluster.records import EvalRecord, FaultRecord, StepRecord
 from trainer.replica import StepDone
 
 LIVE, DOWN, RETURNED = "live", "down", "returned"
@@ -46,7 +70,7 @@ class LockstepMembers:
 
     def __init__(self, faults: FaultsConfig, plan: ArmPlan):
         n = plan.n_workers
-        self.plan = plan
+        self.plan, self.faults = plan, faults
         self.trace = FaultTrace(faults, n, plan.seed)
         self.status = [LIVE] * n
         self.index = [0] * n  # each worker's next outage in the trace
@@ -83,6 +107,27 @@ class LockstepMembers:
                            back_s=None if o.by_step else o.back,
                            back_step=int(o.back) if o.by_step and o.back is not None else None, lost_s=lost_s)
 
+    def exchange_faults(self, round_: int, members: tuple[int, ...]) -> dict[int, str]:
+        """The members' exchange faults of the arm's round `round_`: worker -> phase."""
+        return {w: f.phase for w in members if (f := self.faults.exchange_fault(w, round_)) is not None}
+
+    def failed(self, w: int, step: int, now_s: float, round_: int) -> FaultRecord:
+        """The worker's exchange fault of `round_` was played at `now_s`: gone until `down` later (a leave), or it
+        cancelled and stays."""
+        fault = self.faults.exchange_fault(w, round_)
+        if fault.phase not in KILLING:
+            return FaultRecord(arm=self.plan.name, worker=w, event="cancel", time_s=now_s, step=step, round=round_)
+        back = None if fault.down_s is None else now_s + fault.down_s
+        self.outage[w] = Outage(w, now_s, back, by_step=False, cause="exchange")
+        self.status[w] = DOWN
+        self.number += 1
+        return FaultRecord(arm=self.plan.name, worker=w, event="leave", time_s=now_s, step=step, cause="exchange",
+                           phase=fault.phase, round=round_, back_s=back, lost_s=0.0)
+
+    def peer_faults(self, w: int) -> PeerFaults:
+        """What worker `w`'s peer plays itself: its straggling (its exchange faults are armed round by round)."""
+        return PeerFaults(stragglers=tuple(s for s in self.faults.stragglers if s.worker == w))
+
     def returned(self, w: int, step: int, now_s: float) -> FaultRecord:
         self.status[w], self.outage[w] = RETURNED, None
         return FaultRecord(arm=self.plan.name, worker=w, event="return", time_s=now_s, step=step)
@@ -110,9 +155,19 @@ class LockstepChurnDriver(LockstepDriver):
         self.round_step = [-1] * n  # the step of the worker's last round
         self.returned_at: dict[int, float] = {}  # worker -> wall time of its return
         self.last_loss: float | None = None
+        self._faults_set = False
+
+    def _set_faults(self, workers: list[int]) -> None:
+        """Hand the workers' peers their straggling, if any."""
+        slow = [w for w in workers if self.members.peer_faults(w)]
+        if slow:
+            self.workers.call("set_faults", [(self.members.peer_faults(w),) for w in slow], workers=slow)
 
     def advance(self, until_step: int, finish: bool) -> None:
         members, exchanges = self.members, self.exchanges
+        if not self._faults_set:
+            self._set_faults(members.live())
+            self._faults_set = True
         for step in range(self.steps_completed, until_step):
             now_s = exchanges.now_s
             for w in members.leaving(step, now_s):
@@ -135,8 +190,8 @@ class LockstepChurnDriver(LockstepDriver):
                 self._joins(step)
 
     def _advance_live(self, until_step: int, finish: bool) -> None:
-        live = self.exchanges.members
-        while True:
+        live = list(self.exchanges.members)
+        while live:
             events = self.workers.call("advance", [(until_step, None, finish)] * len(live), workers=live)
             steps = [[e for e in evs if isinstance(e, StepDone)] for evs in events]
             assert len({len(s) for s in steps}) == 1, "workers left lockstep"
@@ -149,14 +204,27 @@ class LockstepChurnDriver(LockstepDriver):
             if all(t is None for t in tails):
                 return
             assert all(t is not None for t in tails), "only some workers made a request"
-            _, records = self.exchanges.exchange(tails, self.steps_completed)
+            round_, step = self.exchanges.round, self.steps_completed
+            faults = self.members.exchange_faults(round_, tuple(live))
+            _, records = self.exchanges.exchange(tails, step, faults=faults)
             for w in live:
-                self.round_step[w] = self.steps_completed
+                self.round_step[w] = step
             for record in records:
+                self.emit(record)
+            end_s = self.exchanges.now_s
+            for w in sorted(self.exchanges.failed):
+                record = self.members.failed(w, step, end_s, round_)
+                if record.event == "leave":
+                    self.workers.kill(w, "crash")  # dead already, but for a lone peer: Ray lets go of it
+                    live.remove(w)
                 self.emit(record)
 
     def book_step(self, w: int, d: StepDone) -> None:
-        super().book_step(w, d)
+        plan = self.plan
+        time_s, compute_s = self.exchanges.step_done(w, d)
+        self.emit(StepRecord(arm=plan.name, worker=w, step=d.step, tokens=(d.step + 1) * plan.tokens_per_step,
+                             loss=d.loss, time_s=time_s, compute_s=compute_s,
+                             straggled_s=getattr(d, "straggled_s", 0.0) or None))
         self.unsynced_s[w] = 0.0 if self.round_step[w] == d.step else self.unsynced_s[w] + d.compute_s
 
     def _returns(self, due: list[int], step: int) -> None:
@@ -168,6 +236,7 @@ class LockstepChurnDriver(LockstepDriver):
             self.returned_at[w] = time.perf_counter()
             described = self.restart(w, initial, self.exchanges.now_s)
             self.exchanges.dial_addresses[w] = tuple(described["dial_address"])
+            self._set_faults([w])
 
     def _joins(self, step: int) -> None:
         """Every worker back without state loads it from a live peer (none live: it waits)."""

@@ -23,11 +23,17 @@ change of membership, so a killed peer's stale declaration comes last), and impo
 
 The lone-restart guard: a restarted peer (`holds_state=False`) starts its averager with sharing off, so it serves
 nothing until it has loaded the state; the driver takes it into rounds only once it has.
+
+Faults the peer plays itself (`cluster.real.exchange_faults.PeerFaults`, `set_faults`): an exchange fault armed by
+the driver for the next round (`arm_exchange_fault`: the averager dies, with the whole peer, at the phase, or
+cancels), after which a survivor keeps the partial average it received (`keep_round`); and straggling, a sleep of
+`PeerFaults.slowdown_s` after each step's compute, at the speed of the step's start on the arm's clock.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import time
 
 import numpy as np
@@ -35,7 +41,8 @@ import torch
 from hivemind.utils import MPFuture
 
 from cluster.real.averager import ExactAverager
-from cluster.real.peer import ExchangeOutcome, RealPeer
+from cluster.real.exchange_faults import PeerFaults
+from cluster.real.peer import ExchangeOutcome, MeasuredStep, RealPeer
 
 
 def membership_bits(number: int, live: list[int], n_workers: int) -> str:
@@ -78,6 +85,46 @@ class LockstepPeer(RealPeer):
     def __init__(self, *args, holds_state: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.holds_state = holds_state
+        self.faults = PeerFaults()
+        self._step_started_s = 0.0
+
+    def set_faults(self, faults: PeerFaults) -> None:
+        """The straggling this peer plays (its exchange faults are armed round by round by the driver)."""
+        self.faults = faults
+
+    def advance(self, until_step: int, reply: None = None, finish: bool = False) -> list:
+        """`RealPeer.advance`, one step at most (the churn driver's), and a straggler's sleep after the step's
+        compute, so that the step takes 1 / speed times as long (`cluster.real.exchange_faults`)."""
+        if self._pending is None:  # a step begins (else it goes on after its exchange)
+            self._step_started_s = self.clock_s()
+        events = super().advance(until_step, reply, finish)
+        for i, e in enumerate(events):
+            if not isinstance(e, MeasuredStep):
+                continue
+            slowdown_s = self.faults.slowdown_s(self._step_started_s, e.compute_s)
+            if slowdown_s > 0:
+                paused = self._paused_at is not None
+                self._resume_clock()  # the sleep is the step's compute, on the arm's clock
+                slept_from = time.perf_counter()
+                time.sleep(slowdown_s)
+                slept_s = time.perf_counter() - slept_from
+                if paused:
+                    self._paused_at = time.perf_counter()
+                events[i] = MeasuredStep(e.step, e.loss, e.flops, e.compute_s + slept_s, self.clock_s(),
+                                         straggled_s=slept_s)
+        return events
+
+    def arm_exchange_fault(self, phase: str) -> None:
+        """Fail this peer's next round at `phase` (a killing phase SIGKILLs this actor's process tree)."""
+        self.averager.fail_next_round(phase, os.getpid())
+
+    def keep_round(self) -> None:
+        """Step on what the last round left in the averager: the partial average of a round a member failed in
+        (hivemind's outcome: each lost part holds this peer's own values), or, for the peer that cancelled, its own
+        tensor. Disarms a fault that did not fire."""
+        self.averager.take_fired()
+        with self.averager.get_tensors() as tensors:
+            self._reply = tensors[0].numpy().copy()
 
     def _averager_class(self) -> type:
         return MembershipAverager

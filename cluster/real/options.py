@@ -122,10 +122,10 @@ def check_real_arm(algorithm: str, codec: str, network: Network, client_mode: Se
 def check_real_faults(algorithm: str, faults, path: str = "faults", allreduce: str = "hivemind",
                       settings=None) -> None:
     """Raise ValueError('path.key: what is wrong and the fix') for a fault trace (`cluster.faults.FaultsConfig`) that
-    real peers cannot play. Real peers play failures and returns (events, mtbf/mttr) on swarm arms
-    (`cluster.real.swarm_churn`) and on lockstep arms averaging with hivemind (`cluster.real.lockstep_churn`); swarm
-    arms also play exchange faults (except with `delay_state_averaging` in the arm's `settings`) and stragglers that
-    slow a peer down (`cluster.real.exchange_faults`). No arm plays partitions on real peers."""
+    real peers cannot play. Real peers play failures and returns (events, mtbf/mttr), exchange faults and stragglers
+    that slow a peer down (`cluster.real.exchange_faults`) on swarm arms (`cluster.real.swarm_churn`; no exchange
+    faults with `delay_state_averaging` in the arm's `settings`) and on lockstep arms averaging with hivemind
+    (`cluster.real.lockstep_churn`). No arm plays partitions on real peers."""
     swarm = STRATEGIES[algorithm].real_mode == "swarm"
     if not swarm and allreduce != "hivemind":
         raise ValueError(f"{path}: a {allreduce} all-reduce has a fixed process group, so real peers cannot leave "
@@ -133,11 +133,6 @@ def check_real_faults(algorithm: str, faults, path: str = "faults", allreduce: s
     if faults.partition:
         raise ValueError(f"{path}.partition: real peers do not play partitions; remove partition or use "
                          f"mode = 'sim'")
-    if not swarm:
-        for key in ("exchange", "stragglers"):
-            if getattr(faults, key):
-                raise ValueError(f"{path}.{key}: real {algorithm} peers play failures and returns only (events, "
-                                 f"mtbf/mttr); remove {key} or use mode = 'sim'")
     fast = next((i for i, s in enumerate(faults.stragglers) if s.speed > 1), None)
     if fast is not None:
         raise ValueError(f"{path}.stragglers[{fast}].speed: a real peer runs at its machine's speed at most; give a "

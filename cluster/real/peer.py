@@ -49,6 +49,7 @@ class MeasuredStep(StepDone):
 
     compute_s: float  # wall seconds this peer computed for the step (its exchange excluded)
     time_s: float  # this peer's arm clock after the step
+    straggled_s: float = 0.0  # of compute_s, what a straggler slept (`cluster.real.lockstep_peer`)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,9 @@ class _Peer:
     def set_members(self, members, number, step):
         self.members = (tuple(members), number)
 
+    def set_faults(self, faults):
+        self.faults = faults
+
     def visible_maddrs(self):
         return [f"/peer/{id(self)}"]
 
@@ -115,12 +118,18 @@ class _Exchanges:
         self.peers, self.members, self.round, self.now_s = peers, tuple(range(n)), 0, 0.0
         self.dial_addresses = [None] * n
         self.n = n
+        self.failed, self.faults = {}, []  # the last round's failed members; every round's faults, as asked
 
     def step_done(self, worker, event):
         self.now_s += 0.0
         return event.time_s, event.compute_s
 
-    def exchange(self, requests, step):
+    def exchange(self, requests, step, faults=None):
+        # The members that fail are those asked to (the real one checks that hivemind's round went so); the rest
+        # get the mean of every member's tensor (how hivemind's parts come out is the real test's to check).
+        self.failed = dict(faults or {})
+        if faults:
+            self.faults.append((self.round, dict(faults)))
         tensors = [np.asarray(r.tensor, dtype=np.float32) for r in requests]
         mean = average(tensors, [r.weight for r in requests])
         for w in self.members:
@@ -160,6 +169,11 @@ def _rounds(records):
 
 def _faults(records):
     return [(f.worker, f.event, f.step, f.back_step, f.cause) for f in records if isinstance(f, FaultRecord)]
+
+
+def _exchange_faults(records):
+    return [(f.worker, f.event, f.step, f.cause, f.phase, f.round, f.back_s) for f in records
+            if isinstance(f, FaultRecord)]
 
 
 @pytest.mark.parametrize("algorithm, settings", [("ddp", DDPSettings()), ("diloco", DiLoCoSettings(inner_steps=3))])
@@ -202,6 +216,62 @@ def test_the_real_driver_plays_a_trace_by_steps_as_the_simulator(algorithm, sett
     final = driver.last_params
     assert len(final) == 2 and np.array_equal(final[0], final[1])
     assert np.array_equal(final[0], peers.slots[0].params())
+
+
+def test_the_real_driver_plays_exchange_faults_and_stragglers_as_the_simulator():
+    """ddp, 3 workers, 9 steps: worker 2 leaves at step 2 and returns at step 4 (rounds 2-4 without it), then dies
+    reducing in round 6 for good; worker 0 cancels in round 7; worker 1 straggles at half speed throughout."""
+    n, steps = 3, 9
+    faults = parse_faults("faults", {"events": [{"worker": 2, "leave_step": 2, "return_step": 4}],
+                                     "exchange": [{"worker": 2, "round": 6, "phase": "reducing"},
+                                                  {"worker": 0, "round": 7, "phase": "cancel"},
+                                                  {"worker": 2, "round": 3, "phase": "sending"}],
+                                     "stragglers": [{"worker": 1, "from_s": 0, "to_s": 1e9, "speed": 0.5}]}, n)
+    peers, records, driver = _real_driver(n, steps, "ddp", DDPSettings(), faults)
+    sim = _simulated(n, steps, "ddp", DDPSettings(), faults)
+    assert _rounds(records) == _rounds(sim)
+    assert _exchange_faults(records) == _exchange_faults(sim) == [
+        (2, "leave", 2, "event", None, None, None), (2, "return", 4, None, None, None, None),
+        (2, "join", 4, None, None, None, None), (2, "leave", 6, "exchange", "reducing", 6, None),
+        (0, "cancel", 7, None, None, 7, None)]
+    # The round a member failed in still names it; it is absent from the next on. Its peer was killed (Ray let go).
+    assert _rounds(records)[6:] == [(6, (0, 1, 2), ()), (7, (0, 1), (2,)), (8, (0, 1), (2,))]
+    assert peers.killed == [2, 2]
+    # Each fault was asked for in its own round only, of the member it names (worker 2 is away in round 3: no
+    # fault there, as in the simulator).
+    assert driver.exchanges.faults == [(6, {2: "reducing"}), (7, {0: "cancel"})]
+    # Only the straggler's peer was told to straggle, once at the start (no restart of it).
+    assert peers.slots[1].faults.speed(0.0) == 0.5 and not hasattr(peers.slots[0], "faults")
+    assert not hasattr(peers.slots[2], "faults")  # a restarted peer is told too, if it straggles
+
+
+def test_a_peer_failed_in_an_exchange_returns_after_down():
+    """ddp, 2 workers: worker 1 dies sending in round 1 with down = 2 s; then worker 0, alone, in round 2 (before),
+    which is the driver's to play, as no all-reduce runs."""
+    n, steps = 2, 8
+    faults = parse_faults("faults", {"exchange": [{"worker": 1, "round": 1, "phase": "sending", "down": "2s"},
+                                                  {"worker": 0, "round": 2, "phase": "before"}]}, n)
+    specs, plan = _specs(n, steps, "ddp", DDPSettings()), _plan(n, steps)
+    peers = _Peers(specs)
+    records: list = []
+    exchanges = _Exchanges(peers, n)
+    driver = LockstepChurnDriver(peers, plan, exchanges, records.append, members=LockstepMembers(faults, plan),
+                                 restart=peers.restart, load_timeout_s=5.0)
+
+    def clock():  # the arm's clock: s seconds once step s is booked (called before the count moves on)
+        exchanges.now_s = float(driver.steps_completed)
+
+    driver.on_step = clock
+    driver.run()
+    # Round 1 is step 1's, which ends at 0 s (step 0 booked): worker 1 is back from 2 s on. Worker 0 dies in step
+    # 2's round, so no step is booked from 2 on; the steps pass with no one live (the clock at 4 s once step 3 has
+    # passed), and the return falls due at step 4's boundary, where worker 1 finds no one to load from and waits
+    # (the lone-restart guard).
+    assert _exchange_faults(records) == [(1, "leave", 1, "exchange", "sending", 1, 2.0),
+                                         (0, "leave", 2, "exchange", "before", 2, None),
+                                         (1, "return", 4, None, None, None, None)]
+    assert _rounds(records) == [(0, (0, 1), ()), (1, (0, 1), ()), (2, (0,), (1,))]
+    assert peers.killed == [1, 0] and peers.restarts == [(1, [])]
 
 
 def test_a_leave_by_time_loses_the_compute_since_its_last_round():
@@ -263,8 +333,14 @@ def test_the_experiment_file_takes_failures_and_returns_on_real_lockstep_arms():
         spec("ddp", events, allreduce="gloo", codec="none")
     assert str(error.value) == ("faults: a gloo all-reduce has a fixed process group, so real peers cannot leave it; "
                                 "set allreduce = 'hivemind' for this arm, or give it mode = 'sim'")
-    with pytest.raises(ConfigError, match=r"^faults\.exchange: real diloco peers play failures and returns only"):
-        spec("diloco", {**events, "exchange": [{"worker": 1, "round": 2, "phase": "sending"}]})
+    played = spec("diloco", {**events, "exchange": [{"worker": 1, "round": 2, "phase": "sending", "down": "5s"}],
+                             "stragglers": [{"worker": 0, "from_s": 0, "to_s": 10, "speed": 0.5}]}).arms[0].faults
+    assert played.exchange_fault(1, 2).down_s == 5.0 and played.speed(0, 1.0) == 0.5
+    with pytest.raises(ConfigError) as error:
+        spec("ddp", {"exchange": [{"worker": 1, "round": 2, "phase": "reducing"}]}, allreduce="gloo", codec="none")
+    assert str(error.value).startswith("faults: a gloo all-reduce has a fixed process group")
+    with pytest.raises(ConfigError, match=r"^faults\.stragglers\[0\]\.speed: a real peer runs at its machine's speed"):
+        spec("ddp", {"stragglers": [{"worker": 0, "from_s": 0, "to_s": 10, "speed": 2.0}]})
     with pytest.raises(ConfigError) as error:
         spec("ddp", {**events, "sender_timeout": 5})
     assert str(error.value) == ("faults.sender_timeout: real peers time out as hivemind does (after the timeouts "
