@@ -218,6 +218,9 @@ class LockstepChurnDriver(LockstepDriver):
                     self.workers.kill(w, "crash")  # dead already, but for a lone peer: Ray lets go of it
                     live.remove(w)
                 self.emit(record)
+            if live and tuple(live) != self.exchanges.members:  # the survivors' rounds from now on
+                self.workers.call("set_members", [(live, self.members.number, step)] * len(live), workers=live)
+                self.exchanges.members = tuple(live)
 
     def book_step(self, w: int, d: StepDone) -> None:
         plan = self.plan

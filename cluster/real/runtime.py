@@ -8,7 +8,8 @@
   restart on a thread of its own while the driver goes on polling.
   With a fault trace, `cluster.real.lockstep_churn.LockstepChurnDriver` instead: it SIGKILLs peers at the trace's
   failures, averages among the live peers only, and restarts a returning peer, which loads the state from a live
-  one (`cluster.real.lockstep_peer.LockstepPeer`).
+  one (`cluster.real.lockstep_peer.LockstepPeer`); the peers play the trace's exchange faults (the survivors step
+  on the partial average) and stragglers themselves.
 Records have the simulator's kinds and fields, plus the real mode's (`measured`, ...); see `results/README.md`.
 
 Start-up is a barrier, because hivemind peers that begin their first exchange seconds apart fail to find a group:
