@@ -39,7 +39,9 @@ The driver moves the live peers one step at a time, so that between two steps ev
   width: that is what real peers do, and what `farflung fidelity` compares with the simulator. (Repeating the round
   among the survivors, as a partial round without a fault is, would hide the fault's cost and disagree with the
   simulator's model.) The peer that cancelled steps on its own tensor. `cluster.real.lockstep.PeerExchanges` checks
-  that the round failed as its faults say and raises otherwise.
+  that the round failed as its faults say and raises otherwise. The survivors wait as hivemind makes them: a dead
+  peer's connections break at once, but a sender that never started (`before`, `cancel`) is banned only after the
+  sender timeout (`AveragingTimeouts.next_chunk_timeout_s`, 10 s at least).
 - After the round, a peer that died is buried: Ray lets go of its actor, its `leave` record (cause "exchange", the
   phase and round, `back_s` = the round's end + `down`, `lost_s` 0: it had just synchronised) follows the round's
   record, and it is absent from the next rounds; it returns once the clock reaches `back_s`, through the same
