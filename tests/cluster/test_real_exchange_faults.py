@@ -261,28 +261,35 @@ def test_a_peer_killed_while_sending_leaves_the_survivors_to_finish_and_agree(fr
     # A survivor in worker 3's group received the vector but for worker 3's part; hivemind retries a step whose
     # round failed, so another may have averaged again without it (1.0), and one may have found no group (None).
     # On a loaded host a round may also miss a live peer's part (a sender or reducer timeout): not asserted here.
-    # A survivor's report lands on its own epoch's record, which for one a round behind (the straggler) is epoch 1.
-    hit = [c for c in comms if c.round in (1, 2) and gone in c.missing_peers]
+    # A survivor's report lands on its own epoch's record: for one a round behind (the straggler) epoch 1, for one
+    # whose epoch the progress tracker moved on, epoch 3.
+    hit = [c for c in comms if c.round in (1, 2, 3) and gone in c.missing_peers]
     assert hit and min(f for c in hit for f in c.received_fraction if f is not None) < 1.0, shown
     after = [c for c in comms if c.round > 2]
     # (A survivor may close the last epoch too late to be in its record: the stop counts from the leaders.)
     assert len(after) >= 2 and all(gone not in c.participants and gone in c.absent for c in after), shown
     assert all(c.participants == survivors for c in after[:-1]), shown
-    # The survivors finish on one model: hivemind adds the state round's delta to each peer's own parameters, so
-    # they differ by float32 rounding only (measured: at most 4.7e-10 in 4 runs). The straggler straggles only in
-    # the run's first seconds: one still an epoch behind when the others close the last epoch finds no group for
-    # its last rounds and steps alone (hivemind.Optimizer loads the state only when two epochs behind), which left
-    # it 2.5e-3 away in 1 run of 5 when it straggled throughout; back at full speed, it is in the others' epoch
-    # again at its next round (the progress tracker's global epoch).
+    # The survivors that averaged the last epoch together finish on one model: hivemind adds the state round's
+    # delta to each peer's own parameters, so they differ by float32 rounding only (measured: at most 4.7e-10). On
+    # a loaded host a survivor may find no group for its last epoch (hivemind logs "could not find a group"; its
+    # record's fraction received is None) and steps alone on its own gradients, as hivemind.Optimizer does: it
+    # ends that epoch's step apart (measured 2.5e-3 to 6.1e-3 in 3 runs of 10 under a load average of 10-16). It
+    # is reported, not compared.
     assert len(result.final_params) == len(survivors)
-    spread = max(float(np.max(np.abs(p - result.final_params[0]))) for p in result.final_params)
+    final = dict(zip(survivors, result.final_params))
+    last = after[-1]
+    together = [w for w, f in zip(last.participants, last.received_fraction) if f is not None and w in survivors]
+    assert len(together) >= 2, shown
+    spread = max(float(np.max(np.abs(final[w] - final[together[0]]))) for w in together)
+    apart = {w: float(np.max(np.abs(final[w] - final[together[0]]))) for w in survivors if w not in together}
+    steps = [r for r in records if r.kind == "step"]
     evals = [r for r in records if r.kind == "eval"]
-    print(f"took {took_s:.0f} s; left at {leave.time_s:.1f} s; final spread {spread:.3g}, "
-          f"param_spread {evals[-1].param_spread:.3g}; loss {evals[0].loss:.3f} -> {evals[-1].loss:.3f}")
+    print(f"took {took_s:.0f} s; left at {leave.time_s:.1f} s; final spread {spread:.3g} among {together}, "
+          f"apart (max difference) {apart}; param_spread {evals[-1].param_spread:.3g}; loss "
+          f"{evals[0].loss:.3f} -> {evals[-1].loss:.3f}")
     assert spread < 1e-5 and evals[-1].loss < evals[0].loss - 0.3
     # Only the straggler sleeps; an epoch it computed wholly inside its interval (the first, which begins at 0 s)
     # slept at least once more its forward/backward; one that straddles the interval's end, less.
-    steps = [r for r in records if r.kind == "step"]
     assert all(r.straggled_s is None for r in steps if r.worker != slow), steps
     ratios = [r.straggled_s / (r.compute_s - r.optimizer_s - r.straggled_s) for r in steps
               if r.worker == slow and r.straggled_s]
