@@ -353,6 +353,10 @@ class RealPeer:
     def relay_counters(self) -> dict[Address, tuple[int, int]]:
         return self.relay.relay.snapshot()
 
+    def set_cut(self, clients: list[Address]) -> int:
+        """A network partition at this peer's relay: refuse and drop these dial addresses (`cluster.real.partition`)."""
+        return self.relay.set_cut(clients)
+
     def describe(self) -> dict:
         return {"worker": self.spec.worker, "dial_address": self.dial_address, "maddrs": self.visible_maddrs(),
                 "relay_address": tuple(self.relay.address), "pid": os.getpid(), "hostname": socket.gethostname(),
