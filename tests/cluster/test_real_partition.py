@@ -104,3 +104,175 @@ def test_a_cut_relay_refuses_and_drops_its_cut_clients_and_accepts_them_again_on
             assert (relay.relay.bytes_inbound, relay.relay.bytes_outbound) == (2300, 2300)
     finally:
         echo.server.close()
+
+
+# --- the experiment file, and the driver's cuts, without peers ----------------------------------------------------
+def _spec(algorithm: str, faults: dict):
+    from experiments.spec import parse_spec
+
+    return parse_spec({"run": {"mode": "real", "workers": 4, "tokens": 4096}, "model": {"preset": "tiny"},
+                       "faults": faults, "arm": [{"name": "a", "algorithm": algorithm, "network": "home-broadband"}]})
+
+
+def test_the_experiment_file_takes_partitions_on_real_swarm_arms_only():
+    from experiments.fields import ConfigError
+
+    cut = {"partition": [{"groups": [[0, 1]], "from_s": 1, "to_s": 2}]}
+    assert _spec("collaborative", cut).arms[0].faults.partition[0].groups == ((0, 1),)
+    assert _spec("local-updates", cut).arms[0].faults.partition[0].to_s == 2.0
+    with pytest.raises(ConfigError) as error:
+        _spec("diloco", cut)
+    assert str(error.value) == ("faults.partition: real diloco peers do not play partitions (swarm arms do: "
+                                "collaborative, local-updates); remove partition or use mode = 'sim'")
+
+
+def test_relay_cuts_name_the_other_sides_dial_addresses_and_tell_each_relay_once_per_change():
+    from cluster.real.partition import RelayCuts
+
+    faults = parse_faults("faults", {"partition": [{"groups": [[0, 1], [2]], "from_s": 10, "to_s": 20}]}, 5)
+    cuts = RelayCuts(faults, 5)
+    dial = [("10.0.0.1", 4000 + w) for w in range(5)]
+    former = {("10.0.0.1", 3003): 3}  # worker 3's address before a restart
+    assert cuts.due(9.99, range(5), dial, former) == {}  # whole: nothing to tell a relay that was never cut
+    at_cut = cuts.due(10.0, range(5), dial, former)
+    # Sides [0, 1], [2] and the unlisted workers together: [3, 4].
+    assert at_cut == {0: frozenset([dial[2], dial[3], dial[4], ("10.0.0.1", 3003)]),
+                      1: frozenset([dial[2], dial[3], dial[4], ("10.0.0.1", 3003)]),
+                      2: frozenset([dial[0], dial[1], dial[3], dial[4], ("10.0.0.1", 3003)]),
+                      3: frozenset([dial[0], dial[1], dial[2]]), 4: frozenset([dial[0], dial[1], dial[2]])}
+    assert cuts.due(15.0, range(5), dial, former) == {}  # told already
+    # Worker 2 restarts with a new dial address during the cut: every other relay is told; its new relay too.
+    cuts.forget(2)
+    former[tuple(dial[2])] = 2
+    dial[2] = ("10.0.0.1", 5002)
+    changed = cuts.due(16.0, range(5), dial, former)
+    assert sorted(changed) == [0, 1, 2, 3, 4]
+    assert changed[3] == frozenset([dial[0], dial[1], ("10.0.0.1", 5002), ("10.0.0.1", 4002)])
+    assert changed[2] == frozenset([dial[0], dial[1], dial[3], dial[4], ("10.0.0.1", 3003)])
+    # The heal at to_s lifts every cut.
+    assert cuts.due(20.0, [0, 1, 2, 3, 4], dial, former) == {w: frozenset() for w in range(5)}
+    assert cuts.due(30.0, range(5), dial, former) == {}
+    assert cuts.side_of(4, 12.0) == (3, 4) and cuts.side_of(4, 25.0) == (0, 1, 2, 3, 4)
+
+
+def test_an_epochs_records_split_by_the_group_that_averaged_together():
+    from cluster.real.partition import RelayCuts, epoch_groups
+    from cluster.real.swarm import EpochRecord
+
+    cuts = RelayCuts(parse_faults("faults", {"partition": [{"groups": [[0, 1]], "from_s": 0, "to_s": 50}]}, 4), 4)
+
+    def record(w, time_s, group):
+        return EpochRecord(w, 3, 8, 1.0, 0.1, 0.0, 0.1, time_s, 2, False, group_peers=tuple(f"p{g}" for g in group))
+
+    worker_of = {f"p{w}": w for w in range(4)}
+    # 3 and 2 averaged together; 1 averaged with 0; 0 ran no gradient round (its side at 10 s: [0, 1]). At 60 s,
+    # healed: 2 ran none, so it goes with the whole network's group of 0; 1 averaged with a peer outside the arm.
+    records = [record(3, 10, (2, 3)), record(1, 10, (0, 1)), record(0, 10, ()), record(2, 11, (3, 2))]
+    assert [[r.worker for r in g] for g in epoch_groups(records, worker_of, cuts)] == [[0, 1], [2, 3]]
+    records = [record(0, 60, (0, 1, 2, 3)), record(2, 60, ()), record(1, 60, ("q",))]
+    assert [[r.worker for r in g] for g in epoch_groups(records, worker_of, cuts)] == [[0, 2], [1]]
+
+
+class _SidedPeers:
+    """Fake swarm peers: each closes an epoch every other poll, averaging with the peers its relay's cut leaves it
+    (every one whose dial address it does not refuse); logs the cuts each relay was given, at the arm's time."""
+
+    def __init__(self, n: int, clock):
+        from cluster.real.swarm import EpochRecord
+
+        self.n, self.clock, self.polls = n, clock, 0
+        self.epoch, self.samples, self.stopped = [0] * n, [0] * n, [False] * n
+        self.cut = [frozenset()] * n
+        self.cuts_log: list[tuple[int, float, frozenset]] = []
+        self.new = [[] for _ in range(n)]
+        self.EpochRecord = EpochRecord
+
+    def call(self, method, args=None, workers=None, timeout_s=None):
+        workers = list(range(self.n)) if workers is None else list(workers)
+        args = args or [()] * len(workers)
+        if method == "progress" and len(workers) > 1:
+            self.polls += 1
+        return [getattr(self, "_" + method)(w, *a) for w, a in zip(workers, args)]
+
+    def kill(self, worker, method):
+        raise AssertionError("no peer is killed")
+
+    def _set_cut(self, w, clients):
+        self.cut[w] = frozenset(tuple(c) for c in clients)
+        self.cuts_log.append((w, self.clock(), self.cut[w]))
+        return 0
+
+    def _progress(self, w):
+        if not self.stopped[w] and self.polls % 2 == 0:
+            group = [g for g in range(self.n) if ("127.0.0.1", 1000 + g) not in self.cut[w]]
+            self.new[w].append(self.EpochRecord(w, self.epoch[w], 2, 1.0, 0.1, 0.0, 0.01, self.clock(), len(group),
+                                                False, group_peers=tuple(f"p{g}" for g in group)))
+            self.epoch[w] += 1
+            self.samples[w] += 2
+        records, self.new[w] = self.new[w], []
+        return {"samples": self.samples[w], "epoch": self.epoch[w], "time_s": 0.0, "done": self.stopped[w],
+                "holds_state": True, "records": records, "loaded": None, "open_compute_s": 0.0}
+
+    def _params(self, w):
+        return np.zeros(4, dtype=np.float32)
+
+    def _sync_progress(self, w, n, timeout_s):
+        return n
+
+    def _describe(self, w):
+        return {"peer_id": f"p{w}", "worker": w, "maddrs": [], "dial_address": ("127.0.0.1", 1000 + w)}
+
+    def _stop_after(self, w, epoch):
+        self.stopped[w] = True
+
+    def _stop(self, w):
+        self.stopped[w] = True
+
+    def _snapshot(self, w):
+        return self.epoch[w], 0.0, self._params(w)
+
+    def _evaluate(self, w, model):
+        return 1.0
+
+    def __getattr__(self, name):  # relay_counters, start_clock, start_training, finish_training: nothing to do
+        if name.startswith("_") and not name.startswith("__"):
+            return lambda *a: {}
+        raise AttributeError(name)
+
+
+def test_the_driver_cuts_at_from_s_heals_at_to_s_and_records_each_sides_rounds():
+    from cluster.devices import get_device
+    from cluster.driver import ArmPlan
+    from cluster.network import Network
+    from cluster.real.options import RealOptions, UNSHAPED
+    from cluster.real.swarm_arm import SwarmArm
+    from cluster.real.swarm_churn import SwarmChurn
+
+    n = 4
+    plan = ArmPlan(name="cut", n_workers=n, network=Network(links=(UNSHAPED,) * n),
+                   devices=(get_device("laptop-cpu"),) * n, speed_factors=(1.0,) * n, codec="none",
+                   total_steps=10**6, tokens_per_step=n * 2 * 4, eval_every_steps=10**6, seed=5)
+    faults = parse_faults("faults", {"partition": [{"groups": [[0, 1], [2, 3]], "from_s": 0.1, "to_s": 0.3}]}, n)
+    arm_box = []
+    peers = _SidedPeers(n, lambda: time.monotonic() - arm_box[0].started)
+    records = []
+    churn = SwarmChurn(faults, plan, peers, lambda *a: pytest.fail("nothing returns"), records.append)
+    setup = SimpleNamespace(codec="none", use_local_updates=False, delay_state_averaging=False, average_state_every=1)
+    arm = SwarmArm(peers, plan, SimpleNamespace(model=SimpleNamespace(block_size=4)), setup,
+                   RealOptions(shaping="none", swarm_timeout_s=30.0), [("127.0.0.1", 1000 + w) for w in range(n)],
+                   records.append, should_stop=lambda: time.monotonic() - arm.started > 0.45, churn=churn)
+    arm_box.append(arm)
+    arm.POLL_S = 0.005
+    arm.run()
+    a = lambda *ws: frozenset(("127.0.0.1", 1000 + w) for w in ws)  # noqa: E731
+    # Each relay was told twice: the other side's addresses at the first poll at or after 0.1 s, nothing at 0.3 s.
+    told = {w: [(cut, t) for v, t, cut in peers.cuts_log if v == w] for w in range(n)}
+    for w, other in ((0, a(2, 3)), (1, a(2, 3)), (2, a(0, 1)), (3, a(0, 1))):
+        assert [cut for cut, _ in told[w]] == [other, frozenset()], told
+        assert 0.1 <= told[w][0][1] < 0.3 <= told[w][1][1], told
+    comms = [r for r in records if r.kind == "comm"]
+    cut_rounds = [c for c in comms if 0.1 <= c.time_s < 0.3 and c.participants != [0, 1, 2, 3]]
+    assert cut_rounds and all((c.participants, c.absent, c.group) in (([0, 1], [2, 3], 0), ([2, 3], [0, 1], 1))
+                              for c in cut_rounds), comms
+    whole = [c for c in comms if c.time_s >= 0.3 + 0.05]
+    assert whole and all(c.participants == [0, 1, 2, 3] and c.absent is None and c.group == 0 for c in whole), comms
