@@ -279,14 +279,15 @@ def test_the_driver_cuts_at_from_s_heals_at_to_s_and_records_each_sides_rounds()
 
 
 # --- 4 real peers on Ray -----------------------------------------------------------------------------------------
-CUT_FROM_S, CUT_TO_S = 3.0, 9.0
+CUT_FROM_S, CUT_TO_S = 3.0, 12.0
 
 
 @pytest.mark.ray
 @pytest.mark.hivemind
 def test_two_sides_average_apart_during_the_cut(fresh_ray):
-    """4 collaborative peers, sides [0, 1] and [2, 3] from 3 s to 9 s of the arm's clock: the first epoch's round
-    holds all 4, every round that closes inside the cut one side only (each side has some), and the loss falls.
+    """4 collaborative peers, sides [0, 1] and [2, 3] from 3 s to 12 s of the arm's clock: the first epoch's round
+    holds all 4; after the round under way when the cut fell, every round holds one side only (each side has
+    some), and the loss falls.
 
     What happens after the heal is printed, not asserted: in the runs so far the two sides went on averaging apart
     (the libp2p daemons and the DHTs do not find the other side again by themselves within the test's seconds)."""
@@ -300,7 +301,7 @@ def test_two_sides_average_apart_during_the_cut(fresh_ray):
     n = 4
     plan, specs = unshaped_arm("collab-cut", n, 10_000, seed=4, algorithm="collaborative",
                                settings=CollaborativeSettings(target_batch_size=16),
-                               swarm=SwarmTiming(matchmaking_time=1.0, averaging_timeout=10.0, target_group_size=n))
+                               swarm=SwarmTiming(matchmaking_time=1.0, averaging_timeout=5.0, target_group_size=n))
     faults = parse_faults("faults", {"partition": [{"groups": [[0, 1], [2, 3]], "from_s": CUT_FROM_S,
                                                     "to_s": CUT_TO_S}]}, n)
     first_epoch_at: list[float] = []
@@ -313,20 +314,24 @@ def test_two_sides_average_apart_during_the_cut(fresh_ray):
     started = time.monotonic()
     result = run_real_arm(plan, specs, records.append, on_step=on_step, faults=faults,
                           options=RealOptions(shaping="none", swarm_timeout_s=300.0),
-                          should_stop=lambda: bool(first_epoch_at) and time.monotonic() - first_epoch_at[0] > 14.0)
+                          should_stop=lambda: bool(first_epoch_at) and time.monotonic() - first_epoch_at[0] > 16.0)
     took_s = time.monotonic() - started
     left = wait_until_gone(fresh_ray, timeout_s=15.0)
     assert not left, f"processes outlived the run: {left}"
     assert tagged_processes(fresh_ray) == {}
 
     comms = [r for r in records if r.kind == "comm"]
-    shown = [(round(c.time_s, 1), c.round, c.group, c.participants, c.absent) for c in comms]
-    print("rounds (time, epoch, group, participants, absent):", shown)
+    shown = [(round(c.time_s, 1), c.round, c.group, c.participants, c.received_fraction) for c in comms]
+    print("rounds (time, epoch, group, participants, fraction received):", shown)
     assert comms[0].round == 0 and comms[0].participants == [0, 1, 2, 3] and comms[0].time_s < CUT_FROM_S, shown
-    # A round under way when the cut falls may still close in its first second.
-    inside = [c for c in comms if CUT_FROM_S + 1.0 <= c.time_s < CUT_TO_S]
-    assert all((c.participants, c.absent) in (([0, 1], [2, 3]), ([2, 3], [0, 1])) for c in inside), shown
-    assert {tuple(c.participants) for c in inside} == {(0, 1), (2, 3)}, shown
+    after = [c for c in comms if c.time_s >= CUT_FROM_S]
+    during = [c for c in after if c.time_s < CUT_TO_S]
+    # Only the round under way when the cut fell may still hold both sides (it formed before it); every later one
+    # holds one side, the other absent, and each side has some.
+    under_way = min(c.round for c in after)
+    assert all((c.participants, c.absent) in (([0, 1], [2, 3]), ([2, 3], [0, 1])) for c in during
+               if c.round > under_way), shown
+    assert {tuple(c.participants) for c in during if c.round > under_way} == {(0, 1), (2, 3)}, shown
     evals = [r for r in records if r.kind == "eval"]
     spread = max(float(np.max(np.abs(p - result.final_params[0]))) for p in result.final_params)
     print(f"took {took_s:.0f} s; final spread {spread:.3g}, param_spread {evals[-1].param_spread:.3g}; "
