@@ -7,8 +7,7 @@ force (`FaultsConfig.sides` at the arm's clock: wall seconds since training star
 the relay of each live peer is given the dial addresses of every worker on another side, current and former ones
 (`ShapingRelay.set_cut`): it drops the connections it has with them and refuses new ones, so both directions of
 every cross-side connection die (a connection from j to i passes i's relay only, and i's relay cuts j). At `to_s` the
-cut is lifted and the peers reconnect as hivemind does (the DHT's routing table still lists the other side). The
-driver (`cluster.real.swarm_arm.SwarmArm`) sets the cuts at its first poll at or after `from_s` and lifts them at its
+cut is lifted and every peer whose relay refused someone pings those peers again (`Remeet`, below). The driver (`cluster.real.swarm_arm.SwarmArm`) sets the cuts at its first poll at or after `from_s` and lifts them at its
 first poll at or after `to_s` (`SwarmArm.POLL_S`); a peer restarted meanwhile gets the cut once it is up, and the
 others' cuts then name its new dial address.
 
@@ -19,6 +18,23 @@ pace; after the heal, a side an epoch or more behind the global epoch catches up
 side (`load_state_from_peers`) rather than by averaging. The swarm's epoch count is no longer one across sides
 while the cut lasts.
 
+Why the heal needs the pings: hivemind's Kademlia DHT (`hivemind.dht.protocol.DHTProtocol.update_routing_table`)
+deletes a node from its routing table at the first request it sends that gets no reply, and adds nodes only when they
+answer or send it a request. During a cut every cross-side request fails, so each side forgets the other within
+seconds, and after the heal nobody sends a cross-side request again: the sides stay two swarms for good (measured on
+loopback with 4 DHTs behind relays: routing tables [[1], [0], [3], [2]] 33 s after the heal, and each side's
+matchmaking and progress records apart). A peer learns of nodes only through the DHT, and `initial_peers` are pinged
+only when the node starts (`DHTNode.create`). So a real swarm heals after a partition only because some peer dials
+the other side again: a peer restarted with its initial peers, or an operator's watchdog that re-bootstraps a node
+from known addresses. The driver plays that watchdog at the heal, and only there: each peer whose cut is lifted
+connects to and pings the live peers it was cut from, by their announced multiaddrs, retrying as a re-bootstrap
+would. It first drops whatever connection its p2pd still lists to that peer: after a cut the daemons go on listing
+cross-side connections that carry nothing (measured on 4 real swarm peers: every ping over them timed out, 5 tries
+in 19 s; with the connection dropped and dialled anew, all answered within 0.1-0.3 s; why libp2p keeps them is not
+established here). A ping that is answered puts both ends in each other's routing tables, and Kademlia's lookups
+spread the rest (measured with 4 bare DHTs: routing tables whole and every store seen across sides about 5 s after
+the pings).
+
 Left open: a client whose address is no worker's (a machine that joined with `farflung join`, or a dial from an
 ephemeral port) is not cut; and a peer restarted during a cut joins through the live peers of its own side only,
 but until the driver learns its new dial address (its first poll after the peer is up) the other side's relays do
@@ -27,6 +43,7 @@ not refuse it, so it may reach them in that window.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 
 from cluster.faults import FaultsConfig
@@ -69,6 +86,52 @@ class RelayCuts:
     def forget(self, worker: int) -> None:
         """The worker's peer is gone, and its relay with it: a new one starts with no cut."""
         self.applied.pop(worker, None)
+
+
+def lifted(before: Mapping[int, frozenset[Address]], after: Mapping[int, frozenset[Address]],
+           dial_addresses: Sequence[Address]) -> dict[int, list[int]]:
+    """For each peer whose cut changed (`after`, from `RelayCuts.due`; `before`, the cuts its relay had), the current
+    workers it refused and may reach now: those whose current dial address left its cut. Only those it must remeet."""
+    out = {}
+    for w, cut in after.items():
+        freed = before.get(w, frozenset()) - cut
+        workers = [v for v, a in enumerate(dial_addresses) if v != w and tuple(a) in freed]
+        if workers:
+            out[w] = workers
+    return out
+
+
+class Remeet:
+    """`DHT.run_coroutine(Remeet(maddrs))`: connect to and ping each peer (its announced multiaddrs, with `/p2p/<id>`),
+    up to `attempts` times `delay_s` apart until it answers, all at once; returns how many answered. An answered ping
+    adds both ends to each other's routing table (`DHTProtocol.call_ping`)."""
+
+    def __init__(self, peers: Sequence[Sequence[str]], attempts: int = 5, delay_s: float = 1.0):
+        self.peers, self.attempts, self.delay_s = [list(m) for m in peers if m], attempts, delay_s
+
+    async def __call__(self, dht, node) -> int:
+        answered = await asyncio.gather(*(self._one(node, maddrs) for maddrs in self.peers))
+        return sum(answered)
+
+    async def _one(self, node, maddrs: list[str]) -> bool:
+        from hivemind.p2p import PeerID
+        from hivemind.utils.multiaddr import Multiaddr
+
+        peer_id = PeerID.from_base58(Multiaddr(maddrs[0])["p2p"])
+        suffix = Multiaddr(f"/p2p/{peer_id.to_base58()}")
+        for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(self.delay_s)
+            # hivemind has no public dial: its daemon client's, as hivemind's own identity check uses. The daemon may
+            # still list a connection to the peer from before the cut that carries nothing: drop it and dial anew.
+            try:
+                await node.p2p._client.disconnect(peer_id)
+                await node.p2p._client.connect(peer_id, [Multiaddr(m).decapsulate(suffix) for m in maddrs])
+            except Exception:  # refused, reset, or backed off: try again
+                continue
+            if await node.protocol.call_ping(peer_id) is not None:
+                return True
+        return False
 
 
 def epoch_groups(records: Sequence, worker_of: Mapping[str, int], cuts: RelayCuts) -> list[list]:

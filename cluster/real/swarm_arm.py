@@ -25,7 +25,7 @@ import numpy as np
 from cluster.real.accounting import RoundBytes, attribute, counters_delta
 from cluster.real.exchange_faults import DEAD, WatchedPeers, check_swarm_exchange, peer_faults
 from cluster.real.options import RealOptions
-from cluster.real.partition import RelayCuts, epoch_groups
+from cluster.real.partition import RelayCuts, epoch_groups, lifted
 from cluster.real.swarm import EpochRecord
 from cluster.real.swarm_setup import SwarmSetup
 from cluster.driver import ArmPlan, consensus
@@ -236,9 +236,18 @@ class SwarmArm:
         if self.cuts is None:
             return
         now_s = time.monotonic() - self.started
+        before = dict(self.cuts.applied)
         changes = self.cuts.due(now_s, self.live, self.dial_addresses, self.former)
-        if changes:
-            self.peers.call("set_cut", [(sorted(c),) for c in changes.values()], workers=list(changes))
+        if not changes:
+            return
+        self.peers.call("set_cut", [(sorted(c),) for c in changes.values()], workers=list(changes))
+        # Every relay is told first, so that the pings below find the way open at both ends.
+        freed = {w: [v for v in vs if v in self.live] for w, vs in lifted(before, changes, self.dial_addresses).items()}
+        freed = {w: vs for w, vs in freed.items() if vs}
+        if freed:
+            described = dict(zip(self.live, self.peers.call("describe", workers=self.live)))
+            self.peers.call("remeet", [([described[v]["maddrs"] for v in vs if described[v] is not DEAD],)
+                                       for vs in freed.values()], workers=list(freed))
 
     def _bytes_since(self) -> RoundBytes:
         """Bytes the live peers' relays forwarded since the last reading, credited to their workers. A failed peer's

@@ -279,18 +279,23 @@ def test_the_driver_cuts_at_from_s_heals_at_to_s_and_records_each_sides_rounds()
 
 
 # --- 4 real peers on Ray -----------------------------------------------------------------------------------------
-CUT_FROM_S, CUT_TO_S = 3.0, 12.0
+CUT_FROM_S, CUT_TO_S = 4.0, 12.0
+# The peers' final parameters after the heal differ by float32 rounding of the state round's delta at most
+# (measured 0 here; 4.7e-10 in the exchange-fault test); sides that never merged again ended 2.5e-3 to 3e-2 apart.
+SPREAD_BOUND = 1e-5
 
 
 @pytest.mark.ray
 @pytest.mark.hivemind
-def test_two_sides_average_apart_during_the_cut(fresh_ray):
-    """4 collaborative peers, sides [0, 1] and [2, 3] from 3 s to 12 s of the arm's clock: the first epoch's round
-    holds all 4; after the round under way when the cut fell, every round holds one side only (each side has
-    some), and the loss falls.
+def test_two_sides_average_apart_during_the_cut_and_together_again_after_the_heal(fresh_ray):
+    """4 collaborative peers, sides [0, 1] and [2, 3] from 3 s to 10 s of the arm's clock: the first epoch's round
+    holds all 4; after the round under way when the cut fell, every round in the cut holds one side only (each side
+    has some); after the heal the peers find each other again (`cluster.real.partition.Remeet`) and the last rounds
+    hold all 4 in one group; the peers end on one model and the loss falls.
 
-    What happens after the heal is printed, not asserted: in the runs so far the two sides went on averaging apart
-    (the libp2p daemons and the DHTs do not find the other side again by themselves within the test's seconds)."""
+    A matchmaking window of 2.5 s (about one epoch): after the heal the two sides close their epochs out of phase,
+    and with a 1 s window each side's matchmaking found only its own peers for several epochs (seen in 1 run of 3
+    through 13 s after the heal); a window as long as the phase difference lets them meet."""
     from proctools import tagged_processes, wait_until_gone
     from realtools import unshaped_arm
 
@@ -301,7 +306,7 @@ def test_two_sides_average_apart_during_the_cut(fresh_ray):
     n = 4
     plan, specs = unshaped_arm("collab-cut", n, 10_000, seed=4, algorithm="collaborative",
                                settings=CollaborativeSettings(target_batch_size=16),
-                               swarm=SwarmTiming(matchmaking_time=1.0, averaging_timeout=5.0, target_group_size=n))
+                               swarm=SwarmTiming(matchmaking_time=2.5, averaging_timeout=5.0, target_group_size=n))
     faults = parse_faults("faults", {"partition": [{"groups": [[0, 1], [2, 3]], "from_s": CUT_FROM_S,
                                                     "to_s": CUT_TO_S}]}, n)
     first_epoch_at: list[float] = []
@@ -314,7 +319,7 @@ def test_two_sides_average_apart_during_the_cut(fresh_ray):
     started = time.monotonic()
     result = run_real_arm(plan, specs, records.append, on_step=on_step, faults=faults,
                           options=RealOptions(shaping="none", swarm_timeout_s=300.0),
-                          should_stop=lambda: bool(first_epoch_at) and time.monotonic() - first_epoch_at[0] > 16.0)
+                          should_stop=lambda: bool(first_epoch_at) and time.monotonic() - first_epoch_at[0] > 20.0)
     took_s = time.monotonic() - started
     left = wait_until_gone(fresh_ray, timeout_s=15.0)
     assert not left, f"processes outlived the run: {left}"
@@ -322,18 +327,21 @@ def test_two_sides_average_apart_during_the_cut(fresh_ray):
 
     comms = [r for r in records if r.kind == "comm"]
     shown = [(round(c.time_s, 1), c.round, c.group, c.participants, c.received_fraction) for c in comms]
-    print("rounds (time, epoch, group, participants, fraction received):", shown)
-    assert comms[0].round == 0 and comms[0].participants == [0, 1, 2, 3] and comms[0].time_s < CUT_FROM_S, shown
-    after = [c for c in comms if c.time_s >= CUT_FROM_S]
-    during = [c for c in after if c.time_s < CUT_TO_S]
-    # Only the round under way when the cut fell may still hold both sides (it formed before it); every later one
-    # holds one side, the other absent, and each side has some.
-    under_way = min(c.round for c in after)
-    assert all((c.participants, c.absent) in (([0, 1], [2, 3]), ([2, 3], [0, 1])) for c in during
-               if c.round > under_way), shown
-    assert {tuple(c.participants) for c in during if c.round > under_way} == {(0, 1), (2, 3)}, shown
     evals = [r for r in records if r.kind == "eval"]
     spread = max(float(np.max(np.abs(p - result.final_params[0]))) for p in result.final_params)
+    print("rounds (time, epoch, group, participants, fraction received):", shown)
     print(f"took {took_s:.0f} s; final spread {spread:.3g}, param_spread {evals[-1].param_spread:.3g}; "
           f"loss {evals[0].loss:.3f} -> {evals[-1].loss:.3f}")
+    sides = ([0, 1], [2, 3])
+    by_epoch = {e: [c.participants for c in comms if c.round == e] for e in sorted({c.round for c in comms})}
+    # The cut splits the swarm: some epoch's rounds are exactly the two sides, each without the other.
+    assert any(sorted(g) == list(sides) for g in by_epoch.values()), shown
+    assert all(c.absent == sides[1 - sides.index(c.participants)] for c in comms if c.participants in sides), shown
+    # No round closing in the cut holds both sides, but for the one under way when it fell (its group formed before;
+    # it may wait out the averaging timeout, 5 s, before stepping).
+    assert not [c for c in comms if CUT_FROM_S + 6.0 <= c.time_s < CUT_TO_S
+                and {0, 1} & set(c.participants) and {2, 3} & set(c.participants)], shown
+    # Healed: the last epoch is one round of all 4.
+    assert by_epoch[max(by_epoch)] == [[0, 1, 2, 3]], shown
+    assert spread < SPREAD_BOUND, shown
     assert evals[-1].loss < evals[0].loss - 0.3
