@@ -33,7 +33,9 @@ cross-side connections that carry nothing (measured on 4 real swarm peers: every
 in 19 s; with the connection dropped and dialled anew, all answered within 0.1-0.3 s; why libp2p keeps them is not
 established here). A ping that is answered puts both ends in each other's routing tables, and Kademlia's lookups
 spread the rest (measured with 4 bare DHTs: routing tables whole and every store seen across sides about 5 s after
-the pings).
+the pings). The swarm is one again once hivemind's matchmaking puts both sides in a group, which needs their epochs
+to end within the matchmaking window of each other: after a cut the sides close theirs out of phase, so a window
+short against an epoch may keep them averaging apart for many epochs after they can reach each other.
 
 Left open: a client whose address is no worker's (a machine that joined with `farflung join`, or a dial from an
 ephemeral port) is not cut; and a peer restarted during a cut joins through the live peers of its own side only,
