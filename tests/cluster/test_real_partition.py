@@ -301,7 +301,7 @@ def test_the_driver_cuts_at_from_s_heals_at_to_s_and_records_each_sides_rounds()
 
 
 # --- 4 real peers on Ray -----------------------------------------------------------------------------------------
-CUT_FROM_S, CUT_TO_S = 4.0, 12.0
+CUT_FROM_S, CUT_TO_S = 4.0, 15.0
 # The peers' final parameters after the heal differ by float32 rounding of the state round's delta at most
 # (measured 0 here; 4.7e-10 in the exchange-fault test); sides that never merged again ended 2.5e-3 to 3e-2 apart.
 SPREAD_BOUND = 1e-5
@@ -310,14 +310,16 @@ SPREAD_BOUND = 1e-5
 @pytest.mark.ray
 @pytest.mark.hivemind
 def test_two_sides_average_apart_during_the_cut_and_together_again_after_the_heal(fresh_ray):
-    """4 collaborative peers, sides [0, 1] and [2, 3] from 3 s to 10 s of the arm's clock: the first epoch's round
-    holds all 4; after the round under way when the cut fell, every round in the cut holds one side only (each side
-    has some); after the heal the peers find each other again (`cluster.real.partition.Remeet`) and the last rounds
-    hold all 4 in one group; the peers end on one model and the loss falls.
+    """4 collaborative peers, sides [0, 1] and [2, 3] from 4 s to 15 s of the arm's clock: some epoch averages in
+    exactly the two sides, and no round closing in the cut holds both but for the one under way when it fell; after
+    the heal the peers find each other again (`cluster.real.partition.Remeet`) and the last epoch is one round of all
+    4; the peers end on one model and the loss falls.
 
+    The cut lasts 11 s: the epoch under way when it falls closes some 5-7 s later (a round waiting out the averaging
+    timeout, 5 s), and an 8 s cut left no epoch averaging inside it in 1 run of 5 under load.
     A matchmaking window of 2.5 s (about one epoch): after the heal the two sides close their epochs out of phase,
     and with a 1 s window each side's matchmaking often found only its own peers (in 2 runs of 4 the sides were still
-    apart at the end, 9-13 s after the heal); a window as long as the phase difference lets them meet."""
+    apart at the end, 11-23 s after the heal); a window as long as the phase difference lets them meet."""
     from proctools import tagged_processes, wait_until_gone
     from realtools import unshaped_arm
 
@@ -341,7 +343,7 @@ def test_two_sides_average_apart_during_the_cut_and_together_again_after_the_hea
     started = time.monotonic()
     result = run_real_arm(plan, specs, records.append, on_step=on_step, faults=faults,
                           options=RealOptions(shaping="none", swarm_timeout_s=300.0),
-                          should_stop=lambda: bool(first_epoch_at) and time.monotonic() - first_epoch_at[0] > 20.0)
+                          should_stop=lambda: bool(first_epoch_at) and time.monotonic() - first_epoch_at[0] > 23.0)
     took_s = time.monotonic() - started
     left = wait_until_gone(fresh_ray, timeout_s=15.0)
     assert not left, f"processes outlived the run: {left}"
