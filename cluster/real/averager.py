@@ -300,10 +300,11 @@ class SwarmGradientAverager(SecretSchema, PhaseFaults, GradientAverager):
     each round the fraction of the vector received and the peers missing (`take_reports`), with the faults of
     `PhaseFaults`; its schema hash is bound to the run secret (`run_secret=`, `SecretSchema`)."""
 
-    _reports: list[tuple[float, tuple[str, ...]]] = []
+    _reports: list[tuple[float, tuple[str, ...], tuple[str, ...]]] = []
 
-    def take_reports(self) -> list[tuple[float, tuple[str, ...]]]:
-        """The rounds run since the last call: (fraction received, base58 ids of the peers missing), in order."""
+    def take_reports(self) -> list[tuple[float, tuple[str, ...], tuple[str, ...]]]:
+        """The rounds run since the last call: (fraction received, base58 ids of the peers missing, base58 ids of the
+        group's peers), in order."""
         future = MPFuture()
         self._outer_pipe.send(("_take_reports", [], dict(future=future)))
         return future.result()
@@ -314,7 +315,8 @@ class SwarmGradientAverager(SecretSchema, PhaseFaults, GradientAverager):
 
     def _round_done(self, runner: ExactAllReduceRunner) -> None:
         fraction, missing = runner.report()
-        self._reports = [*self._reports, (fraction, tuple(sorted(p.to_base58() for p in missing)))]
+        self._reports = [*self._reports, (fraction, tuple(sorted(p.to_base58() for p in missing)),
+                                          tuple(sorted(p.to_base58() for p in runner.ordered_peer_ids)))]
 
 
 def _start_runner(averager, tensors, group_info, group_id, averages_on_wire: bool, kwargs) -> ExactAllReduceRunner:

@@ -354,6 +354,17 @@ class RealPeer:
     def relay_counters(self) -> dict[Address, tuple[int, int]]:
         return self.relay.relay.snapshot()
 
+    def set_cut(self, clients: list[Address]) -> int:
+        """A network partition at this peer's relay: refuse and drop these dial addresses (`cluster.real.partition`)."""
+        return self.relay.set_cut(clients)
+
+    def remeet(self, maddrs: list[list[str]]) -> None:
+        """After a partition heals, ping the peers it was cut from (`cluster.real.partition.Remeet`), in the
+        background: the pings retry for seconds, and the driver's poll must not wait on them."""
+        from cluster.real.partition import Remeet
+
+        self._remeeting = self.dht.run_coroutine(Remeet(maddrs), return_future=True)
+
     def describe(self) -> dict:
         return {"worker": self.spec.worker, "dial_address": self.dial_address, "maddrs": self.visible_maddrs(),
                 "relay_address": tuple(self.relay.address), "pid": os.getpid(), "hostname": socket.gethostname(),

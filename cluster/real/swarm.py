@@ -57,6 +57,9 @@ class EpochRecord:
     # went missing. hivemind steps on a partial round; the state average repairs it.
     received_fraction: float | None = None
     missing_peers: tuple[str, ...] = ()
+    # The base58 ids of the peers in the epoch's last gradient round (empty: it ran none): who averaged together,
+    # e.g. one side of a network partition (`cluster.real.partition`).
+    group_peers: tuple[str, ...] = ()
     # Faults this peer played (`cluster.real.exchange_faults`): seconds it slept as a straggler (in `compute_s`),
     # and the rounds it cancelled its part of.
     straggled_s: float = 0.0
@@ -304,8 +307,9 @@ class SwarmPeer(RealPeer):
                 loss=float(np.mean(losses)) if losses else None, compute_s=compute_s, optimizer_s=optimizer_s,
                 step_s=t2 - t1,
                 time_s=self.clock_s(), swarm_peers=swarm_peers, loaded_state=loaded,
-                received_fraction=min((f for f, _ in reports), default=None),
-                missing_peers=tuple(sorted({p for _, missing in reports for p in missing})),
+                received_fraction=min((f for f, _, _ in reports), default=None),
+                missing_peers=tuple(sorted({p for _, missing, _ in reports for p in missing})),
+                group_peers=reports[-1][2] if reports else (),
                 straggled_s=straggled_s, cancelled_rounds=cancelled,
             )
             records.append(record)

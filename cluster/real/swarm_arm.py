@@ -8,7 +8,9 @@ the swarm at the end of the epoch under way once the token budget is spent, and 
 runs on a thread of its own while the driver goes on polling, and the peer is live (polled, stopped, killed) only
 once it is up; a peer restarted with fresh weights is neither snapshotted nor evaluated until it has loaded the
 state, and an arm whose every peer holding the state has failed ends there. A peer that dies in an exchange fault
-(`cluster.real.exchange_faults`) is found dead at the driver's next call and buried at its next poll.
+(`cluster.real.exchange_faults`) is found dead at the driver's next call and buried at its next poll. A partition
+(`faults.partition`) is cut and healed in the live peers' relays at the polls that reach its times
+(`cluster.real.partition`); its epochs' comm records are then one per group that averaged together.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from cluster.real.accounting import RoundBytes, attribute, counters_delta
 from cluster.real.exchange_faults import DEAD, WatchedPeers, check_swarm_exchange, peer_faults
 from cluster.real.options import RealOptions
+from cluster.real.partition import RelayCuts, epoch_groups, lifted
 from cluster.real.swarm import EpochRecord
 from cluster.real.swarm_setup import SwarmSetup
 from cluster.driver import ArmPlan, consensus
@@ -80,6 +83,8 @@ class SwarmArm:
             self.peer_faults = peer_faults(churn.trace.faults, n, setup)
             churn.arm(self.peer_faults)
             self.peers = WatchedPeers(peers, churn.may_die)
+        partitioned = churn is not None and churn.trace.faults.partition
+        self.cuts = RelayCuts(churn.trace.faults, n) if partitioned else None
 
     def run(self) -> None:
         plan, n = self.plan, self.plan.n_workers
@@ -131,6 +136,7 @@ class SwarmArm:
                                    f"{budget} tokens")
             time.sleep(self.POLL_S)
             self._take_restarts()
+            self._play_cuts()
             progress = self._poll()
             holding = [w for w in self.live if progress[w]["holds_state"]]
             if not holding:  # every peer that held the state has failed
@@ -171,6 +177,8 @@ class SwarmArm:
             self.last_seen.pop(w, None)
             self.live.remove(w)
             self.counters.pop(w)
+            if self.cuts is not None:
+                self.cuts.forget(w)
         for w in self.churn.returning(now_s, tokens):
             self._restart(w, now_s, epoch)
 
@@ -220,6 +228,26 @@ class SwarmArm:
             self.churn.died(w, now_s, seen["open_compute_s"])
             self.live.remove(w)
             self.counters.pop(w, None)
+            if self.cuts is not None:
+                self.cuts.forget(w)
+
+    def _play_cuts(self) -> None:
+        """Tell the live peers' relays the partition in force now (cut, changed or healed), once per change."""
+        if self.cuts is None:
+            return
+        now_s = time.monotonic() - self.started
+        before = dict(self.cuts.applied)
+        changes = self.cuts.due(now_s, self.live, self.dial_addresses, self.former)
+        if not changes:
+            return
+        self.peers.call("set_cut", [(sorted(c),) for c in changes.values()], workers=list(changes))
+        # Every relay is told first, so that the pings below find the way open at both ends.
+        freed = {w: [v for v in vs if v in self.live] for w, vs in lifted(before, changes, self.dial_addresses).items()}
+        freed = {w: vs for w, vs in freed.items() if vs}
+        if freed:
+            described = dict(zip(self.live, self.peers.call("describe", workers=self.live)))
+            self.peers.call("remeet", [([described[v]["maddrs"] for v in vs if described[v] is not DEAD],)
+                                       for vs in freed.values()], workers=list(freed))
 
     def _bytes_since(self) -> RoundBytes:
         """Bytes the live peers' relays forwarded since the last reading, credited to their workers. A failed peer's
@@ -232,7 +260,8 @@ class SwarmArm:
 
     def _restart(self, worker: int, now_s: float, epoch: int) -> None:
         """Start bringing the worker back; it joins `live` once its peer is up (`_take_restarts`)."""
-        initial_peers = [m for d in self.peers.call("describe", workers=self.live) if d is not DEAD for m in d["maddrs"]]
+        side = self.live if self.cuts is None else [w for w in self.live if w in self.cuts.side_of(worker, now_s)]
+        initial_peers = [m for d in self.peers.call("describe", workers=side) if d is not DEAD for m in d["maddrs"]]
         self.restarting[worker] = self.churn.restart(worker, now_s, epoch, initial_peers,
                                                      lambda: time.monotonic() - self.started)
 
@@ -282,7 +311,8 @@ class SwarmArm:
 
     def emit_epochs(self, per_worker: dict[int, list[EpochRecord]], bytes_by_epoch: dict) -> None:
         """One comm record per epoch and one step record per peer that closed it, in epoch order. With a fault trace
-        an epoch's participants are the workers that closed it, and the others are `absent`."""
+        an epoch's participants are the workers that closed it, and the others are `absent`; with a partition, one comm
+        record per group of the epoch (`group` 0, 1, ...), the relays' unattributed bytes on group 0's."""
         plan, n, seq = self.plan, self.plan.n_workers, self.spec.model.block_size
         by_epoch: dict[int, list[EpochRecord]] = {}
         for records in per_worker.values():
@@ -295,36 +325,41 @@ class SwarmArm:
         message = _message_bytes(numel, self.setup.codec)
         samples = 0
         for epoch in sorted(by_epoch):
-            records = sorted(by_epoch[epoch], key=lambda r: r.worker)
-            time_s = max(r.time_s for r in records)
-            samples += sum(r.samples for r in records)
+            everyone = sorted(by_epoch[epoch], key=lambda r: r.worker)
+            samples += sum(r.samples for r in everyone)
             moved = bytes_by_epoch.get(epoch)
             zeros = (0,) * n
-            who, absent = list(range(n)), None
-            if self.churn is not None:
-                who = sorted({r.worker for r in records})
-                absent = [w for w in range(n) if w not in who] or None
-            step_s = [next((r.step_s for r in records if r.worker == w), 0.0) for w in who]
-            self.emit(CommRecord(
-                arm=plan.name, round=epoch, group=0, step=epoch, collective="butterfly",
-                requested_collective="butterfly", payload="parameters" if self.setup.use_local_updates else "gradients",
-                participants=who, message_bytes=message, raw_bytes=raw,
-                bytes_sent=[(moved.bytes_sent if moved else zeros)[w] for w in who],
-                bytes_received=[(moved.bytes_received if moved else zeros)[w] for w in who],
-                bytes_unattributed=moved.unattributed if moved else 0,
-                comm_s=max(r.step_s for r in records), comm_s_per_worker=step_s,
-                # Waiting for the round and averaging, as the simulator's idle_s: from noticing the epoch's end
-                # (entering the step that closes it) to the end of the round.
-                blocking=not self.setup.delay_state_averaging, idle_s=step_s,
-                time_s=time_s, staleness=0, attempts=1, measured=True,
-                samples=[next((r.samples for r in records if r.worker == w), 0) for w in who],
-                swarm_peers=max(r.swarm_peers for r in records),
-                loaded_state=[r.worker for r in records if r.loaded_state],
-                received_fraction=[next((r.received_fraction for r in records if r.worker == w), None) for w in who],
-                missing_peers=sorted({worker_of.get(p, -1) for r in records for p in r.missing_peers}),
-                absent=absent,
-            ))
-            for r in records:
+            # With a partition, one record per group that averaged together (`cluster.real.partition.epoch_groups`).
+            groups = [everyone] if self.cuts is None else epoch_groups(everyone, worker_of, self.cuts)
+            for group, records in enumerate(groups):
+                time_s = max(r.time_s for r in records)
+                who, absent = list(range(n)), None
+                if self.churn is not None:
+                    who = sorted({r.worker for r in records})
+                    absent = [w for w in range(n) if w not in who] or None
+                step_s = [next((r.step_s for r in records if r.worker == w), 0.0) for w in who]
+                self.emit(CommRecord(
+                    arm=plan.name, round=epoch, group=group, step=epoch, collective="butterfly",
+                    requested_collective="butterfly",
+                    payload="parameters" if self.setup.use_local_updates else "gradients",
+                    participants=who, message_bytes=message, raw_bytes=raw,
+                    bytes_sent=[(moved.bytes_sent if moved else zeros)[w] for w in who],
+                    bytes_received=[(moved.bytes_received if moved else zeros)[w] for w in who],
+                    bytes_unattributed=moved.unattributed if moved and group == 0 else 0,
+                    comm_s=max(r.step_s for r in records), comm_s_per_worker=step_s,
+                    # Waiting for the round and averaging, as the simulator's idle_s: from noticing the epoch's end
+                    # (entering the step that closes it) to the end of the round.
+                    blocking=not self.setup.delay_state_averaging, idle_s=step_s,
+                    time_s=time_s, staleness=0, attempts=1, measured=True,
+                    samples=[next((r.samples for r in records if r.worker == w), 0) for w in who],
+                    swarm_peers=max(r.swarm_peers for r in records),
+                    loaded_state=[r.worker for r in records if r.loaded_state],
+                    received_fraction=[next((r.received_fraction for r in records if r.worker == w), None)
+                                       for w in who],
+                    missing_peers=sorted({worker_of.get(p, -1) for r in records for p in r.missing_peers}),
+                    absent=absent,
+                ))
+            for r in everyone:
                 self.emit(StepRecord(
                     arm=plan.name, worker=r.worker, step=epoch, tokens=samples * seq, loss=r.loss, time_s=r.time_s,
                     compute_s=r.compute_s, optimizer_s=r.optimizer_s, samples=r.samples, late_samples=0, staleness=0,

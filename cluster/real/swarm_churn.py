@@ -31,6 +31,9 @@ may die, any other death fails the arm) and buries it (`died`): a `leave` with c
 swarm's `round`, the round's epoch as `step`, and a return `down` seconds after it noticed (none without `down`),
 played like the trace's returns. A peer that cancels stays: a `cancel` record with the round, when its epoch closed.
 
+A partition (`faults.partition`) is not this module's: the driver cuts and heals the live peers' relays
+(`cluster.real.partition`).
+
 Records, as the simulator's (`cluster.churn`): FaultRecord `leave` (the epoch in progress as `step`, the cause, when
 the trace brings it back, `lost_s`: its compute in the epoch under way, thrown away), `return` (the new actor starts),
 `join` (the state applied: its donor's worker as `sources`, `state_bytes` as received, `wait_s` from the return

@@ -24,6 +24,13 @@ long link at 64 MiB per latency (about 10 Gbit/s at 50 ms).
 Pairs of peers: data from peer i to peer j crosses only the relay in front of whichever of them accepted the
 connection. To shape a pair as "i's uplink, then j's downlink, latencies summed" chain two relays (a relay may target
 another relay) or configure one relay with the pair's figures.
+
+A cut (`set_cut`, a network partition, `cluster.real.partition`): the relay refuses connections from the client
+addresses it is given (accepted, then closed at once, before anything is forwarded or counted) and closes the ones it
+has with them, both directions at once as on a real cut (either end sees its socket reset or closed); an empty cut
+accepts them again. Clients are told apart by their address (host, port), as `cluster.real.accounting` counts them: a
+client whose address is not in the cut passes, whoever it is (a machine that joined with `farflung join`, or a peer
+dialling from an ephemeral port). Without a cut the relay behaves as if the feature did not exist.
 """
 
 from __future__ import annotations
@@ -84,6 +91,9 @@ class ShapingRelay:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._accepted = 0
+        self.cut: frozenset[tuple[str, int]] = frozenset()  # client addresses refused (`set_cut`)
+        self.refused = 0  # connections refused by a cut
+        self._client_of_task: dict[asyncio.Task, tuple[str, int]] = {}
 
     @classmethod
     def from_link(cls, link: Link, target: tuple[str, int], seed: int = 0, listen_host: str = "127.0.0.1",
@@ -110,9 +120,26 @@ class ShapingRelay:
         if self._server is not None:
             await self._server.wait_closed()
 
+    async def set_cut(self, clients) -> int:
+        """Refuse the clients at these addresses from now on and close the connections this relay has with them (an
+        empty set lifts the cut); returns how many open connections were closed."""
+        self.cut = frozenset((str(h), int(p)) for h, p in clients)
+        doomed = [t for t, c in self._client_of_task.items() if c in self.cut]
+        for task in doomed:
+            task.cancel()  # its `finally` closes both ends
+        await asyncio.gather(*doomed, return_exceptions=True)
+        return len(doomed)
+
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        peer = client_writer.get_extra_info("peername")
+        client = (str(peer[0]), int(peer[1]))
+        if client in self.cut:
+            self.refused += 1
+            client_writer.close()  # before dialling the target: the peer behind the relay never hears of it
+            return
         task = asyncio.current_task()
         self._tasks.add(task)
+        self._client_of_task[task] = client
         index, self._accepted = self._accepted, self._accepted + 1
         target_writer = None
         try:
@@ -128,6 +155,7 @@ class ShapingRelay:
             pass  # close(): this task is the connection's top level; Python 3.11's stream callback chokes on a re-raise
         finally:
             self._tasks.discard(task)
+            self._client_of_task.pop(task, None)
             for writer in (client_writer, target_writer):
                 if writer is not None:
                     writer.close()
@@ -205,6 +233,10 @@ class RelayThread:
     @property
     def address(self) -> tuple[str, int]:
         return self.relay.address
+
+    def set_cut(self, clients) -> int:
+        """`ShapingRelay.set_cut` from another thread; returns how many open connections it closed."""
+        return asyncio.run_coroutine_threadsafe(self.relay.set_cut(clients), self._loop).result(self.timeout_s)
 
     def start(self) -> "RelayThread":
         try:

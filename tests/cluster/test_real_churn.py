@@ -106,8 +106,6 @@ def test_the_experiment_file_takes_failures_and_returns_on_real_swarm_arms():  #
     events = {"events": [{"worker": 3, "leave_s": 5, "return_s": 9}]}
     assert spec("collaborative", events).arms[0].faults.events[0].back == 9.0
     assert spec("local-updates", {"mtbf": "1min", "mttr": "10s"}).arms[0].faults.mtbf_s == 60.0
-    with pytest.raises(ConfigError, match=r"^faults\.partition: real peers do not play partitions"):
-        spec("collaborative", {**events, "partition": [{"groups": [[0, 1]], "from_s": 1, "to_s": 2}]})
     with pytest.raises(ConfigError, match=r"^faults\.sender_timeout: real peers time out as hivemind"):
         spec("collaborative", {**events, "sender_timeout": 5})
 

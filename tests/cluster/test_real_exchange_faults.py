@@ -79,9 +79,6 @@ def test_the_experiment_file_takes_exchange_faults_and_slowing_stragglers_on_rea
         _spec("collaborative", {"stragglers": [{"worker": 1, "from_s": 0, "to_s": 60, "speed": 2}]})
     assert str(error.value) == ("faults.stragglers[0].speed: a real peer runs at its machine's speed at most; give a "
                                 "factor of at most 1 (got 2) or use mode = 'sim'")
-    with pytest.raises(ConfigError) as error:
-        _spec("collaborative", {"partition": [{"groups": [[0, 1]], "from_s": 1, "to_s": 2}]})
-    assert str(error.value) == "faults.partition: real peers do not play partitions; remove partition or use mode = 'sim'"
 
 
 class _DyingPeers:
