@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from cluster.devices import get_device
 from cluster.network import Link, Network
 from cluster.swarm_timing import SwarmTiming
@@ -45,3 +47,43 @@ def donors(dht, run_id: str) -> dict[str, float | None]:
     if found is None:
         return {}
     return {PeerID(k).to_base58(): v.value for k, v in found.value.items()}
+
+
+def driver_plan(name: str, n: int) -> ArmPlan:
+    """An endless arm of `n` workers over unlimited links, for a driver tested with `FakeSwarmPeers`."""
+    from cluster.real.options import UNSHAPED
+
+    return ArmPlan(name=name, n_workers=n, network=Network(links=(UNSHAPED,) * n),
+                   devices=(get_device("laptop-cpu"),) * n, speed_factors=(1.0,) * n, codec="none",
+                   total_steps=10**6, tokens_per_step=n * 2 * 4, eval_every_steps=10**6, seed=5)
+
+
+class FakeSwarmPeers:
+    """What `cluster.real.swarm_arm.SwarmArm` calls on its peers and every fake answers alike; a subclass adds `call`,
+    `kill` and `_progress` (how its epochs go). Worker w is peer `p{w}`, dialling from port 1000 + w."""
+
+    def _params(self, w):
+        return np.zeros(4, dtype=np.float32)
+
+    def _sync_progress(self, w, n, timeout_s):
+        return n
+
+    def _describe(self, w):
+        return {"peer_id": f"p{w}", "worker": w, "maddrs": [f"/p2p/p{w}"], "dial_address": ("127.0.0.1", 1000 + w)}
+
+    def _stop_after(self, w, epoch):
+        self.stopped[w] = True
+
+    def _stop(self, w):
+        self.stopped[w] = True
+
+    def _snapshot(self, w):
+        return self.epoch[w], 0.0, self._params(w)
+
+    def _evaluate(self, w, model):
+        return 1.0
+
+    def __getattr__(self, name):  # relay_counters, start_clock, start_training, finish_training: nothing to do
+        if name.startswith("_") and not name.startswith("__"):
+            return lambda *a: {}
+        raise AttributeError(name)

@@ -17,6 +17,7 @@ import pytest
 from cluster.faults import Straggler, parse_faults
 from cluster.real.exchange_faults import GRADIENTS, PARAMETERS, ArmedRound, PeerFaults, peer_faults, round_of
 from experiments.fields import ConfigError
+from realtools import FakeSwarmPeers, driver_plan
 
 
 # --- without peers -----------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def test_the_experiment_file_takes_exchange_faults_and_slowing_stragglers_on_rea
                                 "factor of at most 1 (got 2) or use mode = 'sim'")
 
 
-class _DyingPeers:
+class _DyingPeers(FakeSwarmPeers):
     """Fake peers for `SwarmArm` (one epoch per two polls each); worker 2's actor dies at the 6th poll, worker 1
     reports a round it cancelled in its epoch 1."""
 
@@ -119,48 +120,17 @@ class _DyingPeers:
         return {"samples": self.samples[w], "epoch": self.epoch[w], "time_s": 0.0, "done": self.stopped[w],
                 "holds_state": True, "records": records, "loaded": None, "open_compute_s": 0.25}
 
-    def _params(self, w):
-        return np.zeros(4, dtype=np.float32)
-
-    def _sync_progress(self, w, n, timeout_s):
-        return n
-
-    def _describe(self, w):
-        return {"peer_id": f"p{w}", "worker": w, "maddrs": [], "dial_address": ("127.0.0.1", 1000 + w)}
-
     def _set_faults(self, w, faults):
         self.faults_set[w] = faults
 
-    def _stop_after(self, w, epoch):
-        self.stopped[w] = True
-
-    def _stop(self, w):
-        self.stopped[w] = True
-
-    def _snapshot(self, w):
-        return self.epoch[w], 0.0, self._params(w)
-
-    def _evaluate(self, w, model):
-        return 1.0
-
-    def __getattr__(self, name):  # relay_counters, start_clock, start_training, finish_training: nothing to do
-        if name.startswith("_") and not name.startswith("__"):
-            return lambda *a: {}
-        raise AttributeError(name)
-
 
 def test_the_driver_buries_a_peer_found_dead_in_its_exchange_and_records_where_it_failed():
-    from cluster.devices import get_device
-    from cluster.driver import ArmPlan
-    from cluster.network import Network
-    from cluster.real.options import RealOptions, UNSHAPED
+    from cluster.real.options import RealOptions
     from cluster.real.swarm_arm import SwarmArm
     from cluster.real.swarm_churn import SwarmChurn
 
     n = 3
-    plan = ArmPlan(name="dying", n_workers=n, network=Network(links=(UNSHAPED,) * n),
-                   devices=(get_device("laptop-cpu"),) * n, speed_factors=(1.0,) * n, codec="none",
-                   total_steps=10**6, tokens_per_step=n * 2 * 4, eval_every_steps=10**6, seed=5)
+    plan = driver_plan("dying", n)
     faults = parse_faults("faults", {"exchange": [{"worker": 2, "round": 4, "phase": "sending"},
                                                   {"worker": 1, "round": 3, "phase": "cancel"}],
                                      "stragglers": [{"worker": 0, "from_s": 0, "to_s": 5, "speed": 0.5}]}, n)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cluster.faults import parse_faults
+from realtools import FakeSwarmPeers, driver_plan
 
 
 # --- the relay's cut, on loopback ----------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def test_an_epochs_records_split_by_the_group_that_averaged_together():
     assert [[r.worker for r in g] for g in epoch_groups(records, worker_of, cuts)] == [[0, 2], [1]]
 
 
-class _SidedPeers:
+class _SidedPeers(FakeSwarmPeers):
     """Fake swarm peers: each closes an epoch every other poll, averaging with the peers its relay's cut leaves it
     (every one whose dial address it does not refuse); logs the cuts each relay was given, at the arm's time."""
 
@@ -230,45 +231,14 @@ class _SidedPeers:
         return {"samples": self.samples[w], "epoch": self.epoch[w], "time_s": 0.0, "done": self.stopped[w],
                 "holds_state": True, "records": records, "loaded": None, "open_compute_s": 0.0}
 
-    def _params(self, w):
-        return np.zeros(4, dtype=np.float32)
-
-    def _sync_progress(self, w, n, timeout_s):
-        return n
-
-    def _describe(self, w):
-        return {"peer_id": f"p{w}", "worker": w, "maddrs": [f"/p2p/p{w}"], "dial_address": ("127.0.0.1", 1000 + w)}
-
-    def _stop_after(self, w, epoch):
-        self.stopped[w] = True
-
-    def _stop(self, w):
-        self.stopped[w] = True
-
-    def _snapshot(self, w):
-        return self.epoch[w], 0.0, self._params(w)
-
-    def _evaluate(self, w, model):
-        return 1.0
-
-    def __getattr__(self, name):  # relay_counters, start_clock, start_training, finish_training: nothing to do
-        if name.startswith("_") and not name.startswith("__"):
-            return lambda *a: {}
-        raise AttributeError(name)
-
 
 def test_the_driver_cuts_at_from_s_heals_at_to_s_and_records_each_sides_rounds():
-    from cluster.devices import get_device
-    from cluster.driver import ArmPlan
-    from cluster.network import Network
-    from cluster.real.options import RealOptions, UNSHAPED
+    from cluster.real.options import RealOptions
     from cluster.real.swarm_arm import SwarmArm
     from cluster.real.swarm_churn import SwarmChurn
 
     n = 4
-    plan = ArmPlan(name="cut", n_workers=n, network=Network(links=(UNSHAPED,) * n),
-                   devices=(get_device("laptop-cpu"),) * n, speed_factors=(1.0,) * n, codec="none",
-                   total_steps=10**6, tokens_per_step=n * 2 * 4, eval_every_steps=10**6, seed=5)
+    plan = driver_plan("cut", n)
     faults = parse_faults("faults", {"partition": [{"groups": [[0, 1], [2, 3]], "from_s": 0.1, "to_s": 0.3}]}, n)
     arm_box = []
     peers = _SidedPeers(n, lambda: time.monotonic() - arm_box[0].started)
