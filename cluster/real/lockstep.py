@@ -7,11 +7,16 @@ any fails, or if any peer received only part of the average (a partial round is 
 that peer's replica apart from the others for good). The average stays in each peer (it answers its strategy on the
 next `advance`); what comes back is how long it took and, from the shaping relays' counters (or the kernel's, for gloo), how many bytes moved.
 
-With a fault trace (`cluster.real.lockstep_churn`) a round is among `members`, the live peers, in worker order; the
-records name them as `participants` and the others as `absent`, as the simulator's (`cluster.churn`). A peer alone
-keeps its own tensor (`LockstepPeer.exchange_alone`): a group of one moves nothing.
+With a fault trace (`cluster.real.lockstep_churn`) a round is among `members`, the live peers, in `groups`
+(`set_groups`): one group, or during a partition each side's live peers. The groups average at the same time, each
+its own all-reduce under its own group key, retried on its own, and each writes its own record (`group` 0, 1, ... in
+order of its lowest worker) naming its members as `participants` and every other worker as `absent`, as the
+simulator's (`cluster.churn`). A peer alone (the only live one, or alone on its side) keeps its own tensor
+(`LockstepPeer.exchange_alone`): a group of one moves nothing. Groups are disjoint and the relays cut the sides
+apart, so each group's relay counters hold its own bytes only.
 
-A round with exchange faults (`exchange(..., faults={worker: phase})`, armed on those peers first): each member's
+A round with exchange faults (`exchange(..., faults={worker: phase})`, armed on those peers first; during a
+partition each group plays its own members' faults): each member's
 call is made on its own (a peer that dies fails only its own call, `DEAD`), and the round is not repeated if what
 went wrong is what the faults did: the peers that died are those that were to, and every survivor averaged in the
 full group and misses only the failed members' parts. The survivors then step on what they received (the partial

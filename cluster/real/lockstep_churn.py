@@ -11,7 +11,7 @@ The driver moves the live peers one step at a time, so that between two steps ev
   the simulator takes a peer down before it books that step. `leave` record: `lost_s`, its compute since the last
   round it took part in, thrown away.
 - The rounds are among the live peers only: before a round with a new membership every live peer's averager is
-  given the membership's group key and size (`cluster.real.lockstep_peer`). A lone live peer keeps its own tensor.
+  given the membership's group key and size (`cluster.real.lockstep_peer`), just before the round. A lone live peer keeps its own tensor.
   The records name the live peers as `participants` and the others as `absent`.
 - A return falls due at the first round at or after its time or step (its time as the clock stood when that round's
   step began), as in the simulator, where the returning peer sits that round out and loads the state at its end: here
@@ -49,6 +49,19 @@ The driver moves the live peers one step at a time, so that between two steps ev
 - Stragglers (`faults.stragglers`): each peer sleeps `PeerFaults.slowdown_s` after each step's compute over
   `[from_s, to_s)` of the arm's clock (`cluster.real.lockstep_peer`); the sleep is in the step's `compute_s`, and
   `straggled_s` shows it apart.
+- Partitions (`faults.partition`): at each exchange the sides in force at the arm's clock (`PeerExchanges.now_s`:
+  the latest step end any peer reported, so the exchange's start) split the live peers into groups (`groups_of`),
+  each averaging apart at the same time (`PeerExchanges.set_groups`); every peer is told its group, a membership
+  of its own numbered anew at each cut and heal, so no key is shared across sides or with the swarm before the
+  cut. The relays are cut to match (`cluster.real.partition.RelayCuts`), at each step boundary and before each
+  round, the dial addresses of a worker's dead peers included. A peer returning during a cut joins the DHT
+  through the live peers of its side, its relay is cut and the others' told of its address before it downloads
+  the state, so it loads from its side; with no live peer there it waits (the lone-restart guard), and loads at
+  the first round's end after the heal. At the heal each peer whose relay refused others pings them again
+  (`cluster.real.partition.Remeet`) and the driver waits for the pings, so that the next round's matchmaking
+  finds every peer in the DHT; a round that still fails to meet is retried (`RealOptions.max_attempts`). After
+  the heal nothing re-synchronises DDP's parameters, as in the simulator. Exchange faults are played in the
+  groups the partition makes (a member alone on its side plays its fault as a lone peer does).
 Restarting and loading block the driver: the live peers wait at the boundary meanwhile, and the arm's clock does not
 run, so those seconds are in the join record rather than in the steps'.
 """
