@@ -132,10 +132,10 @@ class PeerExchanges:
                     f"the timeouts derived from the network ({self.timeouts}), or use mode = 'sim'")
         else:
             raise RealExchangeError(
-                f"arm {self.plan.name!r}: averaging {first.payload!r} at step {step} among workers {list(group)} failed "
-                f"{self.options.max_attempts} times (" + " | ".join(errors) + "). Check that every peer can reach the "
-                f"others' announced addresses; on slow links raise max_attempts, or the timeouts derived from the "
-                f"network ({self.timeouts})")
+                f"arm {self.plan.name!r}: averaging {first.payload!r} at step {step} among workers {list(group)} "
+                f"failed {self.options.max_attempts} times (" + " | ".join(errors) + "). Check that every peer can "
+                f"reach the others' announced addresses; on slow links raise max_attempts, or the timeouts derived "
+                f"from the network ({self.timeouts})")
         alive = [i for i, o in enumerate(outcomes) if o is not DEAD]
         after = self.peers.call("relay_counters", workers=[group[i] for i in alive])
         # A dead peer's relay died with it: what it forwarded is counted only at the survivors' relays.

@@ -11,8 +11,8 @@ The driver moves the live peers one step at a time, so that between two steps ev
   the simulator takes a peer down before it books that step. `leave` record: `lost_s`, its compute since the last
   round it took part in, thrown away.
 - The rounds are among the live peers only: before a round with a new membership every live peer's averager is
-  given the membership's group key and size (`cluster.real.lockstep_peer`), just before the round. A lone live peer keeps its own tensor.
-  The records name the live peers as `participants` and the others as `absent`.
+  given the membership's group key and size (`cluster.real.lockstep_peer`), just before the round. A lone live peer
+  keeps its own tensor. The records name the live peers as `participants` and the others as `absent`.
 - A return falls due at the first round at or after its time or step (its time as the clock stood when that round's
   step began), as in the simulator, where the returning peer sits that round out and loads the state at its end: here
   the driver starts a new actor for the worker once the round is over (a process of its own, fresh weights, a new peer
