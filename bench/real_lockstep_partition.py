@@ -53,9 +53,16 @@ def main() -> int:
                          algorithm="ddp", settings=DDPSettings(), eval_batches=2, torch_threads=1) for w in range(N)]
     faults = parse_faults("faults", {"partition": [{"groups": [list(s) for s in SIDES], "from_s": args.from_s,
                                                     "to_s": args.to_s}]}, N)
+    import ray
+
     records: list = []
     started = time.perf_counter()
-    run_real_arm(plan, specs, records.append, options=RealOptions(shaping="none"), faults=faults)
+    # A Ray of its own: `ray.init()` alone would join whatever cluster another program left on this machine.
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    try:
+        run_real_arm(plan, specs, records.append, options=RealOptions(shaping="none"), faults=faults)
+    finally:
+        ray.shutdown()
     wall_s = time.perf_counter() - started
     comms = [r for r in records if isinstance(r, CommRecord)]
     for c in comms:
