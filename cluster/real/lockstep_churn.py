@@ -11,8 +11,8 @@ The driver moves the live peers one step at a time, so that between two steps ev
   the simulator takes a peer down before it books that step. `leave` record: `lost_s`, its compute since the last
   round it took part in, thrown away.
 - The rounds are among the live peers only: before a round with a new membership every live peer's averager is
-  given the membership's group key and size (`cluster.real.lockstep_peer`). A lone live peer keeps its own tensor.
-  The records name the live peers as `participants` and the others as `absent`.
+  given the membership's group key and size (`cluster.real.lockstep_peer`), just before the round. A lone live peer
+  keeps its own tensor. The records name the live peers as `participants` and the others as `absent`.
 - A return falls due at the first round at or after its time or step (its time as the clock stood when that round's
   step began), as in the simulator, where the returning peer sits that round out and loads the state at its end: here
   the driver starts a new actor for the worker once the round is over (a process of its own, fresh weights, a new peer
@@ -49,6 +49,19 @@ The driver moves the live peers one step at a time, so that between two steps ev
 - Stragglers (`faults.stragglers`): each peer sleeps `PeerFaults.slowdown_s` after each step's compute over
   `[from_s, to_s)` of the arm's clock (`cluster.real.lockstep_peer`); the sleep is in the step's `compute_s`, and
   `straggled_s` shows it apart.
+- Partitions (`faults.partition`): at each exchange the sides in force at the arm's clock (`PeerExchanges.now_s`:
+  the latest step end any peer reported, so the exchange's start) split the live peers into groups (`groups_of`),
+  each averaging apart at the same time (`PeerExchanges.set_groups`); every peer is told its group, a membership
+  of its own numbered anew at each cut and heal, so no key is shared across sides or with the swarm before the
+  cut. The relays are cut to match (`cluster.real.partition.RelayCuts`), at each step boundary and before each
+  round, the dial addresses of a worker's dead peers included. A peer returning during a cut joins the DHT
+  through the live peers of its side, its relay is cut and the others' told of its address before it downloads
+  the state, so it loads from its side; with no live peer there it waits (the lone-restart guard), and loads at
+  the first round's end after the heal. At the heal each peer whose relay refused others pings them again
+  (`cluster.real.partition.Remeet`) and the driver waits for the pings, so that the next round's matchmaking
+  finds every peer in the DHT; a round that still fails to meet is retried (`RealOptions.max_attempts`). After
+  the heal nothing re-synchronises DDP's parameters, as in the simulator. Exchange faults are played in the
+  groups the partition makes (a member alone on its side plays its fault as a lone peer does).
 Restarting and loading block the driver: the live peers wait at the boundary meanwhile, and the arm's clock does not
 run, so those seconds are in the join record rather than in the steps'.
 """
@@ -60,11 +73,22 @@ from collections.abc import Callable
 
 from cluster.driver import ArmPlan, LockstepDriver, consensus
 from cluster.faults import FaultsConfig, FaultTrace, Outage
+from cluster.real.accounting import Address
 from cluster.real.exchange_faults import KILLING, PeerFaults
+from cluster.real.partition import RelayCuts, lifted
 from cluster.records import EvalRecord, FaultRecord, StepRecord
 from trainer.replica import StepDone
 
 LIVE, DOWN, RETURNED = "live", "down", "returned"
+
+
+def groups_of(live: list[int], sides: list[tuple[int, ...]] | None) -> list[tuple[int, ...]]:
+    """A round's groups: the live workers of each side (all of them when the network is whole), in order of each
+    group's lowest worker."""
+    if sides is None:
+        return [tuple(live)]
+    groups = [tuple(w for w in live if w in side) for side in sides]
+    return sorted((g for g in groups if g), key=min)
 
 
 class LockstepMembers:
@@ -77,7 +101,7 @@ class LockstepMembers:
         self.status = [LIVE] * n
         self.index = [0] * n  # each worker's next outage in the trace
         self.outage: list[Outage | None] = [None] * n  # the outage a worker is in
-        self.number = 0  # the membership's number in the run: one more at every leave and join
+        self.number = 0  # the membership's number in the run: one more at every leave and join, cut and heal
 
     def live(self) -> list[int]:
         return [w for w, s in enumerate(self.status) if s == LIVE]
@@ -148,6 +172,8 @@ class LockstepChurnDriver(LockstepDriver):
     `restart(worker, initial_peers, arm_clock_s)` starts the worker's new peer (sharing no state) joined through
     `initial_peers` (alone if empty) and returns its `describe()`; `load_timeout_s` bounds its state download."""
 
+    REMEET_TIMEOUT_S = 30.0  # `Remeet`'s five tries a second apart, each a dial and a ping, with room for a busy host
+
     def __init__(self, workers, plan: ArmPlan, exchanges, emit, on_step=lambda: None, *, members: LockstepMembers,
                  restart: Callable[[int, list[str], float], dict], load_timeout_s: float):
         super().__init__(workers, plan, exchanges, emit, on_step)
@@ -158,6 +184,10 @@ class LockstepChurnDriver(LockstepDriver):
         self.returned_at: dict[int, float] = {}  # worker -> wall time of its return
         self.last_loss: float | None = None
         self._faults_set = False
+        self.cuts = RelayCuts(members.faults, n) if members.faults.partition else None
+        self.former: dict[Address, int] = {}  # dial address of a worker's earlier peer -> worker
+        self._sides: list | None = None  # the sides of the last rounds' groups
+        self.remeets: list[tuple[int, list[int], int]] = []  # at each heal: (worker, workers it pinged, answered)
 
     def _set_faults(self, workers: list[int]) -> None:
         """Hand the workers' peers their straggling, if any."""
@@ -173,7 +203,7 @@ class LockstepChurnDriver(LockstepDriver):
         for step in range(self.steps_completed, until_step):
             now_s = exchanges.now_s
             for w in members.leaving(step, now_s):
-                self.workers.kill(w, "crash")
+                self._kill(w)
                 self.emit(members.leave(w, step, now_s, self.unsynced_s[w]))
             due = members.returning(step, now_s)
             live = members.live()
@@ -182,17 +212,14 @@ class LockstepChurnDriver(LockstepDriver):
                 self.steps_completed = step + 1
                 self.on_step()
                 continue
-            if tuple(live) != exchanges.members:
-                self.workers.call("set_members", [(live, members.number, step)] * len(live), workers=live)
-                exchanges.members = tuple(live)
+            self._play_cuts()
             rounds = exchanges.round
-            self._advance_live(step + 1, finish and step + 1 == until_step)
+            self._advance_live(live, step + 1, finish and step + 1 == until_step)
             if exchanges.round > rounds:
                 self._returns(due, step)
                 self._joins(step)
 
-    def _advance_live(self, until_step: int, finish: bool) -> None:
-        live = list(self.exchanges.members)
+    def _advance_live(self, live: list[int], until_step: int, finish: bool) -> None:
         while live:
             events = self.workers.call("advance", [(until_step, None, finish)] * len(live), workers=live)
             steps = [[e for e in evs if isinstance(e, StepDone)] for evs in events]
@@ -207,6 +234,7 @@ class LockstepChurnDriver(LockstepDriver):
                 return
             assert all(t is not None for t in tails), "only some workers made a request"
             round_, step = self.exchanges.round, self.steps_completed
+            self._regroup(live, step)
             faults = self.members.exchange_faults(round_, tuple(live))
             _, records = self.exchanges.exchange(tails, step, faults=faults)
             for w in live:
@@ -217,12 +245,54 @@ class LockstepChurnDriver(LockstepDriver):
             for w in sorted(self.exchanges.failed):
                 record = self.members.failed(w, step, end_s, round_)
                 if record.event == "leave":
-                    self.workers.kill(w, "crash")  # dead already, but for a lone peer: Ray lets go of it
-                    live.remove(w)
+                    self._kill(w)  # dead already, but for a lone peer: Ray lets go of it
+                    live = [v for v in live if v != w]
                 self.emit(record)
-            if live and tuple(live) != self.exchanges.members:  # the survivors' rounds from now on
-                self.workers.call("set_members", [(live, self.members.number, step)] * len(live), workers=live)
-                self.exchanges.members = tuple(live)
+
+    def _regroup(self, live: list[int], step: int) -> None:
+        """The round about to start: its groups, the sides in force now (`cluster.faults.FaultsConfig.sides` at the
+        arm's clock) each split to its live peers, with the relays cut to match; each peer is told its group (a
+        membership of its own, numbered anew at each cut and heal) if that changed."""
+        self._play_cuts()
+        sides = self.members.faults.sides(self.exchanges.now_s, self.plan.n_workers)
+        groups = groups_of(live, sides)
+        if sides != self._sides:
+            self.members.number += 1  # a group key of its own for each side, and for the swarm healed
+            self._sides = sides
+        elif tuple(groups) == self.exchanges.groups:
+            return
+        side = {w: g for g in groups for w in g}
+        self.workers.call("set_members", [(list(side[w]), self.members.number, step) for w in live], workers=live)
+        self.exchanges.set_groups(groups)
+
+    def _play_cuts(self) -> None:
+        """Tell the up peers' relays the partition in force at the arm's clock (cut, changed or healed), once per
+        change; at a heal, each peer that refused others pings them again and the driver waits for the pings
+        (`cluster.real.partition`), so that the next round's matchmaking finds every peer in the DHT."""
+        if self.cuts is None:
+            return
+        up = sorted(self.members.live() + self.members.waiting())
+        before = dict(self.cuts.applied)
+        changes = self.cuts.due(self.exchanges.now_s, up, self.exchanges.dial_addresses, self.former)
+        if not changes:
+            return
+        self.workers.call("set_cut", [(sorted(c),) for c in changes.values()], workers=list(changes))
+        # Every relay is told first, so that the pings find the way open at both ends.
+        freed = {w: [v for v in vs if v in up] for w, vs in
+                 lifted(before, changes, self.exchanges.dial_addresses).items()}
+        freed = {w: vs for w, vs in freed.items() if vs}
+        if not freed:
+            return
+        maddrs = dict(zip(up, self.workers.call("visible_maddrs", workers=up)))
+        self.workers.call("remeet", [([maddrs[v] for v in vs],) for vs in freed.values()], workers=list(freed))
+        answered = self.workers.call("remeet_done", [(self.REMEET_TIMEOUT_S,)] * len(freed), workers=list(freed),
+                                     timeout_s=self.REMEET_TIMEOUT_S + 30)
+        self.remeets += [(w, vs, a) for (w, vs), a in zip(freed.items(), answered)]
+
+    def _kill(self, w: int) -> None:
+        self.workers.kill(w, "crash")
+        if self.cuts is not None:
+            self.cuts.forget(w)  # its relay died with it
 
     def book_step(self, w: int, d: StepDone) -> None:
         plan = self.plan
@@ -232,22 +302,36 @@ class LockstepChurnDriver(LockstepDriver):
                              straggled_s=getattr(d, "straggled_s", 0.0) or None))
         self.unsynced_s[w] = 0.0 if self.round_step[w] == d.step else self.unsynced_s[w] + d.compute_s
 
+    def _reachable(self, w: int, peers: list[int]) -> list[int]:
+        """Of `peers`, those on worker `w`'s side of the partition in force at the arm's clock (all when whole)."""
+        if self.cuts is None:
+            return peers
+        side = self.cuts.side_of(w, self.exchanges.now_s)
+        return [v for v in peers if v in side]
+
     def _returns(self, due: list[int], step: int) -> None:
-        """The workers due back: their `return` records, and new peers, joined through the live ones."""
+        """The workers due back: their `return` records, and new peers, joined through the live ones on their side
+        (whose relays are then told of them, and they of the partition)."""
         live = self.members.live()
-        initial = [m for maddrs in self.workers.call("visible_maddrs", workers=live) for m in maddrs] if live else []
+        maddrs = dict(zip(live, self.workers.call("visible_maddrs", workers=live))) if live else {}
         for w in due:
             self.emit(self.members.returned(w, step, self.exchanges.now_s))
             self.returned_at[w] = time.perf_counter()
+            initial = [m for v in self._reachable(w, live) for m in maddrs[v]]
             described = self.restart(w, initial, self.exchanges.now_s)
+            if self.cuts is not None:  # its former peer's address stays cut too, as in the swarm arms
+                self.former[tuple(self.exchanges.dial_addresses[w])] = w
             self.exchanges.dial_addresses[w] = tuple(described["dial_address"])
             self._set_faults([w])
+        if due:
+            self._play_cuts()
 
     def _joins(self, step: int) -> None:
-        """Every worker back without state loads it from a live peer (none live: it waits)."""
+        """Every worker back without state loads it from a live peer on its side (none: it waits)."""
+        self._play_cuts()
         for w in self.members.waiting():
-            if not self.members.live():
-                return
+            if not self._reachable(w, self.members.live()):
+                continue  # the lone-restart guard: no one to load from, so it waits with no state
             wait_s = time.perf_counter() - self.returned_at[w]
             loaded = self.workers.call("load_state", [(self.load_timeout_s,)], workers=[w],
                                        timeout_s=self.load_timeout_s + 30)[0]

@@ -142,6 +142,11 @@ class LockstepPeer(RealPeer):
         if self.holds_state:
             self.averager.state_sharing_priority = float(step)
 
+    def remeet_done(self, timeout_s: float) -> int:
+        """Wait for the pings `remeet` started (`cluster.real.partition.Remeet`); how many peers answered. A lockstep
+        round needs every peer in the DHT's matchmaking, so the driver waits for them at a heal."""
+        return int(self._remeeting.result(timeout=timeout_s))
+
     def _state(self):
         buffer = io.BytesIO()
         torch.save({"state": self.replica.export_state(), "step": self._next_step}, buffer)

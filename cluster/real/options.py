@@ -125,15 +125,12 @@ def check_real_faults(algorithm: str, faults, path: str = "faults", allreduce: s
     real peers cannot play. Real peers play failures and returns (events, mtbf/mttr), exchange faults and stragglers
     that slow a peer down (`cluster.real.exchange_faults`) on swarm arms (`cluster.real.swarm_churn`; no exchange
     faults with `delay_state_averaging` in the arm's `settings`) and on lockstep arms averaging with hivemind
-    (`cluster.real.lockstep_churn`); swarm arms also play partitions, cut in the shaping relays
-    (`cluster.real.partition`), lockstep arms do not."""
+    (`cluster.real.lockstep_churn`); both also play partitions, cut in the shaping relays
+    (`cluster.real.partition`)."""
     swarm = STRATEGIES[algorithm].real_mode == "swarm"
     if not swarm and allreduce != "hivemind":
         raise ValueError(f"{path}: a {allreduce} all-reduce has a fixed process group, so real peers cannot leave "
                          f"it; set allreduce = 'hivemind' for this arm, or give it mode = 'sim'")
-    if faults.partition and not swarm:
-        raise ValueError(f"{path}.partition: real {algorithm} peers do not play partitions (swarm arms do: "
-                         f"collaborative, local-updates); remove partition or use mode = 'sim'")
     fast = next((i for i, s in enumerate(faults.stragglers) if s.speed > 1), None)
     if fast is not None:
         raise ValueError(f"{path}.stragglers[{fast}].speed: a real peer runs at its machine's speed at most; give a "

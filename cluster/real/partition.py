@@ -1,5 +1,5 @@
-"""Network partitions on real swarm peers (`faults.partition`): cuts in the shaping relays, set and lifted by the
-driver.
+"""Network partitions on real peers (`faults.partition`): cuts in the shaping relays, set and lifted by the driver
+(swarm arms here; lockstep arms, ddp and diloco, cut and remeet the same way, see `cluster.real.lockstep_churn`).
 
 Every connection to peer i passes i's relay (`cluster.real.peer`), and the relay knows each client by its address: a
 peer dials from its p2pd's listening port, its `dial_address` (`cluster.real.accounting`). While a partition is in

@@ -108,23 +108,26 @@ def test_a_cut_relay_refuses_and_drops_its_cut_clients_and_accepts_them_again_on
 
 
 # --- the experiment file, and the driver's cuts, without peers ----------------------------------------------------
-def _spec(algorithm: str, faults: dict):
+def _spec(algorithm: str, faults: dict, **arm):
     from experiments.spec import parse_spec
 
     return parse_spec({"run": {"mode": "real", "workers": 4, "tokens": 4096}, "model": {"preset": "tiny"},
-                       "faults": faults, "arm": [{"name": "a", "algorithm": algorithm, "network": "home-broadband"}]})
+                       "faults": faults, "arm": [{"name": "a", "algorithm": algorithm, "network": "home-broadband",
+                                                  **arm}]})
 
 
-def test_the_experiment_file_takes_partitions_on_real_swarm_arms_only():
+def test_the_experiment_file_takes_partitions_on_real_arms_averaging_with_hivemind():
     from experiments.fields import ConfigError
 
     cut = {"partition": [{"groups": [[0, 1]], "from_s": 1, "to_s": 2}]}
     assert _spec("collaborative", cut).arms[0].faults.partition[0].groups == ((0, 1),)
     assert _spec("local-updates", cut).arms[0].faults.partition[0].to_s == 2.0
+    assert _spec("diloco", cut).arms[0].faults.partition[0].from_s == 1.0
+    assert _spec("ddp", cut).arms[0].faults.sides(1.5, 4) == [(0, 1), (2, 3)]
     with pytest.raises(ConfigError) as error:
-        _spec("diloco", cut)
-    assert str(error.value) == ("faults.partition: real diloco peers do not play partitions (swarm arms do: "
-                                "collaborative, local-updates); remove partition or use mode = 'sim'")
+        _spec("ddp", cut, allreduce="gloo", codec="none")
+    assert str(error.value) == ("faults: a gloo all-reduce has a fixed process group, so real peers cannot leave "
+                                "it; set allreduce = 'hivemind' for this arm, or give it mode = 'sim'")
 
 
 def test_relay_cuts_name_the_other_sides_dial_addresses_and_tell_each_relay_once_per_change():
