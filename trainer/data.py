@@ -316,6 +316,13 @@ class ShardSampler:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _windows(self.train, self.sample_offsets(), self.seq_len)
 
+    def skip_to(self, batches_drawn: int) -> None:
+        """Draw on until `batches_drawn` batches have been drawn: the stream a sampler that had drawn them goes on
+        with (a restarted peer reads its shard on from where the run is, not from the start)."""
+        assert batches_drawn >= self.batches_drawn, "a sampler does not go back"
+        while self.batches_drawn < batches_drawn:
+            self.sample_offsets()
+
     def state_dict(self) -> dict:
         return {"rng": self._rng.bit_generator.state, "batches_drawn": self.batches_drawn,
                 "worker": self.worker, "n_workers": self.n_workers, "seed": self.seed,

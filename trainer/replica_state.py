@@ -3,7 +3,8 @@
 
 The strategy's state is taken generically from its attributes: optimizers through their `state_dict`, tensors (and
 lists of them, e.g. Streaming DiLoCo's fragments) by value, plain values as they are. The replica's own bookkeeping
-(its step counter, data sampler and random stream) stays the joiner's: a restarted peer reads its own shard on.
+(its step counter, data sampler and random stream) stays the joiner's: a restarted peer reads its own shard on (a real
+lockstep peer first skips its sampler to the donor's count of batches, `cluster.real.lockstep_peer`).
 Once loaded, the strategy drops what only the sender had accumulated for itself (`Strategy.state_loaded`).
 """
 

@@ -14,7 +14,8 @@ old key, or a restarted one that has no state yet. Rebuilding the averagers at e
 the cost of a new averager process and a DHT declaration per peer (seconds each); the key costs one pipe message.
 
 The state. A donor serves `trainer.replica_state.export_state` (parameters, inner optimizer, strategy state: DiLoCo's
-shared copy and outer momentum) with its step, `torch.save`d into one uint8 tensor, through the averager's
+shared copy and outer momentum) with its step and how many batches its sampler has drawn (the joiner's sampler skips
+to that count), `torch.save`d into one uint8 tensor, through the averager's
 `get_current_state` (hivemind calls it in this process, on its own thread, while the driver holds every peer at a
 step boundary); the joiner downloads it over the shaped links with `load_state_from_peers`, which streams it in
 parts from the donor with the highest `state_sharing_priority` (the live peers raise theirs to the step at each
@@ -149,7 +150,8 @@ class LockstepPeer(RealPeer):
 
     def _state(self):
         buffer = io.BytesIO()
-        torch.save({"state": self.replica.export_state(), "step": self._next_step}, buffer)
+        torch.save({"state": self.replica.export_state(), "step": self._next_step,
+                    "batches_drawn": self.replica.sampler.batches_drawn}, buffer)
         blob = torch.from_numpy(np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy())
         return {"donor": self.spec.worker, "step": self._next_step}, [blob]
 
@@ -168,6 +170,9 @@ class LockstepPeer(RealPeer):
         self.replica.import_state(served["state"])
         # The replica's step counter drives its schedule (warmup, cosine): the donor's, as the rest of its state.
         self.replica._progress.step = self._next_step = served["step"]
+        # Its data goes on from where every live peer's is, as the simulator's replica that was down drew on meanwhile
+        # (every lockstep replica draws as many batches per step): it does not read its shard's first batches again.
+        self.replica.sampler.skip_to(served["batches_drawn"])
         self.holds_state = True
         self.averager.allow_state_sharing = True
         # Wall seconds: the driver holds the live peers (and so the arm's clock) at the boundary meanwhile.

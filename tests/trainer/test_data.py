@@ -193,3 +193,17 @@ def test_heldout_batches_are_evenly_spaced_and_clamped():
     assert x[:, 0].tolist() == [0, 2, 3, 5]
     with pytest.raises(ValueError, match=r"data\.heldout_fraction"):
         heldout_batches(heldout[:9], batch_size=1, seq_len=9, n_batches=1)
+
+
+def test_a_sampler_skipped_to_k_batches_reads_on_as_one_that_drew_them():
+    """A restarted lockstep peer's sampler (cluster.real.lockstep_peer): it reads on where the run is."""
+    train = np.frombuffer(bytes(range(256)) * 40, dtype=np.uint8)
+    drew = ShardSampler(train, worker=2, n_workers=4, batch_size=4, seq_len=8, seed=3)
+    for _ in range(5):
+        drew.next_batch()
+    skipped = ShardSampler(train, worker=2, n_workers=4, batch_size=4, seq_len=8, seed=3)
+    skipped.skip_to(5)
+    assert skipped.batches_drawn == 5
+    fresh = ShardSampler(train, worker=2, n_workers=4, batch_size=4, seq_len=8, seed=3)
+    (x, _), (y, _), (first, _) = drew.next_batch(), skipped.next_batch(), fresh.next_batch()
+    assert torch.equal(x, y) and not torch.equal(y, first)
