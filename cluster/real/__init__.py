@@ -20,7 +20,19 @@ answered by a `DecentralizedAverager` (or gloo); swarm arms (`real_mode = "swarm
 
 from cluster.real.options import (SHAPING, AveragingTimeouts, RealOptions, averaging_timeouts, check_real_arm,
                                   describe_shaping, real_algorithms)
-from cluster.real.runtime import RealArmResult, RealExchangeError, SwarmInfo, run_real_arm
+
+# What runs real peers imports hivemind (about a second): loaded when first used, so that reading and checking an
+# experiment file, or a run in the simulator, does not pay for it.
+_RUNTIME = ("RealArmResult", "RealExchangeError", "SwarmInfo", "run_real_arm")
+
+
+def __getattr__(name: str):
+    if name in _RUNTIME:
+        from cluster.real import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["SHAPING", "AveragingTimeouts", "RealArmResult", "RealExchangeError", "RealOptions", "SwarmInfo",
            "averaging_timeouts", "check_real_arm", "describe_shaping", "real_algorithms", "run_real_arm"]

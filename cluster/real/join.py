@@ -29,7 +29,8 @@ import socket
 import sys
 import time
 
-from cluster.real.swarm import CONFIG_KEY, RUNS_KEY, EpochRecord
+from cluster.real.messages import EpochRecord
+from cluster.real.swarm import CONFIG_KEY, RUNS_KEY
 from cluster.real.swarm_setup import SwarmSetup
 
 
@@ -112,9 +113,9 @@ def find_run(initial_peers: list[str], run_id: str | None, timeout_s: float) -> 
     """(run id, arm configuration) read from the swarm by a client DHT that is shut down again."""
     import hivemind
 
-    from cluster.real.peer import _authorizer
+    from cluster.real.processes import authorizer
 
-    dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=False, authorizer=_authorizer(_secret()))
+    dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=False, authorizer=authorizer(_secret()))
     try:
         try:
             dht.run_in_background(await_ready=True, timeout=timeout_s)

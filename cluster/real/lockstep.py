@@ -35,7 +35,7 @@ from cluster.driver import ArmPlan
 from cluster.real.accounting import RoundBytes, attribute, counters_delta
 from cluster.real.exchange_faults import DEAD, KILLING, is_actor_death
 from cluster.real.options import AveragingTimeouts, RealOptions
-from cluster.real.peer import ExchangeOutcome, MeasuredStep, PendingExchange
+from cluster.real.messages import ExchangeOutcome, MeasuredStep, PendingExchange
 from cluster.records import CommRecord
 
 

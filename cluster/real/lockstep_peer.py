@@ -43,7 +43,8 @@ from hivemind.utils import MPFuture
 
 from cluster.real.averager import ExactAverager
 from cluster.real.exchange_faults import PeerFaults
-from cluster.real.peer import ExchangeOutcome, MeasuredStep, RealPeer
+from cluster.real.messages import ExchangeOutcome, MeasuredStep
+from cluster.real.peer import RealPeer
 
 
 def membership_bits(number: int, live: list[int], n_workers: int) -> str:

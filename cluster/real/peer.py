@@ -27,59 +27,21 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from cluster.network import Link
 from cluster.real.accounting import Address, CountingRelay
+from cluster.real.messages import ExchangeOutcome, MeasuredStep, PendingExchange
 from cluster.real.options import AveragingTimeouts, RealOptions, part_size_bytes
+from cluster.real.processes import authorizer, process_tree
 from cluster.shaping.fabric import NamespacePort, in_namespace
 from cluster.shaping.relay import RelayThread
 from trainer.compression import hivemind_compression
 from trainer.replica import AwaitRequest, ExchangeRequest, Replica, ReplicaSpec, ReportRequest, StepDone
 
 READY_KEY = "{run_id}_peers"  # DHT key under which every peer of a run lists its announced multiaddrs, by worker
-
-
-@dataclass(frozen=True)
-class MeasuredStep(StepDone):
-    """A step as a real peer reports it: its FLOPs, and the wall time it took."""
-
-    compute_s: float  # wall seconds this peer computed for the step (its exchange excluded)
-    time_s: float  # this peer's arm clock after the step
-    straggled_s: float = 0.0  # of compute_s, what a straggler slept (`cluster.real.lockstep_peer`)
-
-
-@dataclass(frozen=True)
-class PendingExchange:
-    """What a driver needs to know about an exchange a peer is waiting on; the tensor stays with the peer."""
-
-    payload: str
-    collective: str
-    group: tuple[int, ...] | None
-    nbytes: int
-    raw_nbytes: int
-    weight: float
-    numel: int
-
-
-@dataclass(frozen=True)
-class ExchangeOutcome:
-    ok: bool
-    error: str  # "" when ok
-    group_size: int
-    comm_s: float  # from this peer's first attempt at this exchange to the end of this attempt
-    idle_s: float  # from reaching the exchange to starting it (waiting for the slowest peer to get there too)
-    end_s: float  # this peer's arm clock at the end of this attempt
-    # Counted by the kernel for a gloo all-reduce (cluster.real.gloo); None when the relays count the bytes.
-    bytes_sent: int | None = None
-    bytes_received: int | None = None
-    # hivemind's averager: the fraction of the vector this attempt received averaged, and the workers whose part or
-    # contribution went missing (cluster.real.averager.RoundReport); None for gloo or an attempt that found no group.
-    received_fraction: float | None = None
-    missing_workers: tuple[int, ...] = ()
 
 
 class _Quiet(logging.Filter):
@@ -93,18 +55,6 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _process_tree(pid: int) -> list:
-    """psutil handles on `pid` and its descendants (the DHT process and its p2pd, say). A handle refuses to signal a
-    pid that has since been reused by another process. Empty if the process is gone."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
 
 
 def resolve_host(host: str) -> str:
@@ -170,13 +120,13 @@ class RealPeer:
         self.dht = hivemind.DHT(
             initial_peers=initial_peers, start=False, host_maddrs=[f"/ip4/{host}/tcp/{self._p2p_port}"],
             announce_maddrs=[] if client_mode else [f"/ip4/{host}/tcp/{self.relay.address[1]}"],
-            client_mode=client_mode, authorizer=_authorizer(self.options.secret),
+            client_mode=client_mode, authorizer=authorizer(self.options.secret),
         )
         try:  # started only once it is held here, so that shutdown can stop it even if it fails to come up
             with self._in_namespace():  # the DHT process is forked from this thread, p2pd from it
                 self.dht.run_in_background(await_ready=True, timeout=self.options.startup_timeout_s)
         finally:
-            self._owned += _process_tree(self.dht.pid)
+            self._owned += process_tree(self.dht.pid)
         from cluster.real.probe import serve_probe
 
         serve_probe(self.dht)  # `farflung doctor` elsewhere can measure its link to this peer
@@ -208,7 +158,7 @@ class RealPeer:
         try:
             self.averager.run_in_background(await_ready=True, timeout=self.options.startup_timeout_s)
         finally:
-            self._owned += _process_tree(self.averager.pid)
+            self._owned += process_tree(self.averager.pid)
         return self.replica.num_params()
 
     def _averager_class(self) -> type:
@@ -421,12 +371,3 @@ class RealPeer:
                 except psutil.NoSuchProcess:  # the normal case: hivemind's shutdown already stopped it
                     pass
             self._owned = []
-
-
-def _authorizer(secret: bytes | None):
-    """hivemind's DHT authorizer for a run with a secret (`cluster.real.secret`); None for an open swarm."""
-    if secret is None:
-        return None
-    from cluster.real.secret import SecretAuthorizer
-
-    return SecretAuthorizer(secret)

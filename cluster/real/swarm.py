@@ -22,71 +22,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
-import torch
 
 from cluster.real.exchange_faults import ArmedRound, PeerFaults, arm_rounds, cancelled_rounds
+from cluster.real.messages import EpochRecord
 from cluster.real.peer import RealPeer
-from cluster.real.swarm_setup import SwarmSetup
+from cluster.real.swarm_setup import ClippedAdamW, SwarmSetup, fresh_weights
 from trainer.compression import hivemind_compression
 
 CONFIG_KEY = "{run_id}_config"  # the arm's configuration, JSON, for joining peers
 RUNS_KEY = "farflung_runs"  # subkey run id -> one line describing the run: how `join` finds a run without --run-id
 DONE_KEY = "{run_id}_done"
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """One peer's view of one epoch it closed."""
-
-    worker: int
-    epoch: int  # the epoch that closed
-    samples: int  # this peer's samples in it
-    loss: float | None  # mean microbatch loss (None if it ran none: it loaded state instead)
-    compute_s: float  # forward/backward, plus the Optimizer.step calls that did not close the epoch
-    optimizer_s: float  # those Optimizer.step calls alone (accumulating, reporting progress; local AdamW steps)
-    step_s: float  # the `Optimizer.step` call that closed the epoch: waiting for the round and averaging
-    time_s: float  # this peer's clock when the epoch closed
-    swarm_peers: int  # peers the progress tracker saw in the swarm
-    loaded_state: bool  # this peer caught up by downloading the state from its peers instead of averaging
-    # The epoch's gradient rounds (cluster.real.averager.SwarmGradientAverager): the least fraction of the vector
-    # this peer received averaged (None: it ran none) and the base58 ids of the peers whose part or contribution
-    # went missing. hivemind steps on a partial round; the state average repairs it.
-    received_fraction: float | None = None
-    missing_peers: tuple[str, ...] = ()
-    # The base58 ids of the peers in the epoch's last gradient round (empty: it ran none): who averaged together,
-    # e.g. one side of a network partition (`cluster.real.partition`).
-    group_peers: tuple[str, ...] = ()
-    # Faults this peer played (`cluster.real.exchange_faults`): seconds it slept as a straggler (in `compute_s`),
-    # and the rounds it cancelled its part of.
-    straggled_s: float = 0.0
-    cancelled_rounds: tuple[int, ...] = ()
-
-
-class _ClippedAdamW(torch.optim.AdamW):
-    """AdamW that clips its gradients' global norm first: the replica's `optimizer_step`, inside hivemind."""
-
-    def __init__(self, params, grad_clip: float = 0.0, **kwargs):
-        super().__init__(params, **kwargs)
-        self.grad_clip = grad_clip
-
-    def step(self, closure=None):
-        if self.grad_clip > 0:
-            grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(grads, self.grad_clip)
-        return super().step(closure)
-
-
-def _fresh_weights(model: torch.nn.Module, seed: int, worker: int, incarnation: int) -> None:
-    """Initialise `model` again from a generator of its own, leaving torch's global generator as it was."""
-    from trainer.model import GPT
-
-    with torch.random.fork_rng():
-        torch.manual_seed((seed * 1_000_003 + worker) * 1009 + incarnation)
-        model.load_state_dict(GPT(model.config).state_dict())
 
 
 class SwarmPeer(RealPeer):
@@ -112,7 +60,7 @@ class SwarmPeer(RealPeer):
         super().__init__(*args, **kwargs)
         self.holds_state, self.incarnation = holds_state, incarnation
         if incarnation:
-            _fresh_weights(self.replica.model, self.spec.seed, self.spec.worker, incarnation)
+            fresh_weights(self.replica.model, self.spec.seed, self.spec.worker, incarnation)
         self.opt = None
         self._loaded: dict | None = None  # the state load that let this peer in, until `progress` reports it
         self._new_records: list[EpochRecord] = []  # closed since `progress` last reported
@@ -132,7 +80,7 @@ class SwarmPeer(RealPeer):
         import psutil
 
         from cluster.real.averager import SwarmGradientAverager
-        from cluster.real.peer import _process_tree
+        from cluster.real.processes import process_tree
 
         # hivemind logs every matchmaking retry at INFO; a run's output should show farflung's progress.
         logging.getLogger("hivemind").setLevel(logging.WARNING)
@@ -166,7 +114,7 @@ class SwarmPeer(RealPeer):
         # The optimizer's averagers and tracker are processes of their own; shutdown's pid sweep covers them too.
         for part in (self.opt.state_averager, self.opt.grad_averager, self.opt.tracker):
             if part is not None and getattr(part, "pid", None):
-                self._owned += _process_tree(part.pid)
+                self._owned += process_tree(part.pid)
         original_load = self.opt.load_state_from_peers
 
         def counting_load(**kwargs):
@@ -184,7 +132,7 @@ class SwarmPeer(RealPeer):
         o = self.spec.optim
         return SwarmOptimizer(
             dht=self.dht, run_id=self.run_id, params=groups,
-            optimizer=lambda params: _ClippedAdamW(params, grad_clip=o.grad_clip, lr=o.lr, betas=(o.beta1, o.beta2),
+            optimizer=lambda params: ClippedAdamW(params, grad_clip=o.grad_clip, lr=o.lr, betas=(o.beta1, o.beta2),
                                                    foreach=False),
             scheduler=lambda opt: LambdaLR(opt, lr_factor),
             target_batch_size=setup.target_batch_size, batch_size_per_step=setup.batch_size,

@@ -26,7 +26,7 @@ from cluster.real.accounting import RoundBytes, attribute, counters_delta
 from cluster.real.exchange_faults import DEAD, WatchedPeers, check_swarm_exchange, peer_faults
 from cluster.real.options import RealOptions
 from cluster.real.partition import RelayCuts, epoch_groups, lifted
-from cluster.real.swarm import EpochRecord
+from cluster.real.messages import EpochRecord
 from cluster.real.swarm_setup import SwarmSetup
 from cluster.driver import ArmPlan, consensus
 from cluster.records import CommRecord, EvalRecord, Record, StepRecord

@@ -27,6 +27,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+import torch
+
 from cluster.swarm_timing import SwarmTiming
 from trainer.strategies.base import Settings, Strategy
 
@@ -77,3 +79,26 @@ def arm_config(spec, setup: SwarmSetup, arm: str) -> str:
         "settings": dataclasses.asdict(spec.settings), "codec": spec.codec, "eval_batches": spec.eval_batches,
         "setup": dataclasses.asdict(setup),
     }, sort_keys=True)
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips its gradients' global norm first: the replica's `optimizer_step`, inside hivemind."""
+
+    def __init__(self, params, grad_clip: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.grad_clip = grad_clip
+
+    def step(self, closure=None):
+        if self.grad_clip > 0:
+            grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, self.grad_clip)
+        return super().step(closure)
+
+
+def fresh_weights(model: torch.nn.Module, seed: int, worker: int, incarnation: int) -> None:
+    """Initialise `model` again from a generator of its own, leaving torch's global generator as it was."""
+    from trainer.model import GPT
+
+    with torch.random.fork_rng():
+        torch.manual_seed((seed * 1_000_003 + worker) * 1009 + incarnation)
+        model.load_state_dict(GPT(model.config).state_dict())

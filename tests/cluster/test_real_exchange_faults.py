@@ -87,7 +87,7 @@ class _DyingPeers(FakeSwarmPeers):
     reports a round it cancelled in its epoch 1."""
 
     def __init__(self, n: int):
-        from cluster.real.swarm import EpochRecord
+        from cluster.real.messages import EpochRecord
 
         self.n, self.epoch, self.samples, self.polls = n, [0] * n, [0] * n, 0
         self.alive, self.stopped, self.faults_set, self.log = [True] * n, [False] * n, {}, []

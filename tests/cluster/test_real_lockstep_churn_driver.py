@@ -14,7 +14,7 @@ from cluster.churn import ChurnDriver, ChurnExchanges
 from cluster.driver import average
 from cluster.faults import parse_faults
 from cluster.real.lockstep_churn import LockstepChurnDriver, LockstepMembers
-from cluster.real.peer import MeasuredStep
+from cluster.real.messages import MeasuredStep
 from cluster.records import CommRecord, FaultRecord, StepRecord
 from cluster.runtime import LocalRuntime
 from trainer.replica import Replica, StepDone

@@ -17,7 +17,7 @@ from cluster.faults import parse_faults
 from cluster.real.lockstep import PeerExchanges
 from cluster.real.lockstep_churn import LockstepChurnDriver, LockstepMembers, groups_of
 from cluster.real.options import RealOptions, averaging_timeouts
-from cluster.real.peer import ExchangeOutcome, MeasuredStep, PendingExchange
+from cluster.real.messages import ExchangeOutcome, MeasuredStep, PendingExchange
 from cluster.records import CommRecord, FaultRecord
 from trainer.replica import Replica, StepDone
 from trainer.strategies.ddp import DDPSettings

@@ -174,7 +174,7 @@ def test_lifted_names_the_current_workers_each_relay_stops_refusing():
 
 def test_an_epochs_records_split_by_the_group_that_averaged_together():
     from cluster.real.partition import RelayCuts, epoch_groups
-    from cluster.real.swarm import EpochRecord
+    from cluster.real.messages import EpochRecord
 
     cuts = RelayCuts(parse_faults("faults", {"partition": [{"groups": [[0, 1]], "from_s": 0, "to_s": 50}]}, 4), 4)
 
@@ -195,7 +195,7 @@ class _SidedPeers(FakeSwarmPeers):
     (every one whose dial address it does not refuse); logs the cuts each relay was given, at the arm's time."""
 
     def __init__(self, n: int, clock):
-        from cluster.real.swarm import EpochRecord
+        from cluster.real.messages import EpochRecord
 
         self.n, self.clock, self.polls = n, clock, 0
         self.epoch, self.samples, self.stopped = [0] * n, [0] * n, [False] * n

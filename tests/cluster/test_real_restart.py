@@ -14,7 +14,7 @@ import pytest
 
 from cluster.faults import parse_faults
 from cluster.real.options import RealOptions
-from cluster.real.swarm import EpochRecord
+from cluster.real.messages import EpochRecord
 from cluster.real.swarm_arm import SwarmArm
 from cluster.real.swarm_churn import SwarmChurn
 from cluster.real.swarm_state import StateLoad
