@@ -17,11 +17,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/farflung demo
 
-# The tests that start neither Ray nor hivemind run on every core (pytest-xdist); those that do run one at a time
-# after them, since they time shaped links and hivemind's matchmaking, which sharing the cores would skew.
+# The tests that start no hivemind run on every core (pytest-xdist), those on a local Ray of their own among them;
+# those that start hivemind, or a multi-node Ray cluster, run one at a time after them, since they time shaped links
+# and hivemind's matchmaking, which sharing the cores would skew.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n auto -m "not ray and not hivemind"
-	$(VENV)/bin/python -m pytest -q -m "ray or hivemind" --durations=15
+	$(VENV)/bin/python -m pytest -q -n auto -m "not hivemind and not ray_cluster" --durations=10
+	$(VENV)/bin/python -m pytest -q -m "hivemind or ray_cluster" --durations=30
 
 # All but the tests that start Ray or hivemind (markers in pyproject.toml).
 test-fast: $(STAMP)

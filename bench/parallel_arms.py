@@ -58,7 +58,7 @@ def main() -> None:
     assert args.model == "tiny", "the token count assumes tiny's block size"
     import ray
 
-    ray.init(include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     spec = parse_spec(spec_of(args))
     cpus = node_cpus()
     shapes = [slot_shape(cpus, args.workers, len(ARMS)) if s == "auto" else tuple(map(int, s.split("x")))

@@ -63,7 +63,9 @@ def start_ray() -> bool:
         kwargs["runtime_env"] = {"py_modules": [trainer, cluster]}
         ray.init(address=address, **kwargs)
     else:
-        ray.init(**kwargs)
+        # A Ray of this run's own: with no address, `ray.init` would attach to any Ray it finds on this machine, one
+        # another program runs or a stale one a killed run left in /tmp/ray (a hang), so say "local".
+        ray.init(address="local", **kwargs)
     return True
 
 

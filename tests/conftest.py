@@ -2,8 +2,10 @@
 
 Markers: a test that starts Ray (ray.init, the Ray runtime, real mode, or `farflung run` on a file without
 `runtime = "local"`) carries `@pytest.mark.ray`; one that starts hivemind (a DHT, an averager, p2pd: real mode,
-`join`, `doctor`) carries `@pytest.mark.hivemind`. `make test` runs everything, `make test-fast` the rest.
-`process_guard` fails an unmarked test that starts either.
+`join`, `doctor`) carries `@pytest.mark.hivemind`; one that starts a multi-node `ray.cluster_utils.Cluster` also
+carries `@pytest.mark.ray_cluster`. `make test` runs everything: the tests without hivemind or a cluster on every core
+(each Ray test starts a local Ray of its own, `cluster.runtime.start_ray`), then the rest one at a time;
+`make test-fast` runs those with neither marker. `process_guard` fails an unmarked test that starts either.
 """
 
 import pytest

@@ -17,7 +17,7 @@ from cluster.real import RealOptions, run_real_arm
 from trainer.strategies.diloco import DiLoCoSettings
 
 N = 3
-pytestmark = [pytest.mark.ray, pytest.mark.hivemind]
+pytestmark = [pytest.mark.ray, pytest.mark.hivemind, pytest.mark.ray_cluster]
 
 
 def test_real_peers_run_on_different_ray_nodes(monkeypatch):

@@ -47,6 +47,7 @@ codec = "fp16"
 
 
 @pytest.mark.ray
+@pytest.mark.ray_cluster
 def test_arms_run_at_once_on_different_nodes_and_give_the_local_records(tmp_path):
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
@@ -111,6 +112,7 @@ network = "home-broadband"
 
 
 @pytest.mark.ray
+@pytest.mark.ray_cluster
 def test_an_interrupted_sweep_on_ray_resumes_to_the_local_sweeps_records(tmp_path, monkeypatch):
     path = tmp_path / "sweep.toml"
     path.write_text(SWEEP)
