@@ -33,7 +33,7 @@ N = 2
 def _swarm_arm(steps: int):
     return unshaped_arm("collab-join", N, steps, seed=3, algorithm="collaborative",
                         settings=CollaborativeSettings(target_batch_size=16),
-                        swarm=SwarmTiming(matchmaking_time=1.0, averaging_timeout=20.0))
+                        swarm=SwarmTiming(matchmaking_time=2.0, averaging_timeout=20.0))
 
 
 def _join(*args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -76,9 +76,9 @@ def test_joining_peers_catch_up_to_the_swarm_epoch_and_average_with_it(p2pd_coun
     try:
         deadline = time.monotonic() + 180
         # Join once the swarm has closed a few epochs, so that there is something to catch up to.
-        while epochs_seen[0] < 2 and not failure and time.monotonic() < deadline:
+        while epochs_seen[0] < 3 and not failure and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert swarm and epochs_seen[0] >= 2, f"the swarm did not get going: {failure}"
+        assert swarm and epochs_seen[0] >= 3, f"the swarm did not get going: {failure}"
         info = swarm[0]
         for name, mode in (("listening", []), ("client-mode", ["--client-mode"])):
             joins.append((name, _join("--initial-peers", info.initial_peers[0], "--run-id", info.run_id,
@@ -97,7 +97,7 @@ def test_joining_peers_catch_up_to_the_swarm_epoch_and_average_with_it(p2pd_coun
         # It starts at epoch 0; its first step finds the swarm ahead, and it downloads the swarm's state.
         caught = re.search(r"caught up: loaded the swarm's state, epoch (\d+) -> (\d+)", out)
         assert caught, (name, out)
-        assert int(caught.group(1)) == 0 and int(caught.group(2)) >= max(2, swarm_epoch), (name, out)
+        assert int(caught.group(1)) == 0 and int(caught.group(2)) >= max(3, swarm_epoch), (name, out)
         # Then it closes three epochs, one after another, from the one it caught up to (or the next, if the swarm
         # moved on while it loaded: it then loads again, which shows as a second "caught up" line).
         closed = [(int(e), int(p), int(s)) for e, p, s in re.findall(r"epoch (\d+): (\d+) peers, (\d+) samples", out)]
